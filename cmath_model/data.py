@@ -1,0 +1,323 @@
+"""The canonical dataset: one Parquet file, one row per utterance, metadata in the schema.
+
+Columns: dialogue_id (string), position (int32, 0-based order in the dialogue), speaker
+(int32, index within the dialogue), label (int32), split (train/valid/test) and one
+fixed_size_list<float32> column per modality present (text, audio, visual).
+Schema metadata key ``cmath`` holds JSON: dataset, classes, modality_dims, source,
+source_sha256, split_seed.
+
+In memory a split is a flat (N, D) tensor per modality plus per-dialogue index rows, so a
+batch is one gather into padded (B, L, D) tensors with a (B, L) mask: no Python loop per
+utterance, and the whole object pickles cheaply into Ray's object store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .config import MODALITIES, file_sha256
+from .errors import DataError
+
+SPLITS = ("train", "valid", "test")
+METADATA_KEY = b"cmath"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- writing
+@dataclass
+class Utterances:
+    """Column arrays of a dataset before it is written; the one shape every importer builds."""
+
+    dialogue_id: np.ndarray  # (N,) str
+    position: np.ndarray  # (N,) int
+    speaker: np.ndarray  # (N,) int
+    label: np.ndarray  # (N,) int
+    split: np.ndarray  # (N,) str
+    features: dict[str, np.ndarray]  # modality -> (N, D) float32
+
+
+def write_dataset(
+    path: str | Path,
+    utts: Utterances,
+    *,
+    dataset: str,
+    classes: list[str],
+    source: str,
+    source_sha256: str,
+    split_seed: int | None,
+) -> Path:
+    """Validate and write the canonical Parquet file (atomically: a crash leaves no half file)."""
+    path = Path(path)
+    n = len(utts.label)
+    features = {m: np.ascontiguousarray(x, dtype=np.float32) for m, x in utts.features.items()}
+    _check_arrays(str(path), utts, features, len(classes))
+    columns = {
+        "dialogue_id": pa.array(utts.dialogue_id.astype(str), pa.string()),
+        "position": pa.array(utts.position, pa.int32()),
+        "speaker": pa.array(utts.speaker, pa.int32()),
+        "label": pa.array(utts.label, pa.int32()),
+        "split": pa.array(utts.split.astype(str), pa.string()),
+    }
+    for m in MODALITIES:
+        if m in features:
+            x = features[m]
+            columns[m] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "classes": list(classes),
+        "modality_dims": {m: int(features[m].shape[1]) for m in MODALITIES if m in features},
+        "source": source,
+        "source_sha256": source_sha256,
+        "split_seed": split_seed,
+        "num_utterances": n,
+    }
+    table = pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _check_arrays(name: str, utts: Utterances, features: dict[str, np.ndarray], n_classes: int) -> None:
+    n = len(utts.label)
+    if n == 0:
+        raise DataError(f"{name}: no utterances to write")
+    if not features:
+        raise DataError(f"{name}: no modality features (need at least one of {', '.join(MODALITIES)})")
+    for m, x in features.items():
+        if m not in MODALITIES:
+            raise DataError(f"{name}: unknown modality '{m}' (known: {', '.join(MODALITIES)})")
+        if x.ndim != 2 or x.shape[0] != n:
+            raise DataError(f"{name}: {m} features have shape {x.shape}, expected ({n}, D)")
+        _check_finite(name, m, x)
+    labels = np.asarray(utts.label)
+    if labels.min() < 0 or labels.max() >= n_classes:
+        bad = labels[(labels < 0) | (labels >= n_classes)][0]
+        raise DataError(f"{name}: label {bad} is outside the {n_classes} classes; fix the label map")
+    unknown = set(np.unique(utts.split.astype(str))) - set(SPLITS)
+    if unknown:
+        raise DataError(f"{name}: unknown split '{sorted(unknown)[0]}' (use train, valid, test)")
+
+
+def _check_finite(name: str, modality: str, x: np.ndarray) -> None:
+    finite = np.isfinite(x)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0, 0])
+        raise DataError(f"{name}: {modality} features contain NaN/inf (first at row {row}); "
+                        "clean or re-extract them")
+
+
+def split_dialogues(dialogue_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The paper's protocol: a seeded random `fraction` of the training dialogues validates."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation fraction {fraction} must be between 0 and 1")
+    ids = sorted(set(dialogue_ids))
+    rng = np.random.default_rng(seed)
+    n_valid = max(1, int(round(fraction * len(ids))))
+    if n_valid >= len(ids):
+        raise DataError(f"only {len(ids)} training dialogues: too few to hold out {fraction:.0%} for validation")
+    return set(rng.choice(ids, size=n_valid, replace=False).tolist())
+
+
+# ---------------------------------------------------------------------------- reading
+@dataclass
+class Split:
+    """One split in memory: flat features plus each dialogue's utterance rows."""
+
+    features: dict[str, torch.Tensor]  # modality -> (N + 1, D); the last row is zeros (padding)
+    speaker: torch.Tensor  # (N + 1,) long
+    label: torch.Tensor  # (N + 1,) long; padding row -1
+    index: torch.Tensor  # (n_dialogues, L_max) long rows into the flat tensors; N marks padding
+    lengths: torch.Tensor  # (n_dialogues,)
+    dialogue_ids: list[str]
+
+    @property
+    def num_dialogues(self) -> int:
+        return len(self.dialogue_ids)
+
+    @property
+    def num_utterances(self) -> int:
+        return int(self.lengths.sum())
+
+    def batch(self, dialogues: torch.Tensor, modalities: tuple[str, ...]) -> Batch:
+        """Padded tensors for the given dialogue indices, trimmed to the longest of them."""
+        length = int(self.lengths[dialogues].max())
+        rows = self.index[dialogues, :length]  # (B, L)
+        return Batch(
+            features={m: self.features[m][rows] for m in modalities},  # (B, L, D_m)
+            speaker=self.speaker[rows],
+            label=self.label[rows],
+            mask=rows < self.features[next(iter(self.features))].shape[0] - 1,
+            dialogues=dialogues,
+        )
+
+    def batches(self, batch_size: int, modalities: tuple[str, ...],
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        order = (torch.randperm(self.num_dialogues, generator=generator) if generator is not None
+                 else torch.arange(self.num_dialogues))
+        for start in range(0, self.num_dialogues, batch_size):
+            yield self.batch(order[start:start + batch_size], modalities)
+
+
+@dataclass
+class Batch:
+    features: dict[str, torch.Tensor]  # modality -> (B, L, D_m), zeros at padding
+    speaker: torch.Tensor  # (B, L)
+    label: torch.Tensor  # (B, L), -1 at padding
+    mask: torch.Tensor  # (B, L) bool, True for real utterances
+    dialogues: torch.Tensor  # (B,) dialogue indices within the split
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch({m: x.to(device) for m, x in self.features.items()}, self.speaker.to(device),
+                     self.label.to(device), self.mask.to(device), self.dialogues)
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    modality_dims: dict[str, int]
+    splits: dict[str, Split]
+    path: str
+    sha256: str
+    meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def max_speakers(self) -> int:
+        return int(max(s.speaker[:-1].max() for s in self.splits.values())) + 1
+
+    def require_modalities(self, modalities: tuple[str, ...]) -> None:
+        missing = [m for m in modalities if m not in self.modality_dims]
+        if missing:
+            have = "".join(m[0] for m in self.modality_dims)
+            raise DataError(f"{self.path}: the run needs the {missing[0]} modality but the file has only "
+                            f"{', '.join(self.modality_dims)}; set modalities: {have} or use a file with {missing[0]}")
+
+    def class_frequencies(self) -> np.ndarray:
+        """Label frequencies over train + valid, as SDT's class weights use."""
+        labels = torch.cat([self.splits[s].label[:-1] for s in ("train", "valid")]).numpy()
+        counts = np.bincount(labels, minlength=self.num_classes).astype(np.float64)
+        return counts / counts.sum()
+
+
+def load_dataset(path: str | Path, expected_sha256: str | None = None) -> Dataset:
+    """Read and check a canonical Parquet dataset. Every problem is one DataError line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset file; create one with `cmath-data synth iemocap -o {path}`")
+    sha = file_sha256(path)
+    if expected_sha256 and sha != expected_sha256:
+        raise DataError(f"{path}: SHA-256 {sha[:12]}… differs from the config's data_sha256 "
+                        f"{expected_sha256[:12]}…; the file changed since the config was made: "
+                        "point the config at the original file or clear data_sha256")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]}); "
+                        "it may be truncated: regenerate it with cmath-data") from None
+    meta = _read_meta(path, table)
+    return _to_dataset(path, sha, table, meta)
+
+
+def _read_meta(path: Path, table: pa.Table) -> dict:
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise DataError(f"{path}: no cmath metadata in the Parquet schema; write it with cmath-data")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: cmath metadata is not valid JSON; regenerate the file with cmath-data") from None
+    for key in ("dataset", "classes", "modality_dims"):
+        if key not in meta:
+            raise DataError(f"{path}: cmath metadata lacks '{key}'; regenerate the file with cmath-data")
+    return meta
+
+
+def _to_dataset(path: Path, sha: str, table: pa.Table, meta: dict) -> Dataset:
+    required = ["dialogue_id", "position", "speaker", "label", "split"]
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column '{missing[0]}' (needs {', '.join(required)})")
+    dims = {m: int(meta["modality_dims"][m]) for m in MODALITIES if m in meta["modality_dims"]}
+    if not dims:
+        raise DataError(f"{path}: metadata lists no modality; regenerate the file with cmath-data")
+    classes = list(meta["classes"])
+
+    columns = {c: table.column(c).to_numpy() for c in required}
+    features = {}
+    for m, dim in dims.items():
+        if m not in table.column_names:
+            raise DataError(f"{path}: metadata lists modality '{m}' but the column is missing")
+        column = table.column(m).combine_chunks()
+        if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != dim:
+            raise DataError(f"{path}: column '{m}' holds vectors of type {column.type}, "
+                            f"expected fixed_size_list<float32>[{dim}] as the metadata says")
+        x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+        _check_finite(str(path), m, x)
+        features[m] = x
+
+    labels = columns["label"].astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        bad = labels[(labels < 0) | (labels >= len(classes))][0]
+        raise DataError(f"{path}: label {bad} is outside the {len(classes)} classes {classes}")
+
+    splits = {}
+    split_col = columns["split"].astype(str)
+    for name in SPLITS:
+        rows = np.flatnonzero(split_col == name)
+        if len(rows) == 0:
+            raise DataError(f"{path}: the {name} split is empty; re-import with a validation fraction "
+                            "(--resplit 0.2) or check the split column")
+        splits[name] = _build_split(path, rows, columns, features)
+    return Dataset(name=meta["dataset"], classes=classes, modality_dims=dims, splits=splits,
+                   path=str(path), sha256=sha, meta=meta)
+
+
+def _build_split(path: Path, rows: np.ndarray, columns: dict, features: dict) -> Split:
+    dialogue = columns["dialogue_id"][rows].astype(str)
+    position = columns["position"][rows].astype(np.int64)
+    # Sort by (dialogue order of first appearance, position) so each dialogue is contiguous.
+    ids, first = np.unique(dialogue, return_index=True)
+    ids = ids[np.argsort(first)]
+    dialogue_rank = {d: i for i, d in enumerate(ids)}
+    rank = np.fromiter((dialogue_rank[d] for d in dialogue), dtype=np.int64, count=len(dialogue))
+    order = np.lexsort((position, rank))
+    rows, rank, position = rows[order], rank[order], position[order]
+
+    lengths = np.bincount(rank, minlength=len(ids))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offset = np.arange(len(rows)) - starts[rank]
+    if not np.array_equal(offset, position):
+        bad = ids[rank[np.flatnonzero(offset != position)[0]]]
+        raise DataError(f"{path}: dialogue '{bad}' has positions that are not 0..n-1 without gaps or repeats")
+
+    n = len(rows)
+    index = np.full((len(ids), int(lengths.max())), n, dtype=np.int64)
+    index[rank, offset] = np.arange(n)
+
+    def flat(values: np.ndarray, pad: float) -> torch.Tensor:
+        padded = np.concatenate([values, np.full((1,) + values.shape[1:], pad, dtype=values.dtype)])
+        return torch.from_numpy(padded)
+
+    return Split(
+        features={m: flat(x[rows], 0.0) for m, x in features.items()},
+        speaker=flat(columns["speaker"][rows].astype(np.int64), 0),
+        label=flat(columns["label"][rows].astype(np.int64), -1),
+        index=torch.from_numpy(index),
+        lengths=torch.from_numpy(lengths),
+        dialogue_ids=ids.tolist(),
+    )

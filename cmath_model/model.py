@@ -1,0 +1,322 @@
+"""CMATH (Cross-Modality Augmented Transformer with Hierarchical Variational Distillation).
+
+One module per idea, named after the paper's equations. Shapes: B dialogues, L utterances
+(padded), D_m input width of modality m, d common width, C classes. `mask` is (B, L) and True
+for real utterances; padding never reaches attention keys, losses or metrics.
+
+Choices the paper leaves open (reference-notes.md), each a CMATHConfig field:
+- Conv1D kernel 1, no bias on the down-projection (SDT); zero-padded so padding cannot leak
+  into real positions whatever the kernel.
+- Attention heads: the largest divisor of d up to 8, so every d in 100..600 builds.
+- Norm = LayerNorm, FFN = Linear(d, ffn) -> GELU -> Dropout -> Linear(ffn, d) (SDT: ffn = d).
+- Gate (Eq. 12): `softmax` (default) mixes the streams with per-dimension weights that sum
+  to one: a convex combination, so the fused stream stays on the streams' scale; `sigmoid`
+  is SDT's sigmoid gate per stream followed by Linear(k*d -> d).
+- sigma (Eq. 15) = softplus(MLP) + 1e-4 (or exp); MLPs are Linear -> ReLU -> Linear.
+- Eval uses the mean mu_x, not a sample (Eq. 17 only holds for training).
+- Squared Frobenius norms (Eq. 3, 18) are taken as means over real utterances and feature
+  dimensions, so no term's scale depends on D_m or dialogue length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CMATHConfig
+
+
+# ---------------------------------------------------------------- Eq. 1-4: Modality Reconstruction
+class ModalityReconstruction(nn.Module):
+    """U'_m = Conv1D'(U_m) down to d; U''_m = Conv1D''(U'_m) back up; L_re = ||U_m - U''_m||^2."""
+
+    def __init__(self, dim_in: int, d: int, kernel_size: int = 1, reconstruct: bool = True):
+        super().__init__()
+        self.down = nn.Conv1d(dim_in, d, kernel_size, padding=kernel_size // 2, bias=False)
+        self.up = nn.Conv1d(d, dim_in, kernel_size, padding=kernel_size // 2) if reconstruct else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x * mask.unsqueeze(-1)  # (B, L, D_m); zeroed padding = the conv's own zero padding
+        u = self.down(x.transpose(1, 2))  # (B, d, L)
+        if self.up is None:
+            return u.transpose(1, 2), x.new_zeros(())
+        x_rec = self.up(u).transpose(1, 2)  # (B, L, D_m)
+        loss = F.mse_loss(x_rec[mask], x[mask])
+        return u.transpose(1, 2), loss
+
+
+# ---------------------------------------------------------------- Eq. 5-8: speaker + position
+def sinusoidal_positions(length: int, d: int, device: torch.device | None = None) -> torch.Tensor:
+    """p_i^{2k} = sin(i / 10000^{2k/d}), p_i^{2k+1} = cos(...); (L, d), works for odd d."""
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    rate = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(length, d, device=device)
+    table[:, 0::2] = torch.sin(position * rate)
+    table[:, 1::2] = torch.cos(position * rate[: d // 2])
+    return table
+
+
+class SpeakerPositionEmbedding(nn.Module):
+    """S + P of Eq. 8; s_j = V_s o(s_j) (Eq. 5) is an embedding lookup of the speaker index."""
+
+    def __init__(self, d: int, max_speakers: int, use_context: bool = True):
+        super().__init__()
+        self.speaker = nn.Embedding(max_speakers, d)
+        self.use_context = use_context
+
+    def forward(self, speaker: torch.Tensor) -> torch.Tensor:
+        if not self.use_context:  # each utterance alone: neither its turn nor its speaker
+            return torch.zeros(*speaker.shape, self.speaker.embedding_dim, device=speaker.device)
+        length = speaker.shape[1]
+        return self.speaker(speaker) + sinusoidal_positions(length, self.speaker.embedding_dim, speaker.device)
+
+
+# ---------------------------------------------------------------- attention building blocks
+class MultiHeadAttention(nn.Module):
+    """CA(Q, K, V) / SA(H, H, H): scaled dot-product attention over the utterances of a dialogue."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.dropout = dropout
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, L, d = query.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, h, L, d/h)
+            return x.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads(self.q(query)), heads(self.k(key_value)), heads(self.v(key_value)),
+            attn_mask=allowed.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(B, L, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def attention_mask(mask: torch.Tensor, use_context: bool) -> torch.Tensor:
+    """(B, L, L) True where query i may attend key j: real keys only (or only itself).
+
+    Every row allows its own position, so a padding row is never all-False (which would
+    give NaN); padding rows' outputs are then discarded by the losses and metrics.
+    """
+    eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+    if not use_context:
+        return eye.expand(mask.shape[0], -1, -1)
+    return (mask.unsqueeze(1) & mask.unsqueeze(2)) | eye
+
+
+# ---------------------------------------------------------------- Eq. 9-14: CMA-Transformer
+class AuxiliaryStream(nn.Module):
+    """Eq. 9/10: H~_{a->c} = CA(H_c, H_a, H_a); H-_{a->c} = Norm(H~ + H_c); H = Norm(FFN(H-) + H-)."""
+
+    def __init__(self, d: int, n_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.attn = MultiHeadAttention(d, n_heads, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ffn = FeedForward(d, ffn_dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, central: torch.Tensor, auxiliary: torch.Tensor, allowed: torch.Tensor):
+        attended = self.attn(central, auxiliary, allowed)  # H~_{a->c}, injected into Eq. 11
+        h = self.norm1(self.drop(attended) + central)
+        return attended, self.norm2(self.drop(self.ffn(h)) + h)
+
+
+class CentralStream(nn.Module):
+    """Eq. 11: H~_{c->c} = SA(H_c) + sum_a H~_{a->c}; then Norm/FFN/Norm as in Eq. 9."""
+
+    def __init__(self, d: int, n_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.attn = MultiHeadAttention(d, n_heads, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ffn = FeedForward(d, ffn_dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, central: torch.Tensor, injected: list[torch.Tensor], allowed: torch.Tensor):
+        attended = self.attn(central, central, allowed) + sum(injected, torch.zeros_like(central))
+        h = self.norm1(self.drop(attended) + central)
+        return self.norm2(self.drop(self.ffn(h)) + h)
+
+
+class Gate(nn.Module):
+    """Eq. 12: H'_c = Gate(H_{c->c}, H_{a1->c}, H_{a2->c}).
+
+    softmax: alpha_s = softmax over streams s of (W h_s + b), per dimension; H' = sum_s alpha_s * h_s.
+    sigmoid: g_s = sigmoid(W_s h_s) * h_s per stream, then Linear(k*d -> d) (SDT).
+    """
+
+    def __init__(self, d: int, n_streams: int, kind: str = "softmax"):
+        super().__init__()
+        self.kind = kind
+        if kind == "softmax":
+            self.score = nn.Linear(d, d)
+        else:
+            self.gates = nn.ModuleList(nn.Linear(d, d) for _ in range(n_streams))
+            self.mix = nn.Linear(n_streams * d, d)
+
+    def weights(self, streams: list[torch.Tensor]) -> torch.Tensor:
+        """softmax gate only: (S, B, L, d) weights that sum to 1 over the S streams."""
+        return torch.softmax(torch.stack([self.score(h) for h in streams]), dim=0)
+
+    def forward(self, streams: list[torch.Tensor]) -> torch.Tensor:
+        if self.kind == "softmax":
+            return (self.weights(streams) * torch.stack(streams)).sum(0)
+        gated = [torch.sigmoid(gate(h)) * h for gate, h in zip(self.gates, streams)]
+        return self.mix(torch.cat(gated, dim=-1))
+
+
+class CMALayer(nn.Module):
+    """One CMA-Transformer layer centred on one modality (Eq. 9-12)."""
+
+    def __init__(self, d: int, n_aux: int, n_heads: int, ffn_dim: int, dropout: float, gate: str):
+        super().__init__()
+        self.aux = nn.ModuleList(AuxiliaryStream(d, n_heads, ffn_dim, dropout) for _ in range(n_aux))
+        self.central = CentralStream(d, n_heads, ffn_dim, dropout)
+        self.gate = Gate(d, n_aux + 1, gate) if n_aux else None
+
+    def forward(self, central: torch.Tensor, auxiliaries: list[torch.Tensor], allowed: torch.Tensor):
+        attended, aux_out = [], []
+        for stream, h_aux in zip(self.aux, auxiliaries):
+            a, out = stream(central, h_aux, allowed)
+            attended.append(a)
+            aux_out.append(out)
+        h_cc = self.central(central, attended, allowed)
+        return self.gate([h_cc] + aux_out) if self.gate is not None else h_cc
+
+
+class CMATransformer(nn.Module):
+    """Eq. 13/14: H'_c = CMA-Transformer_theta_c(H_c, H_aux1, H_aux2). Without cross-modal
+    attention (the w/o CMA-T ablation, or a single modality) it is a plain self-attention layer."""
+
+    def __init__(self, d: int, n_aux: int, cfg: CMATHConfig):
+        super().__init__()
+        ffn_dim = cfg.ffn_dim or d
+        self.layers = nn.ModuleList(CMALayer(d, n_aux, cfg.heads, ffn_dim, cfg.dropout, cfg.gate)
+                                    for _ in range(cfg.n_layers))
+
+    def forward(self, central: torch.Tensor, auxiliaries: list[torch.Tensor], allowed: torch.Tensor):
+        for layer in self.layers:
+            central = layer(central, auxiliaries, allowed)
+        return central
+
+
+# ---------------------------------------------------------------- Eq. 15-17: variational fusion
+def mlp(d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+
+class VariationalFusion(nn.Module):
+    """mu_m, sigma_m = MLP(H'_m); mu_x, sigma_x = their means over modalities;
+    H'_x = mu_x + eps * sigma_x while training (reparameterisation), mu_x at eval."""
+
+    def __init__(self, d: int, modalities: tuple[str, ...], sigma: str = "softplus"):
+        super().__init__()
+        self.mu = nn.ModuleDict({m: mlp(d) for m in modalities})
+        self.log_sigma = nn.ModuleDict({m: mlp(d) for m in modalities})
+        self.sigma_kind = sigma
+
+    def positive(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.softplus(x) if self.sigma_kind == "softplus" else torch.exp(x)) + 1e-4
+
+    def forward(self, h: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu = torch.stack([self.mu[m](x) for m, x in h.items()]).mean(0)  # (B, L, d)
+        sigma = torch.stack([self.positive(self.log_sigma[m](x)) for m, x in h.items()]).mean(0)
+        if not self.training:
+            return mu, mu, sigma
+        return mu + torch.randn_like(sigma) * sigma, mu, sigma
+
+
+# ---------------------------------------------------------------- Eq. 18-23: hierarchical distillation
+def low_level_distillation(h_x: torch.Tensor, h_m: dict[str, torch.Tensor], mask: torch.Tensor,
+                           detach_teacher: bool = False) -> torch.Tensor:
+    """L_mse = sum_m ||H'_x - H'_m||^2 over real utterances (teacher: the fused H'_x)."""
+    teacher = (h_x.detach() if detach_teacher else h_x)[mask]
+    return sum((F.mse_loss(x[mask], teacher) for x in h_m.values()), h_x.new_zeros(()))
+
+
+def high_level_distillation(logits_x: torch.Tensor, logits_m: dict[str, torch.Tensor], mask: torch.Tensor,
+                            temperature: float = 1.0, detach_teacher: bool = False) -> torch.Tensor:
+    """L_kl = sum_m KL(y_x || y_m), averaged over real utterances (teacher: the fused head)."""
+    teacher = (logits_x.detach() if detach_teacher else logits_x)[mask] / temperature
+    log_p_teacher = F.log_softmax(teacher, dim=-1)
+    total = logits_x.new_zeros(())
+    for logits in logits_m.values():
+        log_p_student = F.log_softmax(logits[mask] / temperature, dim=-1)
+        total = total + F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    return total
+
+
+# ---------------------------------------------------------------- the whole model
+@dataclass
+class Output:
+    logits_x: torch.Tensor  # (B, L, C) fused head: the model's prediction
+    logits_m: dict[str, torch.Tensor]  # per-modality heads
+    h_x: torch.Tensor  # (B, L, d) fused representation H'_x
+    h_m: dict[str, torch.Tensor]  # CMA-Transformer outputs H'_m
+    loss_re: torch.Tensor  # Eq. 4
+
+
+class CMATH(nn.Module):
+    def __init__(self, cfg: CMATHConfig, modality_dims: dict[str, int], num_classes: int, max_speakers: int):
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = cfg.modality_names
+        d = cfg.d
+        use_context = cfg.context == "dialogue"
+        n_aux = len(self.modalities) - 1 if cfg.use_cross_modal else 0
+        self.reconstruction = nn.ModuleDict({
+            m: ModalityReconstruction(modality_dims[m], d, cfg.kernel_size, cfg.use_reconstruction)
+            for m in self.modalities})
+        self.embedding = SpeakerPositionEmbedding(d, max_speakers, use_context)
+        self.cma = nn.ModuleDict({m: CMATransformer(d, n_aux, cfg) for m in self.modalities})
+        self.fusion = VariationalFusion(d, self.modalities, cfg.sigma)
+        self.heads = nn.ModuleDict({
+            m: nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, num_classes))
+            for m in self.modalities})
+        self.head_x = nn.Linear(d, num_classes)
+        self.use_context = use_context
+
+    def forward(self, features: dict[str, torch.Tensor], speaker: torch.Tensor, mask: torch.Tensor) -> Output:
+        extra = self.embedding(speaker)  # (B, L, d)
+        h, loss_re = {}, mask.new_zeros((), dtype=torch.float32)
+        for m in self.modalities:
+            u, loss = self.reconstruction[m](features[m], mask)
+            h[m] = u + extra  # Eq. 8
+            loss_re = loss_re + loss
+        allowed = attention_mask(mask, self.use_context)
+        h_prime = {}
+        for m in self.modalities:
+            aux = [h[a] for a in self.modalities if a != m] if self.cfg.use_cross_modal else []
+            h_prime[m] = self.cma[m](h[m], aux, allowed)
+        h_x, _, _ = self.fusion(h_prime)
+        return Output(logits_x=self.head_x(h_x), logits_m={m: self.heads[m](x) for m, x in h_prime.items()},
+                      h_x=h_x, h_m=h_prime, loss_re=loss_re)
+
+
+def cmath_loss(out: Output, label: torch.Tensor, mask: torch.Tensor, cfg: CMATHConfig,
+               class_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Eq. 24: L = L_ce + L_re + gamma1 * L_mse + gamma2 * L_kl, each a mean over real utterances."""
+    y = label[mask]
+    loss_ce = F.cross_entropy(out.logits_x[mask], y, weight=class_weight)  # Eq. 21
+    for logits in out.logits_m.values():  # Eq. 20, 22
+        loss_ce = loss_ce + F.cross_entropy(logits[mask], y, weight=class_weight)
+    zero = loss_ce.new_zeros(())
+    loss_mse = (low_level_distillation(out.h_x, out.h_m, mask, cfg.detach_teacher)
+                if cfg.use_low_level_distillation else zero)
+    loss_kl = (high_level_distillation(out.logits_x, out.logits_m, mask, cfg.kl_temperature, cfg.detach_teacher)
+               if cfg.use_high_level_distillation else zero)
+    total = loss_ce + out.loss_re + cfg.gamma1 * loss_mse + cfg.gamma2 * loss_kl
+    return {"loss": total, "loss_ce": loss_ce, "loss_re": out.loss_re, "loss_mse": loss_mse, "loss_kl": loss_kl}

@@ -1,0 +1,287 @@
+"""Training one CMATH model: a Trainer with step/save/load, and `train`, a plain loop over it.
+
+A sweep wraps the same Trainer as a Ray trainable, so everything a trial needs (resume,
+best-epoch checkpoint, per-epoch metrics) lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from .config import CMATHConfig
+from .data import Dataset, Split, load_dataset
+from .errors import ConfigError, NonFiniteLossError
+from .model import CMATH, cmath_loss
+
+LOSS_KEYS = ("train_loss", "loss_ce", "loss_re", "loss_mse", "loss_kl")
+MIN_SPEAKER_SLOTS = 9  # MELD's maximum; a model always has room for it
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
+    labels = list(range(num_classes))
+    return {
+        "acc": float(accuracy_score(y_true, y_pred)),
+        "wf1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "per_class_f1": f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0).tolist(),
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+class Trainer:
+    """Owns model, optimiser and RNG state; `step()` is one epoch (train, then valid and test)."""
+
+    def __init__(self, config: CMATHConfig, data: Dataset, device: str | torch.device | None = None):
+        data.require_modalities(config.modality_names)
+        if config.dataset != data.name and data.name in ("iemocap", "meld"):
+            raise ConfigError(f"config is for dataset '{config.dataset}' but {data.path} holds '{data.name}'; "
+                              f"set dataset: {data.name}")
+        self.config = config
+        self.data = data
+        self.device = torch.device(device) if device is not None else pick_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or available_cpus())
+        _seed_everything(config.seed)
+        self.model = CMATH(config, data.modality_dims, data.num_classes,
+                           max(MIN_SPEAKER_SLOTS, data.max_speakers)).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.class_weight = self._class_weight()
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best: dict | None = None  # the best-validation epoch's metrics
+        self.improved = False
+        self.best_test_predictions: dict | None = None
+        self.last_test_predictions: dict | None = None
+
+    def _class_weight(self) -> torch.Tensor | None:
+        if self.config.class_weights == "none":
+            return None
+        freq = self.data.class_frequencies()
+        weight = np.where(freq > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
+        return torch.tensor(weight / weight[freq > 0].mean(), dtype=torch.float32, device=self.device)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ one epoch
+    def step(self) -> dict:
+        """Train one epoch, then evaluate valid and test. Returns the epoch's metrics record."""
+        started = time.perf_counter()
+        losses = self._train_epoch()
+        train_seconds = time.perf_counter() - started
+        self.epoch += 1
+        valid = self.evaluate(self.data.splits["valid"])
+        test = self.evaluate(self.data.splits["test"])
+        record = {
+            "epoch": self.epoch,
+            **losses,
+            "val_acc": valid["acc"], "val_wf1": valid["wf1"],
+            "test_acc": test["acc"], "test_wf1": test["wf1"],
+            "val_per_class_f1": valid["per_class_f1"], "test_per_class_f1": test["per_class_f1"],
+            "val_confusion": valid["confusion"], "test_confusion": test["confusion"],
+            "train_seconds": train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        self.last_test_predictions = test["predictions"]
+        self.improved = self.best is None or record["val_wf1"] > self.best["val_wf1"]
+        if self.improved:
+            self.best = record
+            self.best_test_predictions = test["predictions"]
+        self.history.append(record)
+        return record
+
+    def _train_epoch(self) -> dict:
+        self.model.train()
+        cfg = self.config
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        total_utterances = 0
+        split = self.data.splits["train"]
+        for k, batch in enumerate(split.batches(cfg.batch_size, self.model.modalities, self.shuffle)):
+            batch = batch.to(self.device)
+            out = self.model(batch.features, batch.speaker, batch.mask)
+            terms = cmath_loss(out, batch.label, batch.mask, cfg, self.class_weight)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"training loss became {loss.item()} at epoch {self.epoch + 1}, batch {k + 1} "
+                    f"(lr={cfg.lr:g}, gamma1={cfg.gamma1:g}, gamma2={cfg.gamma2:g}); lower lr or set grad_clip")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            n = int(batch.mask.sum())
+            total_utterances += n
+            sums["train_loss"] += loss.item() * n
+            for key in LOSS_KEYS[1:]:
+                sums[key] += terms[key].item() * n
+        return {key: value / max(total_utterances, 1) for key, value in sums.items()}
+
+    @torch.no_grad()
+    def predict(self, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, predictions, class probabilities) of every real utterance, in dialogue order."""
+        self.model.eval()
+        labels, preds, probs = [], [], []
+        for batch in split.batches(self.config.batch_size, self.model.modalities):
+            batch = batch.to(self.device)
+            out = self.model(batch.features, batch.speaker, batch.mask)
+            p = torch.softmax(out.logits_x[batch.mask], dim=-1)
+            labels.append(batch.label[batch.mask].cpu())
+            probs.append(p.cpu())
+            preds.append(p.argmax(-1).cpu())
+        return torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(probs).numpy()
+
+    def evaluate(self, split: Split) -> dict:
+        y, pred, prob = self.predict(split)
+        metrics = classification_metrics(y, pred, self.data.num_classes)
+        metrics["predictions"] = {"label": y, "pred": pred, "prob": prob}
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str | Path) -> Path:
+        """A resumable checkpoint: model, optimiser, epoch, history and every RNG state."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "best": self.best,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "shuffle": self.shuffle.get_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+        _atomic_torch_save(state, directory / "trainer.pt")
+        self.config.to_yaml(directory / "config.yaml")
+        return directory
+
+    def load(self, directory: str | Path) -> None:
+        state = torch.load(Path(directory) / "trainer.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.history = state["history"]
+        self.best = state["best"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.shuffle.set_state(rng["shuffle"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+
+    def save_best(self, directory: str | Path) -> Path:
+        """The best-validation epoch: weights, config, its metrics and its test predictions."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save({"model": self.model.state_dict(), "modality_dims": self.data.modality_dims,
+                            "num_classes": self.data.num_classes,
+                            "max_speakers": max(MIN_SPEAKER_SLOTS, self.data.max_speakers)},
+                           directory / "model.pt")
+        self.config.to_yaml(directory / "config.yaml")
+        preds = self.best_test_predictions
+        np.savez(directory / "test_predictions.npz", label=preds["label"], pred=preds["pred"], prob=preds["prob"],
+                 dialogue_lengths=self.data.splits["test"].lengths.numpy())
+        (directory / "metrics.json").write_text(json.dumps(self.best, indent=1))
+        return directory
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[CMATH, CMATHConfig]:
+    """Rebuild a model from a `save_best` directory (what cmath-eval and reports load)."""
+    from .config import load_config
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "model.pt").exists():
+        raise ConfigError(f"{checkpoint}: no model.pt here; pass a best-checkpoint folder written by cmath-train")
+    config = load_config(checkpoint / "config.yaml")
+    state = torch.load(checkpoint / "model.pt", map_location=device, weights_only=False)
+    model = CMATH(config, state["modality_dims"], state["num_classes"], state["max_speakers"]).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, config
+
+
+# ------------------------------------------------------------------ the plain loop
+def summarize(history: list[dict]) -> dict:
+    """metrics.json's top level: validation-selected test scores and the paper-style best test epoch."""
+    best = max(history, key=lambda r: r["val_wf1"])
+    return {
+        "best_val_wf1": best["val_wf1"],
+        "best_epoch": best["epoch"],
+        "test_wf1_at_best_val": best["test_wf1"],
+        "test_acc_at_best_val": best["test_acc"],
+        # Papers in this family report the best test epoch; it peeks at test, so it is labelled.
+        "best_test_wf1": max(r["test_wf1"] for r in history),
+        "best_test_wf1_note": "paper-style: best test epoch, selected on test (optimistic)",
+    }
+
+
+def train(config: CMATHConfig, data: Dataset | None = None, reporter: Callable[[dict], None] | None = None,
+          out_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Train `config.epochs` epochs. Writes best/ (and last/ every checkpoint_every epochs) to out_dir."""
+    if data is None:
+        if config.data is None:
+            raise ConfigError("config has no data path: set data: or pass --data")
+        data = load_dataset(config.data, config.data_sha256)
+    trainer = Trainer(config, data)
+    out = Path(out_dir) if out_dir is not None else None
+    for _ in range(config.epochs):
+        record = trainer.step()
+        if out is not None and trainer.improved:
+            trainer.save_best(out / "best")
+        if out is not None and config.checkpoint_every and trainer.epoch % config.checkpoint_every == 0:
+            trainer.save(out / "last")
+        if log is not None:
+            log(format_epoch(record))
+        if reporter is not None:
+            reporter(record)
+    if not trainer.history:
+        raise ConfigError("epochs is 0: nothing was trained")
+    result = {**summarize(trainer.history), "epochs": trainer.history,
+              "num_parameters": trainer.num_parameters, "seed": config.seed}
+    return result
+
+
+def format_epoch(r: dict) -> str:
+    return (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  val acc {r['val_acc']:.4f} w-f1 {r['val_wf1']:.4f}"
+            f"  test acc {r['test_acc']:.4f} w-f1 {r['test_wf1']:.4f}  ({r['epoch_seconds']:.1f}s)")
