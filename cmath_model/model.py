@@ -41,7 +41,7 @@ class ModalityReconstruction(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x * mask.unsqueeze(-1)  # (B, L, D_m); zeroed padding = the conv's own zero padding
-        u = self.down(x.transpose(1, 2))  # (B, d, L)
+        u = self.down(x.transpose(1, 2)) * mask.unsqueeze(1)  # (B, d, L); zeroed again for the up conv
         if self.up is None:
             return u.transpose(1, 2), x.new_zeros(())
         x_rec = self.up(u).transpose(1, 2)  # (B, L, D_m)

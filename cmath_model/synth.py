@@ -42,7 +42,7 @@ SHAPES = {
 
 # (train+valid dialogues, test dialogues, mean utterances per dialogue)
 SCALES = {
-    "iemocap": {"tiny": (16, 6, 12), "small": (48, 20, 30), "full": (120, 31, 48)},
+    "iemocap": {"tiny": (24, 8, 16), "small": (48, 20, 30), "full": (120, 31, 48)},
     "meld": {"tiny": (40, 12, 6), "small": (240, 60, 9), "full": (1153, 280, 9)},
 }
 

@@ -140,19 +140,8 @@ class Trainer:
                 sums[key] += terms[key].item() * n
         return {key: value / max(total_utterances, 1) for key, value in sums.items()}
 
-    @torch.no_grad()
     def predict(self, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, predictions, class probabilities) of every real utterance, in dialogue order."""
-        self.model.eval()
-        labels, preds, probs = [], [], []
-        for batch in split.batches(self.config.batch_size, self.model.modalities):
-            batch = batch.to(self.device)
-            out = self.model(batch.features, batch.speaker, batch.mask)
-            p = torch.softmax(out.logits_x[batch.mask], dim=-1)
-            labels.append(batch.label[batch.mask].cpu())
-            probs.append(p.cpu())
-            preds.append(p.argmax(-1).cpu())
-        return torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(probs).numpy()
+        return predict(self.model, split, self.config.batch_size, self.device)
 
     def evaluate(self, split: Split) -> dict:
         y, pred, prob = self.predict(split)
@@ -212,6 +201,22 @@ class Trainer:
                  dialogue_lengths=self.data.splits["test"].lengths.numpy())
         (directory / "metrics.json").write_text(json.dumps(self.best, indent=1))
         return directory
+
+
+@torch.no_grad()
+def predict(model: CMATH, split: Split, batch_size: int, device: torch.device
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, predictions, class probabilities) of every real utterance, in dialogue order."""
+    model.eval()
+    labels, preds, probs = [], [], []
+    for batch in split.batches(batch_size, model.modalities):
+        batch = batch.to(device)
+        out = model(batch.features, batch.speaker, batch.mask)
+        p = torch.softmax(out.logits_x[batch.mask], dim=-1)
+        labels.append(batch.label[batch.mask].cpu())
+        probs.append(p.cpu())
+        preds.append(p.argmax(-1).cpu())
+    return torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(probs).numpy()
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:

@@ -1,0 +1,158 @@
+"""Library behind `cmath-train` and `cmath-eval`: resolve the data, train one or more seeds,
+aggregate them, write metrics.json, and (optionally) log the run to MLflow."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import CMATHConfig, paper_defaults
+from .data import Dataset, load_dataset
+from .errors import ConfigError
+from .synth import default_dataset_path
+from .train import classification_metrics, load_model, pick_device, predict, train
+
+DEFAULT_RESULTS = Path("results")
+SUMMARY_KEYS = ("best_val_wf1", "test_wf1_at_best_val", "test_acc_at_best_val", "best_test_wf1", "best_epoch")
+
+
+def resolve_data(config: CMATHConfig, results_dir: str | Path = DEFAULT_RESULTS,
+                 fit_modalities: bool = False) -> tuple[CMATHConfig, Dataset]:
+    """Load the config's dataset (or generate the embedded default) and pin its path and hash.
+
+    With fit_modalities, a config whose modalities the file lacks is narrowed to what the file
+    has (a text-only file runs the text-only model); otherwise that is an error.
+    """
+    path = config.data or str(default_dataset_path(results_dir, config.dataset))
+    data = load_dataset(path, config.data_sha256)
+    changes: dict = {"data": str(Path(path).resolve()), "data_sha256": data.sha256}
+    if fit_modalities:
+        have = "".join(c for c in config.modalities if {"t": "text", "a": "audio", "v": "visual"}[c]
+                       in data.modality_dims)
+        changes["modalities"] = have or config.modalities
+    config = config.replace(**changes)
+    data.require_modalities(config.modality_names)
+    return config, data
+
+
+def defaults_for(path: str | None) -> CMATHConfig:
+    """Paper defaults for the dataset the file holds (IEMOCAP when no file is given)."""
+    if path is None:
+        return paper_defaults("iemocap")
+    data_name = load_dataset(path).name
+    return paper_defaults(data_name if data_name in ("iemocap", "meld") else "iemocap")
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean of the summary keys over seeds, `<key>_std` (ddof 1), and per-epoch means."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    result: dict = {}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in per_seed]
+        result[key] = statistics.fmean(values)
+        result[f"{key}_std"] = statistics.stdev(values)
+    result["best_test_wf1_note"] = per_seed[0]["best_test_wf1_note"]
+    n_epochs = min(len(r["epochs"]) for r in per_seed)
+    numeric = [k for k, v in per_seed[0]["epochs"][0].items() if isinstance(v, (int, float))]
+    result["epochs"] = [{k: statistics.fmean(r["epochs"][i][k] for r in per_seed) for k in numeric}
+                        for i in range(n_epochs)]
+    result["num_parameters"] = per_seed[0]["num_parameters"]
+    result["seeds"] = [r["seed"] for r in per_seed]
+    result["per_seed"] = per_seed
+    return result
+
+
+def train_seeds(config: CMATHConfig, data: Dataset, seeds: int, out_dir: str | Path,
+                log: Callable[[str], None] | None = print, mlflow_uri: str | None = None,
+                experiment: str = "cmath-train") -> dict:
+    """Train `seeds` runs (seed, seed+1, ...) into out_dir/seed<K>/ and write out_dir/metrics.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(out / "config.yaml")
+    tracker = _MlflowRun(mlflow_uri, experiment, config, out) if mlflow_uri else None
+    per_seed = []
+    started = time.time()
+    try:
+        for k in range(seeds):
+            seed_config = config.replace(seed=config.seed + k)
+            if log:
+                log(f"seed {seed_config.seed} ({k + 1}/{seeds})")
+            reporter = tracker.reporter(seed_config.seed) if tracker else None
+            result = train(seed_config, data, reporter=reporter, out_dir=out / f"seed{seed_config.seed}", log=log)
+            per_seed.append(result)
+        summary = aggregate(per_seed)
+        summary["wall_seconds"] = time.time() - started
+        summary["config"] = config.to_dict()
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        if tracker:
+            tracker.finish(summary, "FINISHED")
+    except BaseException:
+        if tracker:
+            tracker.finish(None, "FAILED")
+        raise
+    return summary
+
+
+class _MlflowRun:
+    """One MLflow run per `cmath-train` invocation: params, per-epoch metrics (step = epoch,
+    suffixed by seed when there are several), the summary and the best checkpoints."""
+
+    def __init__(self, uri: str, experiment: str, config: CMATHConfig, out: Path):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.out = out
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_name=out.name, tags={"cmath.kind": "final_training"})
+        params = {k: v for k, v in config.to_dict().items() if k != "extra"}
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def reporter(self, seed: int) -> Callable[[dict], None]:
+        from mlflow.entities import Metric
+
+        client = self.mlflow.MlflowClient()
+
+        def report(record: dict) -> None:
+            now = int(time.time() * 1000)
+            metrics = [Metric(f"{k}/seed{seed}", float(v), now, record["epoch"])
+                       for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"]
+            client.log_batch(self.run.info.run_id, metrics=metrics)
+
+        return report
+
+    def finish(self, summary: dict | None, status: str) -> None:
+        if summary is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            self.mlflow.log_artifacts(str(self.out))
+        self.mlflow.end_run(status=status)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, batch_size: int = 16) -> dict:
+    """Test metrics of a best-checkpoint folder on its own data (or another file of the same shape)."""
+    model, config = load_model(checkpoint)
+    data = load_dataset(data_path or config.data, None if data_path else config.data_sha256)
+    data.require_modalities(config.modality_names)
+    for m in config.modality_names:
+        expected = model.reconstruction[m].down.in_channels
+        if data.modality_dims[m] != expected:
+            raise ConfigError(f"{data.path}: {m} vectors are {data.modality_dims[m]}-d but the checkpoint "
+                              f"expects {expected}-d; evaluate on data of the same shape")
+    y, pred, _ = predict(model, data.splits["test"], batch_size, pick_device("cpu"))
+    metrics = classification_metrics(y, pred, data.num_classes)
+    metrics.update(checkpoint=str(checkpoint), data=data.path, classes=data.classes,
+                   num_utterances=int(len(y)), test_acc=metrics.pop("acc"), test_wf1=metrics.pop("wf1"))
+    return metrics
+
+
+def to_jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(type(obj))

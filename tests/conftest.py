@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import pytest
+
+from cmath_model import load_dataset
+from cmath_model.synth import write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MELD = REPO.parent / "shared" / "data" / "meld"
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("data") / "iemocap-tiny.parquet", "iemocap", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    return load_dataset(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    return load_dataset(write_synthetic(tmp_path_factory.mktemp("data") / "iemocap-small.parquet", "iemocap", "small"))
+
+
+@pytest.fixture(scope="session")
+def meld_dir() -> Path:
+    if not (SHARED_MELD / "train_sent_emo.csv").exists():
+        raise FileNotFoundError(f"the shared MELD data is missing at {SHARED_MELD}: the tests need ../shared beside "
+                                "the repository")
+    return SHARED_MELD

@@ -1,0 +1,186 @@
+"""Each equation's module on hand-made inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmath_model.config import ABLATIONS, CMATHConfig
+from cmath_model.model import (
+    CMATH,
+    Gate,
+    ModalityReconstruction,
+    SpeakerPositionEmbedding,
+    VariationalFusion,
+    attention_mask,
+    cmath_loss,
+    high_level_distillation,
+    low_level_distillation,
+    sinusoidal_positions,
+)
+
+DIMS = {"text": 20, "audio": 12, "visual": 8}
+
+
+def small_config(**kw) -> CMATHConfig:
+    return CMATHConfig(**{"d": 16, "dropout": 0.0, **kw})
+
+
+def inputs(B=2, L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = {m: torch.randn(B, L, D, generator=g) for m, D in DIMS.items()}
+    speaker = torch.randint(0, 2, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 3:] = False
+    return feats, speaker, mask
+
+
+def test_modality_reconstruction_shapes_and_loss():
+    torch.manual_seed(0)
+    mr = ModalityReconstruction(20, 8, kernel_size=3)
+    x = torch.randn(2, 5, 20)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    u, loss = mr(x, mask)
+    assert u.shape == (2, 5, 8)
+    xz = x * mask.unsqueeze(-1)
+    x_rec = mr.up(mr.down(xz.transpose(1, 2)) * mask.unsqueeze(1)).transpose(1, 2)
+    assert loss.item() == pytest.approx(((x_rec - xz)[mask] ** 2).mean().item(), rel=1e-5)
+    no_rec = ModalityReconstruction(20, 8, reconstruct=False)
+    assert no_rec.up is None and no_rec(x, mask)[1].item() == 0.0
+
+
+def test_sinusoidal_positions_follow_eq_6_7():
+    d = 11  # odd widths work too
+    p = sinusoidal_positions(7, d)
+    assert p.shape == (7, d)
+    for i in (0, 3, 6):
+        for k in range(d // 2):
+            assert p[i, 2 * k].item() == pytest.approx(math.sin(i / 10000 ** (2 * k / d)), abs=1e-5)
+            assert p[i, 2 * k + 1].item() == pytest.approx(math.cos(i / 10000 ** (2 * k / d)), abs=1e-5)
+
+
+def test_speaker_and_position_embedding():
+    emb = SpeakerPositionEmbedding(8, max_speakers=3)
+    speaker = torch.tensor([[0, 1, 0]])
+    out = emb(speaker)
+    table = sinusoidal_positions(3, 8)
+    assert torch.allclose(out[0, 0] - out[0, 2], table[0] - table[2], atol=1e-6)  # same speaker: P differs only
+    assert torch.allclose(out[0, 1], emb.speaker.weight[1] + table[1])
+    assert torch.count_nonzero(SpeakerPositionEmbedding(8, 3, use_context=False)(speaker)) == 0
+
+
+def test_softmax_gate_weights_sum_to_one_and_mix_convexly():
+    torch.manual_seed(0)
+    gate = Gate(6, 3, "softmax")
+    streams = [torch.randn(2, 4, 6) for _ in range(3)]
+    w = gate.weights(streams)
+    assert w.shape == (3, 2, 4, 6)
+    assert torch.allclose(w.sum(0), torch.ones(2, 4, 6))
+    assert (w > 0).all()
+    assert torch.allclose(gate(streams), (w * torch.stack(streams)).sum(0))
+    same = torch.randn(2, 4, 6)
+    assert torch.allclose(gate([same, same, same]), same, atol=1e-6)  # a convex mix of equal streams
+
+
+def test_sigmoid_gate_is_sdt_style():
+    gate = Gate(6, 2, "sigmoid")
+    a, b = torch.randn(1, 3, 6), torch.randn(1, 3, 6)
+    expected = gate.mix(torch.cat([torch.sigmoid(gate.gates[0](a)) * a, torch.sigmoid(gate.gates[1](b)) * b], -1))
+    assert torch.allclose(gate([a, b]), expected)
+
+
+def test_variational_fusion_uses_the_mean_at_eval_and_samples_in_training():
+    torch.manual_seed(0)
+    fusion = VariationalFusion(8, ("text", "audio"))
+    h = {"text": torch.randn(4, 50, 8), "audio": torch.randn(4, 50, 8)}
+    mu = (fusion.mu["text"](h["text"]) + fusion.mu["audio"](h["audio"])) / 2
+    sigma = (F.softplus(fusion.log_sigma["text"](h["text"])) + F.softplus(fusion.log_sigma["audio"](h["audio"]))) / 2
+    fusion.eval()
+    sample, mu_out, sigma_out = fusion(h)
+    assert torch.allclose(sample, mu, atol=1e-6) and torch.allclose(mu_out, mu, atol=1e-6)
+    assert torch.allclose(sigma_out, sigma + 1e-4, atol=1e-6)
+    fusion.train()
+    sample, _, sigma_out = fusion(h)
+    eps = (sample - mu) / sigma_out
+    assert not torch.allclose(sample, mu)
+    assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05  # H'_x = mu + eps * sigma
+
+
+def test_distillation_terms_are_zero_when_fused_and_modal_agree():
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    h = torch.randn(1, 3, 4)
+    logits = torch.randn(1, 3, 5)
+    assert low_level_distillation(h, {"text": h.clone(), "audio": h.clone()}, mask).item() == 0.0
+    assert high_level_distillation(logits, {"text": logits.clone()}, mask).item() == pytest.approx(0.0, abs=1e-7)
+    other = torch.randn(1, 3, 4)
+    assert low_level_distillation(h, {"text": other}, mask).item() > 0
+    # Padding is ignored: changing the padded position changes nothing.
+    other_padded = other.clone()
+    other_padded[0, 2] += 100
+    assert low_level_distillation(h, {"text": other_padded}, mask) == low_level_distillation(h, {"text": other}, mask)
+
+
+def test_kl_term_matches_eq_23():
+    mask = torch.tensor([[1, 1]], dtype=torch.bool)
+    zx, zm = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    px, pm = torch.softmax(zx, -1), torch.softmax(zm, -1)
+    expected = (px * (px.log() - pm.log())).sum(-1).mean()
+    assert high_level_distillation(zx, {"text": zm}, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_attention_mask_never_allows_padded_keys():
+    mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    allowed = attention_mask(mask, use_context=True)
+    assert allowed[0, :2, 2:].sum() == 0  # real queries never see padding
+    assert allowed.diagonal(dim1=1, dim2=2).all()  # every row has at least itself
+    alone = attention_mask(mask, use_context=False)
+    assert torch.equal(alone[0], torch.eye(4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("d", [100, 101, 127, 250, 333, 499, 500, 600])
+def test_any_d_from_100_to_600_builds(d):
+    cfg = CMATHConfig(d=d, dropout=0.0)
+    assert d % cfg.heads == 0
+    model = CMATH(cfg, DIMS, num_classes=6, max_speakers=9)
+    feats, speaker, mask = inputs()
+    out = model(feats, speaker, mask)
+    assert out.logits_x.shape == (2, 5, 6) and out.h_x.shape == (2, 5, d)
+
+
+def test_heads_are_valid_for_every_d():
+    for d in range(100, 601):
+        assert d % CMATHConfig(d=d).heads == 0
+
+
+@pytest.mark.parametrize("modalities", ["t", "a", "v", "ta", "tv", "av", "tav"])
+def test_every_modality_subset_runs(modalities):
+    cfg = small_config(modalities=modalities)
+    model = CMATH(cfg, DIMS, num_classes=4, max_speakers=9)
+    feats, speaker, mask = inputs()
+    out = model(feats, speaker, mask)
+    assert set(out.logits_m) == set(cfg.modality_names)
+    terms = cmath_loss(out, torch.randint(0, 4, (2, 5)), mask, cfg)
+    assert torch.isfinite(terms["loss"])
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablations_switch_off_their_part(ablation):
+    cfg = small_config(ablation=ablation)
+    model = CMATH(cfg, DIMS, num_classes=4, max_speakers=9)
+    feats, speaker, mask = inputs()
+    terms = cmath_loss(model(feats, speaker, mask), torch.randint(0, 4, (2, 5)), mask, cfg)
+    assert (terms["loss_re"].item() == 0) == (ablation == "wo_mr")
+    assert (terms["loss_mse"].item() == 0) == (ablation in ("wo_lld", "wo_hd"))
+    assert (terms["loss_kl"].item() == 0) == (ablation in ("wo_hld", "wo_hd"))
+    has_cross = any(len(layer.aux) for layer in model.cma["text"].layers)
+    assert has_cross == (ablation != "wo_cmat")
+
+
+def test_total_loss_is_eq_24():
+    cfg = small_config(gamma1=0.7, gamma2=1.3)
+    model = CMATH(cfg, DIMS, num_classes=4, max_speakers=9)
+    feats, speaker, mask = inputs()
+    t = cmath_loss(model(feats, speaker, mask), torch.randint(0, 4, (2, 5)), mask, cfg)
+    expected = t["loss_ce"] + t["loss_re"] + 0.7 * t["loss_mse"] + 1.3 * t["loss_kl"]
+    assert t["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
