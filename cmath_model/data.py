@@ -14,9 +14,9 @@ utterance, and the whole object pickles cheaply into Ray's object store.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

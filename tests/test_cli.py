@@ -1,0 +1,87 @@
+"""The command-line contracts of cmath-data, cmath-train and cmath-eval."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cmath_model import load_dataset
+from cmath_model.cli import data_main, eval_main, train_main
+
+
+def test_synth_command_writes_a_dataset(tmp_path, capsys):
+    out = tmp_path / "m.parquet"
+    assert data_main(["synth", "meld", "--scale", "tiny", "-o", str(out)]) == 0
+    assert load_dataset(out).name == "meld"
+    assert "valid" in capsys.readouterr().out
+
+
+def test_train_with_seeds_writes_mean_std_and_per_seed(tiny_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_main(["--data", str(tiny_path), "--epochs", "2", "--seeds", "2", "--set", "d=32", "batch_size=8",
+                       "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("epoch   1") == 2 and "±" in printed  # per-epoch metrics are printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    per_seed = metrics["per_seed"]
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    for key in ("best_val_wf1", "test_wf1_at_best_val", "test_acc_at_best_val", "best_test_wf1"):
+        values = [r[key] for r in per_seed]
+        assert metrics[key] == pytest.approx(statistics.fmean(values))
+        assert metrics[f"{key}_std"] == pytest.approx(statistics.stdev(values))
+    assert len(metrics["epochs"]) == 2 and "val_wf1" in metrics["epochs"][0]
+    assert "optimistic" in metrics["best_test_wf1_note"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data_sha256"] == load_dataset(tiny_path).sha256 and config["d"] == 32
+
+
+def test_eval_reproduces_the_best_epoch_test_score(tiny_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--data", str(tiny_path), "--epochs", "3", "--set", "d=32", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert eval_main(["--checkpoint", str(out / "seed0" / "best")]) == 0
+    evaluated = json.loads((out / "seed0" / "best" / "eval.json").read_text())
+    assert evaluated["test_wf1"] == pytest.approx(metrics["test_wf1_at_best_val"], abs=1e-9)
+    assert evaluated["test_acc"] == pytest.approx(metrics["test_acc_at_best_val"], abs=1e-9)
+    assert "W-F1" in capsys.readouterr().out
+
+
+def test_config_round_trip_through_yaml(tiny_path, tmp_path):
+    config = {"dataset": "iemocap", "d": 40, "epochs": 1, "lr": "1e-3", "batch_size": 8, "data": str(tiny_path)}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert train_main(["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    written = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert written["lr"] == 1e-3 and written["d"] == 40
+
+
+def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert train_main(["--data", str(tiny_path), "--epochs", "3", "--set", "d=32", "--out", str(tmp_path / "r"),
+                       "--mlflow-uri", uri, "--experiment", "t", "--quiet"]) == 0
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["d"] == "32"
+    history = client.get_metric_history(run.info.run_id, "val_wf1/seed0")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert "metrics.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--data", "missing.parquet"], "missing.parquet: no such dataset file"),
+    (["--config", "nowhere.yaml"], "nowhere.yaml: no such config file"),
+    (["--set", "heads=4"], "unknown field 'heads'"),
+    (["--set", "d=64", "n_heads=5"], "config field 'n_heads': 5 does not divide d=64"),
+])
+def test_bad_input_is_one_error_line(argv, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "import sys; from cmath_model.cli import train_main; "
+                           "sys.exit(train_main(sys.argv[1:]))", *argv, "--results", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr

@@ -1,0 +1,96 @@
+"""The Trainer: it learns, it resumes exactly, it stops on a NaN loss, and the full model wins."""
+
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score
+
+from cmath_model import CMATHConfig, NonFiniteLossError, Trainer, load_dataset, paper_defaults, train
+from cmath_model.data import write_dataset
+from cmath_model.synth import generate
+
+
+def test_overfits_a_tiny_dataset(tiny):
+    cfg = CMATHConfig(d=64, dropout=0.0, lr=3e-3, batch_size=4, class_weights="none", epochs=0)
+    trainer = Trainer(cfg, tiny)
+    accuracy = 0.0
+    for _ in range(40):  # 40 epochs x 5 batches = 200 optimiser steps at most
+        trainer.step()
+        y, pred, _ = trainer.predict(tiny.splits["train"])
+        accuracy = accuracy_score(y, pred)
+        if accuracy >= 0.95:
+            break
+    assert accuracy >= 0.95
+
+
+def test_epoch_record_has_the_contract_keys(tiny):
+    record = Trainer(CMATHConfig(d=32, batch_size=8, epochs=0), tiny).step()
+    for key in ("train_loss", "loss_ce", "loss_re", "loss_mse", "loss_kl", "val_acc", "val_wf1", "test_acc",
+                "test_wf1"):
+        assert np.isfinite(record[key]), key
+    for key in ("val_acc", "val_wf1", "test_acc", "test_wf1"):
+        assert 0.0 <= record[key] <= 1.0
+    assert len(record["test_per_class_f1"]) == tiny.num_classes
+    assert np.asarray(record["test_confusion"]).sum() == tiny.splits["test"].num_utterances
+
+
+def test_checkpoint_round_trip_equals_straight_training(tiny, tmp_path):
+    cfg = CMATHConfig(d=32, dropout=0.2, lr=1e-3, batch_size=4, epochs=0)  # dropout: RNG state matters
+    straight = Trainer(cfg, tiny)
+    for _ in range(4):
+        straight.step()
+    first = Trainer(cfg, tiny)
+    for _ in range(2):
+        first.step()
+    first.save(tmp_path / "ckpt")
+    resumed = Trainer(cfg, tiny)
+    resumed.load(tmp_path / "ckpt")
+    for _ in range(2):
+        resumed.step()
+    assert resumed.epoch == 4
+    for a, b in zip(straight.history, resumed.history):
+        assert a["train_loss"] == b["train_loss"] and a["val_wf1"] == b["val_wf1"]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_best_checkpoint_holds_weights_and_test_predictions(tiny, tmp_path):
+    cfg = CMATHConfig(d=32, batch_size=8, epochs=3, checkpoint_every=1)
+    result = train(cfg, tiny, out_dir=tmp_path)
+    best = tmp_path / "best"
+    assert (best / "model.pt").exists() and (best / "config.yaml").exists()
+    assert (tmp_path / "last" / "trainer.pt").exists()  # optimizer state only where resuming needs it
+    assert not (best / "trainer.pt").exists()
+    preds = np.load(best / "test_predictions.npz")
+    assert len(preds["label"]) == tiny.splits["test"].num_utterances
+    best_record = max(result["epochs"], key=lambda r: r["val_wf1"])
+    from sklearn.metrics import f1_score
+
+    assert f1_score(preds["label"], preds["pred"], average="weighted") == pytest.approx(best_record["test_wf1"])
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    utts, shape = generate("iemocap", "tiny")
+    utts.features = {m: x * 1e37 for m, x in utts.features.items()}  # finite, but overflows in the model
+    path = write_dataset(tmp_path / "huge.parquet", utts, dataset="iemocap", classes=list(shape.classes),
+                         source="test", source_sha256="", split_seed=0)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 1.*lower lr"):
+        train(CMATHConfig(d=16, epochs=1), load_dataset(path))
+
+
+def test_full_model_beats_text_only_and_no_context(small):
+    """The synthetic data rewards context and all modalities; the model must find both."""
+    def score(**kw) -> float:
+        results = []
+        for seed in (0, 1):
+            cfg = paper_defaults("iemocap").replace(d=64, epochs=30, dropout=0.1, lr=1e-3, batch_size=4,
+                                                    seed=seed, **kw)
+            results.append(train(cfg, small)["test_wf1_at_best_val"])
+        return statistics.fmean(results)
+
+    full, text_only, no_context = score(), score(modalities="t"), score(context="none")
+    print(f"test W-F1: full {full:.3f}, text-only {text_only:.3f}, context none {no_context:.3f}")
+    assert full > text_only + 0.02
+    assert full > no_context + 0.02
