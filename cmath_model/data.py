@@ -157,7 +157,7 @@ class Split:
             features={m: self.features[m][rows] for m in modalities},  # (B, L, D_m)
             speaker=self.speaker[rows],
             label=self.label[rows],
-            mask=rows < self.features[next(iter(self.features))].shape[0] - 1,
+            mask=rows < self.label.shape[0] - 1,  # the last flat row is the padding row
             dialogues=dialogues,
         )
 

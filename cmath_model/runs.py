@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from .config import CMATHConfig, paper_defaults
 from .data import Dataset, load_dataset
 from .errors import ConfigError
@@ -150,9 +148,3 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ba
     metrics.update(checkpoint=str(checkpoint), data=data.path, classes=data.classes,
                    num_utterances=int(len(y)), test_acc=metrics.pop("acc"), test_wf1=metrics.pop("wf1"))
     return metrics
-
-
-def to_jsonable(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(type(obj))
