@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CMATHError
+from .errors import CMATHError, ConfigError
 
 
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
@@ -106,8 +106,6 @@ def _parse_set(items: list[str]) -> dict:
     changes = {}
     for item in items:
         if "=" not in item:
-            from .errors import ConfigError
-
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         changes[key] = yaml.safe_load(value)

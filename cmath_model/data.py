@@ -233,6 +233,15 @@ def load_dataset(path: str | Path, expected_sha256: str | None = None) -> Datase
     return _to_dataset(path, sha, table, meta)
 
 
+def dataset_name(path: str | Path) -> str | None:
+    """The dataset name from the schema metadata alone (no data read); None if unreadable,
+    leaving the full load to report what is wrong."""
+    try:
+        return json.loads(pq.read_schema(path).metadata[METADATA_KEY]).get("dataset")
+    except (OSError, pa.ArrowInvalid, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
 def _read_meta(path: Path, table: pa.Table) -> dict:
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:

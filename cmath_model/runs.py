@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import CMATHConfig, paper_defaults
-from .data import Dataset, load_dataset
+from .data import Dataset, dataset_name, load_dataset
 from .errors import ConfigError
 from .synth import default_dataset_path
 from .train import classification_metrics, load_model, pick_device, predict, train
@@ -40,10 +40,8 @@ def resolve_data(config: CMATHConfig, results_dir: str | Path = DEFAULT_RESULTS,
 
 def defaults_for(path: str | None) -> CMATHConfig:
     """Paper defaults for the dataset the file holds (IEMOCAP when no file is given)."""
-    if path is None:
-        return paper_defaults("iemocap")
-    data_name = load_dataset(path).name
-    return paper_defaults(data_name if data_name in ("iemocap", "meld") else "iemocap")
+    name = dataset_name(path) if path is not None else None
+    return paper_defaults(name if name in ("iemocap", "meld") else "iemocap")
 
 
 def aggregate(per_seed: list[dict]) -> dict:

@@ -198,7 +198,9 @@ def test_from_csv_text_only_file_trains_text_only(meld_slice, tmp_path):
                        "--quiet"]) == 0
     import yaml
 
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["modalities"] == "t"
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["modalities"] == "t"
+    assert (written["dataset"], written["lr"], written["batch_size"]) == ("meld", 2e-4, 4)  # MELD's paper defaults
 
 
 def test_from_csv_multi_column_dialogue_key_and_resplit(meld_slice, tmp_path):
