@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import CMATHConfig, paper_defaults
+from .config import MODALITY_LETTERS, CMATHConfig, paper_defaults
 from .data import Dataset, dataset_name, load_dataset
 from .errors import ConfigError
 from .synth import default_dataset_path
@@ -30,8 +30,7 @@ def resolve_data(config: CMATHConfig, results_dir: str | Path = DEFAULT_RESULTS,
     data = load_dataset(path, config.data_sha256)
     changes: dict = {"data": str(Path(path).resolve()), "data_sha256": data.sha256}
     if fit_modalities:
-        have = "".join(c for c in config.modalities if {"t": "text", "a": "audio", "v": "visual"}[c]
-                       in data.modality_dims)
+        have = "".join(c for c in config.modalities if MODALITY_LETTERS[c] in data.modality_dims)
         changes["modalities"] = have or config.modalities
     config = config.replace(**changes)
     data.require_modalities(config.modality_names)

@@ -63,8 +63,8 @@ class Trainer:
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or available_cpus())
         _seed_everything(config.seed)
-        self.model = CMATH(config, data.modality_dims, data.num_classes,
-                           max(MIN_SPEAKER_SLOTS, data.max_speakers)).to(self.device)
+        self.speaker_slots = max(MIN_SPEAKER_SLOTS, data.max_speakers)
+        self.model = CMATH(config, data.modality_dims, data.num_classes, self.speaker_slots).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.class_weight = self._class_weight()
@@ -73,7 +73,6 @@ class Trainer:
         self.best: dict | None = None  # the best-validation epoch's metrics
         self.improved = False
         self.best_test_predictions: dict | None = None
-        self.last_test_predictions: dict | None = None
 
     def _class_weight(self) -> torch.Tensor | None:
         if self.config.class_weights == "none":
@@ -105,7 +104,6 @@ class Trainer:
             "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - started,
         }
-        self.last_test_predictions = test["predictions"]
         self.improved = self.best is None or record["val_wf1"] > self.best["val_wf1"]
         if self.improved:
             self.best = record
@@ -193,7 +191,7 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save({"model": self.model.state_dict(), "modality_dims": self.data.modality_dims,
                             "num_classes": self.data.num_classes,
-                            "max_speakers": max(MIN_SPEAKER_SLOTS, self.data.max_speakers)},
+                            "max_speakers": self.speaker_slots},
                            directory / "model.pt")
         self.config.to_yaml(directory / "config.yaml")
         preds = self.best_test_predictions

@@ -143,6 +143,11 @@ N_DIALOGUES = {"train": 40, "valid": 8, "test": 8}
 FILES = {"train": "train_sent_emo.csv", "valid": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
 
 
+def gapped_dialogues(frame: pd.DataFrame) -> list:
+    """Dialogues whose Utterance_IDs are not 0..n-1 (MELD has gaps and late starts)."""
+    return [d for d, g in frame.groupby("Dialogue_ID") if list(g["Utterance_ID"]) != list(range(len(g)))]
+
+
 @pytest.fixture(scope="module")
 def meld_slice(meld_dir, tmp_path_factory):
     """The first dialogues of each shared MELD file, plus one train dialogue whose ids have gaps."""
@@ -153,9 +158,7 @@ def meld_slice(meld_dir, tmp_path_factory):
         frame = pd.read_csv(meld_dir / name)
         keep = list(dict.fromkeys(frame["Dialogue_ID"]))[: N_DIALOGUES[split]]
         if split == "train":
-            gapped = [d for d, g in frame.groupby("Dialogue_ID")
-                      if list(g["Utterance_ID"]) != list(range(len(g))) and d not in keep]
-            keep.append(gapped[0])
+            keep.append(next(d for d in gapped_dialogues(frame) if d not in keep))
         mask = frame["Dialogue_ID"].isin(keep).to_numpy()
         frame[mask].to_csv(out / name, index=False)
         rows.append(np.flatnonzero(mask) + offset)
@@ -174,7 +177,7 @@ def test_from_csv_on_real_meld_transcripts(meld_slice, tmp_path):
     # Order within a dialogue follows Utterance_ID, and each row keeps its own embedding.
     frame = pd.read_csv(meld_slice / "train_sent_emo.csv")
     emb = np.load(meld_slice / "emb.npy")
-    gapped = [d for d, g in frame.groupby("Dialogue_ID") if list(g["Utterance_ID"]) != list(range(len(g)))][0]
+    gapped = gapped_dialogues(frame)[0]
     rows = frame.index[frame["Dialogue_ID"] == gapped]
     order = rows[np.argsort(frame.loc[rows, "Utterance_ID"].to_numpy(), kind="stable")]
     train = data.splits["train"]
