@@ -120,16 +120,23 @@ def _train(argv: list[str] | None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="train this many seeds: seed, seed+1, ...")
     parser.add_argument("--out", help="output folder (default: results/train/<time>)")
     parser.add_argument("--results", default="results", help="results folder for defaults")
-    parser.add_argument("--mlflow-uri", help="log the run to this MLflow tracking URI")
-    parser.add_argument("--experiment", default="cmath-train")
+    parser.add_argument("--mlflow-uri", help="log the run to this MLflow tracking URI (default for an exported "
+                                             "best config: its sweep's store)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the sweep's, else cmath-train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
-    from .config import load_config
+    from .config import load_config, load_provenance
     from .runs import defaults_for, resolve_data, train_seeds
 
     config = load_config(args.config) if args.config else defaults_for(args.data)
+    # An exported best config knows its sweep: the final run lands beside the sweep's trials.
+    provenance = load_provenance(args.config) if args.config else {}
+    mlflow_uri = args.mlflow_uri or provenance.get("mlflow_uri")
+    experiment = args.experiment or provenance.get("mlflow_experiment") or "cmath-train"
+    tags = {f"cmath.{key}": str(provenance[key]) for key in ("sweep", "trial_id", "mlflow_run_id")
+            if key in provenance}
     changes = _parse_set(args.set)
     if args.data:
         changes.update(data=args.data, data_sha256=None)
@@ -140,7 +147,7 @@ def _train(argv: list[str] | None) -> int:
     config, data = resolve_data(config, args.results, fit_modalities=fit)
     out = Path(args.out) if args.out else Path(args.results) / "train" / time.strftime("%Y%m%d-%H%M%S")
     summary = train_seeds(config, data, args.seeds, out, log=None if args.quiet else print,
-                          mlflow_uri=args.mlflow_uri, experiment=args.experiment)
+                          mlflow_uri=mlflow_uri, experiment=experiment, tags=tags)
     _print_summary(summary, args.seeds)
     print(f"wrote {out / 'metrics.json'}")
     return 0

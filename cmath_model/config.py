@@ -183,8 +183,7 @@ def _coerce(key: str, value: Any, type_name: str, source: str) -> Any:
     return value
 
 
-def load_config(path: str | Path) -> CMATHConfig:
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -193,9 +192,22 @@ def load_config(path: str | Path) -> CMATHConfig:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    return values
+
+
+def load_config(path: str | Path) -> CMATHConfig:
+    values = _read_yaml(Path(path))
     # An exported best config carries its provenance beside the training fields.
     values.pop("provenance", None)
     return from_dict(values, source=str(path))
+
+
+def load_provenance(path: str | Path) -> dict:
+    """The `provenance:` block of an exported best config (sweep, trial, MLflow run); {} if none."""
+    provenance = _read_yaml(Path(path)).get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise ConfigError(f"{path}: provenance must be a mapping")
+    return provenance
 
 
 def paper_defaults(dataset: str = "iemocap") -> CMATHConfig:

@@ -65,12 +65,12 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 def train_seeds(config: CMATHConfig, data: Dataset, seeds: int, out_dir: str | Path,
                 log: Callable[[str], None] | None = print, mlflow_uri: str | None = None,
-                experiment: str = "cmath-train") -> dict:
+                experiment: str = "cmath-train", tags: dict[str, str] | None = None) -> dict:
     """Train `seeds` runs (seed, seed+1, ...) into out_dir/seed<K>/ and write out_dir/metrics.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.to_yaml(out / "config.yaml")
-    tracker = _MlflowRun(mlflow_uri, experiment, config, out) if mlflow_uri else None
+    tracker = _MlflowRun(mlflow_uri, experiment, config, out, tags or {}) if mlflow_uri else None
     per_seed = []
     started = time.time()
     try:
@@ -98,14 +98,15 @@ class _MlflowRun:
     """One MLflow run per `cmath-train` invocation: params, per-epoch metrics (step = epoch,
     suffixed by seed when there are several), the summary and the best checkpoints."""
 
-    def __init__(self, uri: str, experiment: str, config: CMATHConfig, out: Path):
+    def __init__(self, uri: str, experiment: str, config: CMATHConfig, out: Path, tags: dict[str, str]):
         import mlflow
 
         self.mlflow = mlflow
         self.out = out
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=out.name, tags={"cmath.kind": "final_training"})
+        experiment_id = mlflow_experiment(mlflow.MlflowClient(uri), experiment, uri)
+        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=out.name,
+                                    tags={"cmath.kind": "final_training", **tags})
         params = {k: v for k, v in config.to_dict().items() if k != "extra"}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
@@ -128,6 +129,20 @@ class _MlflowRun:
                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
             self.mlflow.log_artifacts(str(self.out))
         self.mlflow.end_run(status=status)
+
+
+def mlflow_experiment(client, name: str, uri: str) -> str:
+    """The experiment's id, created if needed. With a sqlite store its artifacts go beside the
+    database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, batch_size: int = 16) -> dict:

@@ -1,0 +1,103 @@
+"""`cmath-hpo`: sweep, export-best, ui. Thin argument parsing over hpo's library functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from cmath_model.cli import _parse_set, _run
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmath-hpo", description="CMATH hyperparameter sweeps "
+                                     "(Ray Tune + Optuna TPE + ASHA, tracked in MLflow).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="run a sweep")
+    sweep.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
+    sweep.add_argument("--data", help="canonical Parquet dataset (default: built-in synthetic `small` set)")
+    sweep.add_argument("--num-samples", type=int, default=8, help="trials to run")
+    sweep.add_argument("--max-concurrent", type=int, help="trials at a time (default: as many as resources allow)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
+    sweep.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials: 0.25 = 4 per GPU")
+    sweep.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
+    sweep.add_argument("--num-cpus", type=int, help="CPUs the private local Ray may use (default: all)")
+    sweep.add_argument("--mlflow-uri", help="tracking URI (default: sqlite:///<results>/mlflow.db)")
+    sweep.add_argument("--experiment", help="MLflow experiment (default: the sweep name)")
+    sweep.add_argument("--results", default="results")
+    sweep.add_argument("--name", help="sweep name (default: space name + timestamp)")
+    sweep.add_argument("--storage", help="shared path or URI for Ray's trial folders and checkpoints "
+                                         "(default: <results>/<name>/ray)")
+    sweep.add_argument("--time-budget", type=float, help="stop starting and running trials after this many seconds")
+    sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fix config fields, e.g. epochs=5")
+    sweep.add_argument("--dry-run", action="store_true", help="print the plan and the first configs; start nothing")
+    sweep.add_argument("--verbose", action="store_true", help="print every epoch of every trial")
+
+    export = sub.add_parser("export-best", help="write the best trial's training config")
+    export.add_argument("sweep", help="a sweep folder, or a sweep name under --results")
+    export.add_argument("-o", "--output", required=True)
+    export.add_argument("--results", default="results")
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the sweep store")
+    ui.add_argument("--results", default="results")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    ui.add_argument("--mlflow-uri", help="a store other than <results>/mlflow.db")
+    return parser
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import SweepOptions, describe_plan, plan_sweep, run_sweep
+
+    options = SweepOptions(
+        space=args.space, data=args.data, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
+        num_cpus=args.num_cpus, mlflow_uri=args.mlflow_uri, experiment=args.experiment, results=args.results,
+        name=args.name, storage=args.storage, time_budget=args.time_budget, overrides=_parse_set(args.set),
+        verbose=args.verbose, command=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))
+    if args.dry_run:
+        print(describe_plan(plan_sweep(options)))
+        print("dry run: nothing started")
+        return 0
+    outcome = run_sweep(options)
+    c = outcome.counts
+    return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_best
+
+    values = export_best(args.sweep, args.output, args.results)
+    p = values["provenance"]
+    print(f"best trial {p['trial_id']} of {p['sweep']}: val W-F1 {100 * p['best_val_wf1']:.2f} at epoch "
+          f"{p['best_epoch']}")
+    print(f"wrote {args.output}; retrain it with: cmath-train --config {args.output} --seeds 5")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .ui import start_ui, stop_ui
+
+    process, url = start_ui(args.results, args.port, args.host, args.mlflow_uri)
+    print(f"MLflow UI: {url}  (pid {process.pid}; Ctrl-C stops it)", flush=True)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_ui(process)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def dispatch(argv: list[str] | None) -> int:
+        args = _parser().parse_args(argv)
+        return {"sweep": _sweep, "export-best": _export, "ui": _ui}[args.command](args)
+
+    return _run(dispatch, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Find a sweep, pick its best trial and write that trial's full training config."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from cmath_model.config import from_dict
+
+from .errors import SweepError
+from .sweep import SWEEP_FILE, best_row
+from .table import TRIALS_FILE, read_trials
+
+
+def find_sweep(sweep: str | Path, results: str | Path = "results") -> Path:
+    """SWEEP is a sweep folder, or a sweep name under the results folder."""
+    for candidate in (Path(sweep), Path(results) / str(sweep)):
+        if (candidate / SWEEP_FILE).exists():
+            return candidate
+    known = sorted(p.parent.name for p in Path(results).glob(f"*/{SWEEP_FILE}"))
+    hint = f"sweeps in {results}: {', '.join(known)}" if known else f"no sweeps in {results}"
+    raise SweepError(f"no sweep '{sweep}' (looked for {SWEEP_FILE} in {sweep} and {Path(results) / str(sweep)}); "
+                     f"{hint}")
+
+
+def load_sweep_record(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / SWEEP_FILE).read_text())
+
+
+def best_trial(sweep_dir: Path) -> dict:
+    if not (sweep_dir / TRIALS_FILE).exists():
+        raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has finished")
+    best = best_row(read_trials(sweep_dir))
+    if best is None:
+        raise SweepError(f"{sweep_dir}: no trial has a validation score (all failed?); see {TRIALS_FILE}")
+    return best
+
+
+def export_best(sweep: str | Path, output: str | Path, results: str | Path = "results") -> dict:
+    """Write the best trial's config (epochs = its best epoch) plus provenance; returns what was written."""
+    sweep_dir = find_sweep(sweep, results)
+    record = load_sweep_record(sweep_dir)
+    best = best_trial(sweep_dir)
+    config = from_dict(json.loads(best["config"]), source=f"{sweep_dir}/{TRIALS_FILE}")
+    # Retraining runs the best epoch's count; `device: auto` lets the final run use a GPU if there is one.
+    config = config.replace(epochs=int(best["best_epoch"]), device="auto", extra={})
+    values = config.to_dict()
+    values.pop("extra")
+    values["provenance"] = {
+        "sweep": record["name"], "sweep_dir": str(sweep_dir.resolve()), "trial_id": best["trial_id"],
+        "mlflow_run_id": best.get("mlflow_run_id"), "mlflow_uri": record["mlflow"]["uri"],
+        "mlflow_experiment": record["mlflow"]["experiment"], "metric": "val_wf1",
+        "best_val_wf1": best["best_val_wf1"], "best_epoch": int(best["best_epoch"]),
+        "test_wf1_at_best_val": best["test_wf1_at_best_val"], "data_sha256": config.data_sha256,
+        "checkpoint": best.get("checkpoint"), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(yaml.safe_dump(values, sort_keys=False))
+    return values

@@ -1,0 +1,82 @@
+"""Optuna's TPE behind Ray Tune, told the truth about trials that ASHA stopped.
+
+Ray's OptunaSearch reports every trial that ends without an error as COMPLETE with its last
+score, so a trial ASHA stopped after two epochs looks to TPE like a finished trial that only
+reached an epoch-2 score. Here such a trial is told as PRUNED (TPE ranks pruned trials by
+their intermediate values, below completed ones), a finished trial's value is its best epoch
+(the sweep selects checkpoints on validation), and each Optuna trial records which Ray trial
+it is and whether it came from the warm start, the random start-up or TPE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from .space import SearchSpace
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def end_state(result: dict | None, error: bool = False) -> str:
+    """completed, stopped_by_asha or failed, from a trial's last result."""
+    if error or not result:
+        return "failed"
+    if result.get("epoch", 0) >= result.get("epochs_planned", math.inf):
+        return "completed"
+    return "stopped_by_asha"
+
+
+class SweepSearch(OptunaSearch):
+    def __init__(self, space: SearchSpace, n_startup_trials: int, storage: str | None = None,
+                 study_name: str = "cmath"):
+        self.n_startup_trials = n_startup_trials
+        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=n_startup_trials)
+        rdb = optuna.storages.RDBStorage(storage) if storage else None
+        super().__init__(space=dict(space.distributions), metric=space.metric, mode=space.mode,
+                         points_to_evaluate=[dict(p) for p in space.warm_start] or None, sampler=sampler,
+                         storage=rdb, study_name=study_name)
+        self._best: dict[str, float] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        finished = len(self._ot_study.get_trials(deepcopy=False, states=FINISHED))
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        if "fixed_params" in self._ot_study._storage.get_trial_system_attrs(ot_trial._trial_id):
+            origin = "warm_start"
+        else:
+            origin = "tpe" if finished >= self.n_startup_trials else "random"
+        ot_trial.set_user_attr("ray_trial_id", trial_id)
+        ot_trial.set_user_attr("suggested_by", origin)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        self._track(trial_id, result)
+
+    def _track(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.metric)
+        if value is not None and math.isfinite(value):
+            self._best[trial_id] = max(self._best.get(trial_id, -math.inf), value)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        state = end_state(result, error)
+        if state != "failed":
+            # The final result never reaches on_trial_result: Tune skips it for stopped trials.
+            self._track(trial_id, result)
+            ot_trial.report(result[self.metric], result["epoch"])
+        try:
+            if state == "failed":
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            elif state == "stopped_by_asha":
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            else:
+                self._ot_study.tell(ot_trial, self._best.get(trial_id, result[self.metric]))
+        finally:
+            self._completed_trials.add(trial_id)

@@ -1,0 +1,263 @@
+"""Search spaces as data: load and check a `search_spaces/*.yaml` file before anything starts.
+
+Schema (every key but `search` is optional):
+
+    name: iemocap                 # default: the file's stem; the sweep name starts with it
+    dataset: iemocap              # paper defaults the fixed values start from: iemocap | meld
+    metric: val_wf1               # maximised: val_wf1 | val_acc
+    seed: 0                       # seeds the sampler (TPE and its random start-up)
+    startup_trials: auto          # random trials before TPE; auto keeps >= half the budget TPE-guided
+    search:                       # any CMATHConfig field; one of these types:
+      d:      {type: int, low: 100, high: 600, step: 50}      # optional step, log
+      gamma1: {type: float, low: 0.0, high: 3.0}              # optional step, log
+      lr:     {type: loguniform, low: 1.0e-5, high: 1.0e-2}
+      modalities: {type: categorical, choices: [t, ta, tav]}
+    fixed: {batch_size: 16, epochs: 60}                       # any other CMATHConfig field
+    warm_start: [{d: 500, gamma1: 1.0, gamma2: 1.8, lr: 3.0e-3}]   # evaluated first, in order
+    asha: {grace_period: 5, reduction_factor: 3}              # max_t defaults to epochs
+
+Every mistake is a SpaceError that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna.distributions as od
+import yaml
+
+from cmath_model.config import FIELD_NAMES, CMATHConfig, paper_defaults
+from cmath_model.errors import ConfigError
+
+from .errors import SpaceError
+
+TOP_LEVEL = ("name", "dataset", "metric", "seed", "startup_trials", "search", "fixed", "warm_start", "asha")
+METRICS = ("val_wf1", "val_acc")
+TYPES = ("int", "float", "uniform", "loguniform", "categorical")
+# The sweep sets these itself: the dataset and its hash, per-trial provenance and placement.
+NOT_SEARCHABLE = ("data", "data_sha256", "extra", "device", "num_threads")
+ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
+FIELD_TYPES = {name: CMATHConfig.__dataclass_fields__[name].type for name in FIELD_NAMES}
+
+
+@dataclass
+class SearchSpace:
+    path: Path
+    name: str
+    dataset: str
+    metric: str
+    seed: int
+    startup_trials: int | None  # None = auto
+    distributions: dict[str, od.BaseDistribution]
+    fixed: dict[str, Any]
+    warm_start: list[dict[str, Any]]
+    grace_period: int
+    reduction_factor: float
+    max_t: int | None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "max"
+
+    def base_config(self, **overrides: Any) -> CMATHConfig:
+        """Paper defaults for the dataset, then `fixed`, then the caller's overrides."""
+        return paper_defaults(self.dataset).replace(**{**self.fixed, **overrides})
+
+    def startup_size(self, num_samples: int, max_concurrent: int) -> int:
+        """Random trials before TPE. TPE guides a trial only once this many have finished, and
+        up to max_concurrent - 1 more start meanwhile, so both count against half the budget."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(1, min(10, num_samples // 2 - (max_concurrent - 1)))
+
+    def describe(self) -> list[str]:
+        lines = []
+        for name, dist in self.distributions.items():
+            if isinstance(dist, od.CategoricalDistribution):
+                lines.append(f"{name}: one of {list(dist.choices)}")
+            else:
+                step = f" step {dist.step}" if dist.step is not None else ""
+                log = " (log)" if dist.log else ""
+                lines.append(f"{name}: {type(dist).__name__.replace('Distribution', '').lower()} "
+                             f"[{dist.low}, {dist.high}]{step}{log}")
+        return lines
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpaceError(f"{path}: no such search-space file; see search_spaces/ for examples") from None
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_space(raw, path)
+
+
+def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
+    path = Path(path)
+
+    def fail(key: str, why: str) -> SpaceError:
+        return SpaceError(f"{path}: {key}: {why}")
+
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping with a 'search' section at the top level")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise fail(key, f"unknown key; known keys: {', '.join(TOP_LEVEL)}")
+    dataset = raw.get("dataset", "iemocap")
+    if dataset not in ("iemocap", "meld"):
+        raise fail("dataset", f"'{dataset}' is not one of iemocap, meld")
+    metric = raw.get("metric", "val_wf1")
+    if metric not in METRICS:
+        raise fail("metric", f"'{metric}' is not one of {', '.join(METRICS)} (both are maximised)")
+    seed = _integer(raw.get("seed", 0), "seed", fail, minimum=0)
+    startup = raw.get("startup_trials", "auto")
+    startup = None if startup == "auto" else _integer(startup, "startup_trials", fail, minimum=0)
+
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise fail("fixed", "expected a mapping of config fields to values")
+    for key in fixed:
+        _check_field(key, "fixed", fail)
+    base = _config(paper_defaults(dataset), fixed, "fixed", fail)
+
+    search = raw.get("search")
+    if not isinstance(search, dict) or not search:
+        raise fail("search", "expected a non-empty mapping of config fields to {type: ..., ...}")
+    distributions = {}
+    for key, spec in search.items():
+        _check_field(key, "search", fail)
+        if key in fixed:
+            raise fail(f"search.{key}", "is also under fixed; keep it in one of the two")
+        distributions[key] = _distribution(key, spec, base, fail)
+
+    warm_start = raw.get("warm_start") or []
+    if not isinstance(warm_start, list) or not all(isinstance(p, dict) for p in warm_start):
+        raise fail("warm_start", "expected a list of mappings, e.g. [{d: 500, lr: 3.0e-3}]")
+    for i, point in enumerate(warm_start):
+        for key, value in point.items():
+            where = f"warm_start[{i}].{key}"
+            if key not in distributions:
+                raise fail(where, f"is not a searched field; searched: {', '.join(distributions)}")
+            if not distributions[key]._contains(distributions[key].to_internal_repr(_as_field(key, value))):
+                raise fail(where, f"{value!r} lies outside the search range of {key}")
+        _config(base, point, f"warm_start[{i}]", fail)
+    warm_start = [{k: _as_field(k, v) for k, v in p.items()} for p in warm_start]
+
+    asha = raw.get("asha") or {}
+    if not isinstance(asha, dict):
+        raise fail("asha", "expected a mapping such as {grace_period: 5, reduction_factor: 3}")
+    for key in asha:
+        if key not in ASHA_KEYS:
+            raise fail(f"asha.{key}", f"unknown key; known: {', '.join(ASHA_KEYS)}")
+    grace = _integer(asha.get("grace_period", 1), "asha.grace_period", fail, minimum=1)
+    try:
+        factor = float(asha.get("reduction_factor", 3))
+    except (TypeError, ValueError):
+        raise fail("asha.reduction_factor", "must be a number > 1") from None
+    if not factor > 1:
+        raise fail("asha.reduction_factor", f"{factor} must be > 1")
+    max_t = asha.get("max_t")
+    if max_t is not None:
+        max_t = _integer(max_t, "asha.max_t", fail, minimum=1)
+    if "epochs" not in distributions and grace > base.epochs:
+        raise fail("asha.grace_period", f"{grace} exceeds the {base.epochs} epochs every trial runs")
+
+    return SearchSpace(path=path, name=str(raw.get("name") or path.stem), dataset=dataset, metric=metric,
+                       seed=seed, startup_trials=startup, distributions=distributions, fixed=dict(fixed),
+                       warm_start=warm_start, grace_period=grace, reduction_factor=factor, max_t=max_t, raw=raw)
+
+
+def _check_field(key: str, section: str, fail) -> None:
+    if key not in FIELD_NAMES:
+        raise fail(f"{section}.{key}", "is not a CMATHConfig field; see README 'Model choices' for the fields")
+    if key in NOT_SEARCHABLE:
+        raise fail(f"{section}.{key}", "is set by the sweep itself (use --data, --gpus-per-trial, --cpus-per-trial)")
+
+
+def _config(base: CMATHConfig, changes: dict, where: str, fail) -> CMATHConfig:
+    try:
+        return base.replace(**changes)
+    except ConfigError as exc:
+        raise fail(where, str(exc)) from None
+
+
+def _integer(value: Any, key: str, fail, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise fail(key, f"{value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def _as_field(key: str, value: Any) -> Any:
+    """Warm-start values as the field's type (YAML reads 3e-3 as a string)."""
+    kind = FIELD_TYPES[key]
+    if kind == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _distribution(key: str, spec: Any, base: CMATHConfig, fail) -> od.BaseDistribution:
+    where = f"search.{key}"
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise fail(where, "expected {type: int|float|loguniform|categorical, ...}")
+    kind = spec["type"]
+    if kind not in TYPES:
+        raise fail(f"{where}.type", f"unknown type '{kind}'; use one of {', '.join(TYPES)}")
+    field_type = FIELD_TYPES[key]
+    allowed = {"categorical": ("type", "choices")}.get(kind, ("type", "low", "high", "step", "log"))
+    for extra in spec:
+        if extra not in allowed:
+            raise fail(f"{where}.{extra}", f"not a key of type {kind}; allowed: {', '.join(allowed)}")
+
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise fail(f"{where}.choices", "expected a non-empty list")
+        choices = [_as_field(key, c) for c in choices]
+        for choice in choices:
+            _config(base, {key: choice}, f"{where}.choices", fail)
+        return od.CategoricalDistribution(choices)
+
+    if field_type not in ("int", "float"):
+        raise fail(f"{where}.type", f"{key} is a {field_type} field: only categorical fits it")
+    if kind == "int" and field_type != "int":
+        raise fail(f"{where}.type", f"{key} is a float field; use float or loguniform")
+    if kind != "int" and field_type == "int":
+        raise fail(f"{where}.type", f"{key} is an integer field; use int (with log: true for a log scale)")
+    for bound in ("low", "high"):
+        value = spec.get(bound)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise fail(f"{where}.{bound}", f"{spec.get(bound)!r} must be a finite number")
+        spec = {**spec, bound: value}
+    low, high = spec["low"], spec["high"]
+    if not low < high:
+        raise fail(where, f"low {low} must be below high {high}")
+    log = bool(spec.get("log", False)) or kind == "loguniform"
+    step = spec.get("step")
+    if log and low <= 0:
+        raise fail(f"{where}.low", f"{low} must be > 0 on a log scale")
+    if step is not None:
+        if log:
+            raise fail(f"{where}.step", "cannot be combined with a log scale")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            raise fail(f"{where}.step", f"{step!r} must be a positive number")
+    for value in (low, high):
+        _config(base, {key: int(value) if field_type == "int" else float(value)}, where, fail)
+    if field_type == "int":
+        if low != int(low) or high != int(high) or (step is not None and step != int(step)):
+            raise fail(where, "low, high and step of an int field must be whole numbers")
+        return od.IntDistribution(int(low), int(high), log=log, step=int(step or 1))
+    return od.FloatDistribution(float(low), float(high), log=log, step=float(step) if step is not None else None)

@@ -1,0 +1,460 @@
+"""`cmath-hpo sweep` as a library: plan (no Ray), then run (Ray Tune + Optuna + ASHA + MLflow).
+
+Everything that can be checked without Ray (the space, the data, the name, the resources asked
+for, the tracking store) is checked in `plan_sweep`, so a bad input fails before a cluster is
+touched and `--dry-run` is just a plan that is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import optuna
+
+from cmath_model.config import CMATHConfig
+from cmath_model.data import Dataset
+from cmath_model.runs import resolve_data
+
+from .errors import SweepError
+from .space import SearchSpace, load_space
+from .table import TRIALS_FILE, read_trials
+from .tracking import check_tracking_uri, default_tracking_uri
+
+SWEEP_FILE = "sweep.json"
+OPTUNA_FILE = "optuna.db"
+PACKAGES = ("cmath-hpo", "torch", "ray", "optuna", "mlflow", "pandas", "pyarrow", "numpy")
+
+
+@dataclass
+class SweepOptions:
+    space: str | Path
+    data: str | None = None
+    num_samples: int = 8
+    max_concurrent: int | None = None  # None: as many as the cluster's resources allow
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None  # None: RAY_ADDRESS, else a private local Ray
+    num_cpus: int | None = None  # CPUs of the private local Ray (None: all of this machine's)
+    mlflow_uri: str | None = None
+    experiment: str | None = None
+    results: str | Path = "results"
+    name: str | None = None
+    storage: str | None = None  # shared path or pyarrow URI for Ray's trial folders and checkpoints
+    time_budget: float | None = None  # seconds
+    overrides: dict = field(default_factory=dict)  # fixed values on top of the space's
+    verbose: bool = False
+    command: str | None = None  # recorded in sweep.json
+
+
+@dataclass
+class SweepPlan:
+    options: SweepOptions
+    space: SearchSpace
+    base: CMATHConfig
+    data: Dataset
+    name: str
+    sweep_dir: Path
+    tracking_uri: str
+    experiment: str
+    address: str | None
+    max_concurrent: int
+    n_startup: int
+    max_t: int
+    storage_path: str
+    storage_name: str
+
+    @property
+    def searched(self) -> list[str]:
+        return list(self.space.distributions)
+
+    @property
+    def resources(self) -> dict[str, float]:
+        return {"cpu": self.options.cpus_per_trial, "gpu": self.options.gpus_per_trial}
+
+    @property
+    def optuna_storage(self) -> str:
+        return f"sqlite:///{(self.sweep_dir / OPTUNA_FILE).resolve()}"
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    sweep_dir: Path
+    status: str  # finished | incomplete
+    counts: dict[str, int]
+    best: dict | None
+    wall_seconds: float
+    fit_seconds: float
+    ray_init_seconds: float
+    trial_train_seconds: float
+
+
+# ---------------------------------------------------------------------------- planning
+def plan_sweep(options: SweepOptions) -> SweepPlan:
+    space = load_space(options.space)
+    _check_counts(options)
+    device = "cuda" if options.gpus_per_trial > 0 else "cpu"
+    # A trial's torch threads match the CPUs Ray reserved for it, so parallel trials do not fight.
+    threads = max(1, int(options.cpus_per_trial))
+    try:
+        base = space.base_config(**options.overrides, data=options.data, data_sha256=None, device=device,
+                                 num_threads=threads)
+    except SweepError:
+        raise
+    except Exception as exc:  # a bad --set value
+        raise SweepError(f"--set: {exc}") from None
+    base, data = resolve_data(base, options.results)
+    if data.name in ("iemocap", "meld") and data.name != space.dataset:
+        raise SweepError(f"{data.path} holds {data.name} data but {space.path} is an {space.dataset} space; "
+                         f"use search_spaces/{data.name}.yaml or set dataset: {data.name} in the space")
+    for choice in _modality_choices(space, base):
+        data.require_modalities(base.replace(modalities=choice).modality_names)
+
+    name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "/" in name or name.startswith("."):
+        raise SweepError(f"--name {name!r}: use a plain folder name (letters, digits, - and _)")
+    sweep_dir = Path(options.results) / name
+    if (sweep_dir / SWEEP_FILE).exists():
+        raise SweepError(f"sweep '{name}' already exists in {sweep_dir}; pick another --name, "
+                         f"or continue it with `cmath-hpo resume {sweep_dir}`")
+    max_concurrent = options.max_concurrent or 0
+    epochs = space.distributions.get("epochs")
+    max_t = space.max_t or (int(epochs.high) if epochs is not None else base.epochs)
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if options.storage:
+        storage_path, storage_name = options.storage, name
+    else:
+        storage_path, storage_name = str(sweep_dir.resolve()), "ray"
+    return SweepPlan(options=options, space=space, base=base, data=data, name=name, sweep_dir=sweep_dir,
+                     tracking_uri=options.mlflow_uri or default_tracking_uri(options.results),
+                     experiment=options.experiment or name, address=address, max_concurrent=max_concurrent,
+                     n_startup=space.startup_size(options.num_samples, max(1, max_concurrent or 1)),
+                     max_t=max_t, storage_path=storage_path, storage_name=storage_name)
+
+
+def _check_counts(options: SweepOptions) -> None:
+    if options.num_samples < 1:
+        raise SweepError(f"--num-samples {options.num_samples}: run at least one trial")
+    if options.max_concurrent is not None and options.max_concurrent < 1:
+        raise SweepError(f"--max-concurrent {options.max_concurrent}: must be >= 1")
+    if options.cpus_per_trial <= 0:
+        raise SweepError(f"--cpus-per-trial {options.cpus_per_trial}: must be > 0")
+    gpus = options.gpus_per_trial
+    if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+        raise SweepError(f"--gpus-per-trial {gpus}: use a fraction up to 1 (e.g. 0.25 packs 4 trials "
+                         f"per GPU) or a whole number of GPUs")
+
+
+def _modality_choices(space: SearchSpace, base: CMATHConfig) -> list[str]:
+    dist = space.distributions.get("modalities")
+    return list(dist.choices) if dist is not None else [base.modalities]
+
+
+def first_configs(plan: SweepPlan, count: int = 5) -> list[dict]:
+    """The configs the sweep starts with: the warm start, then the sampler's seeded start-up.
+    An in-memory study with the same sampler and seed asks exactly what the sweep will ask."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=plan.space.seed, n_startup_trials=plan.n_startup)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for point in plan.space.warm_start:
+        study.enqueue_trial(point)
+    return [study.ask(fixed_distributions=dict(plan.space.distributions)).params
+            for _ in range(min(count, plan.options.num_samples))]
+
+
+def describe_plan(plan: SweepPlan) -> str:
+    o = plan.options
+    skip = {*plan.searched, "extra", "data", "data_sha256"}
+    fixed = ", ".join(f"{k}={v}" for k, v in plan.base.to_dict().items() if k not in skip)
+    lines = [
+        f"sweep {plan.name} -> {plan.sweep_dir}",
+        f"space {plan.space.path}: maximise {plan.space.metric} over {o.num_samples} trials "
+        f"({plan.n_startup} random start-up, then TPE seeded {plan.space.seed}; "
+        f"ASHA grace {plan.space.grace_period}, reduction {plan.space.reduction_factor:g}, max_t {plan.max_t})",
+        *[f"  search {line}" for line in plan.space.describe()],
+        f"fixed: {fixed}",
+        f"data: {plan.data.path} ({plan.data.name}, sha256 {plan.data.sha256[:12]}...)",
+        f"resources per trial: {o.cpus_per_trial:g} CPU, {o.gpus_per_trial:g} GPU; at most "
+        f"{plan.max_concurrent or 'as many as fit'} at a time",
+        f"ray: {plan.address or 'a private local Ray (address=local)'}; storage {plan.storage_path}",
+        f"mlflow: {plan.tracking_uri}, experiment {plan.experiment}",
+        "first configs:",
+        *[f"  {i + 1}. " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items())
+          for i, c in enumerate(first_configs(plan))],
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- provenance
+def provenance(plan: SweepPlan) -> dict:
+    o = plan.options
+    return {
+        "name": plan.name,
+        "command": o.command or " ".join(sys.argv),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "git_commit": _git_commit(),
+        "data": {"path": plan.data.path, "sha256": plan.data.sha256, "dataset": plan.data.name},
+        "space": {"path": str(plan.space.path), "content": plan.space.raw},
+        "seeds": {"sampler": plan.space.seed, "trial": plan.base.seed},
+        "num_samples": o.num_samples, "max_concurrent": plan.max_concurrent or None,
+        "n_startup_trials": plan.n_startup,
+        "asha": {"grace_period": plan.space.grace_period, "reduction_factor": plan.space.reduction_factor,
+                 "max_t": plan.max_t},
+        "resources_per_trial": plan.resources, "address": plan.address, "time_budget_s": o.time_budget,
+        "storage": {"path": plan.storage_path, "name": plan.storage_name},
+        "mlflow": {"uri": plan.tracking_uri, "experiment": plan.experiment},
+        "base_config": plan.base.to_dict(),
+        "searched": plan.searched,
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) if commit else None
+
+
+def write_json(path: Path, values: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- Ray
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """An unreachable host:port fails here in seconds instead of hanging inside ray.init."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"Ray cluster at {address} is unreachable ({exc}); check the head's address and "
+                         f"port (ray start --head prints it) or leave out --address for a local Ray") from None
+
+
+def start_ray(plan: SweepPlan) -> float:
+    """Join the given cluster, or start a private local Ray (never one that happens to be running)."""
+    import logging
+
+    import ray
+
+    started = time.perf_counter()
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": plan.options.verbose}
+    if plan.address:
+        check_address(plan.address)
+        ray.init(address=plan.address, **quiet)
+    else:
+        ray.init(address="local", num_cpus=plan.options.num_cpus, include_dashboard=False, **quiet)
+    return time.perf_counter() - started
+
+
+def check_cluster(plan: SweepPlan) -> None:
+    """Ray queues a request no node can satisfy forever; refuse it instead."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = plan.options.cpus_per_trial, plan.options.gpus_per_trial
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for one trial (largest node: "
+                     f"{biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU); lower --cpus-per-trial/"
+                     f"--gpus-per-trial or add a node that has them")
+
+
+# ---------------------------------------------------------------------------- running
+def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> SweepOutcome:
+    started = time.perf_counter()
+    plan = plan_sweep(options)
+    check_tracking_uri(plan.tracking_uri)
+
+    import ray
+
+    try:
+        ray_seconds = start_ray(plan)
+        check_cluster(plan)
+        resources = ray.cluster_resources()
+        # Nothing is written before the cluster can run a trial: a refused sweep leaves no trace.
+        record, client, parent_id, experiment = open_sweep(plan)
+        log(f"sweep {plan.name}: {options.num_samples} trials -> {plan.sweep_dir}")
+        log(f"ray: {'joined ' + plan.address if plan.address else 'local'} in {ray_seconds:.1f}s; cluster "
+            f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; mlflow {plan.tracking_uri}")
+        try:
+            tuner = build_tuner(plan, experiment, parent_id, log)
+            fit_started = time.perf_counter()
+            tuner.fit()
+            fit_seconds = time.perf_counter() - fit_started
+        except BaseException:
+            client.set_terminated(parent_id, "FAILED")
+            raise
+    finally:
+        ray.shutdown()
+    return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
+
+
+def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
+    """Write sweep.json and open the MLflow parent run that carries its provenance."""
+    from mlflow.tracking import MlflowClient
+
+    from cmath_model.runs import mlflow_experiment
+
+    from .tracking import log_params
+
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    record = provenance(plan)
+    write_json(plan.sweep_dir / SWEEP_FILE, record)
+    client = MlflowClient(plan.tracking_uri)
+    experiment = mlflow_experiment(client, plan.experiment, plan.tracking_uri)
+    parent = client.create_run(experiment, run_name=plan.name, tags={
+        "cmath.sweep": plan.name, "cmath.kind": "sweep", "cmath.git_commit": str(record["git_commit"]),
+        "cmath.data_sha256": plan.data.sha256, "cmath.command": record["command"][:5000]})
+    parent_id = parent.info.run_id
+    record["mlflow"].update(experiment_id=experiment, parent_run_id=parent_id)
+    write_json(plan.sweep_dir / SWEEP_FILE, record)
+    log_params(client, parent_id, {**_parent_params(plan), **{f"base.{k}": v for k, v in plan.base.to_dict().items()}})
+    client.log_artifact(parent_id, str(plan.sweep_dir / SWEEP_FILE))
+    client.log_artifact(parent_id, str(plan.space.path))
+    return record, client, parent_id, experiment
+
+
+def _parent_params(plan: SweepPlan) -> dict:
+    o = plan.options
+    return {"space": plan.space.path, "metric": plan.space.metric, "num_samples": o.num_samples,
+            "max_concurrent": plan.max_concurrent or "auto", "cpus_per_trial": o.cpus_per_trial,
+            "gpus_per_trial": o.gpus_per_trial, "sampler_seed": plan.space.seed, "n_startup_trials": plan.n_startup,
+            "asha_grace_period": plan.space.grace_period, "asha_reduction_factor": plan.space.reduction_factor,
+            "asha_max_t": plan.max_t, "searched": ",".join(plan.searched), "address": plan.address or "local",
+            "time_budget_s": o.time_budget}
+
+
+def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .search import SweepSearch
+    from .table import ProgressPrinter, TrialTable
+    from .tracking import MlflowTrials
+    from .trainable import CMATHTrial
+
+    # Forced experiment snapshots after checkpoints keep a restore consistent; Ray warns about each one.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    base = plan.base.to_dict()
+    trainable = tune.with_resources(tune.with_parameters(CMATHTrial, base=base, dataset=plan.data), plan.resources)
+    searcher = SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage, study_name=plan.name)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
+                              grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
+    tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
+    table = TrialTable(plan.sweep_dir, base, plan.searched, tracker, plan.optuna_storage, plan.name)
+    printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
+                                    scheduler=scheduler, num_samples=plan.options.num_samples,
+                                    max_concurrent_trials=plan.max_concurrent or None, reuse_actors=True,
+                                    time_budget_s=plan.options.time_budget),
+        run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
+                                  callbacks=[tracker, table, printer], verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def finish_sweep(plan: SweepPlan, record: dict, client, parent_id: str, started: float, fit_seconds: float,
+                 ray_seconds: float, log: Callable[[str], None]) -> SweepOutcome:
+    trials = read_trials(plan.sweep_dir) if (plan.sweep_dir / TRIALS_FILE).exists() else None
+    counts = {state: 0 for state in ("completed", "stopped_by_asha", "failed", "interrupted")}
+    best = None
+    train_seconds = 0.0
+    if trials is not None and len(trials):
+        for state, n in trials["end_state"].value_counts().items():
+            counts[state] = int(n)
+        train_seconds = float(trials["train_seconds"].sum())
+        best = best_row(trials)
+    finished = sum(counts[s] for s in ("completed", "stopped_by_asha", "failed")) == plan.options.num_samples
+    status = "finished" if finished else "incomplete"
+    wall = time.perf_counter() - started
+    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status=status, counts=counts,
+                  wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
+                  trial_train_seconds=train_seconds, best=best)
+    write_json(plan.sweep_dir / SWEEP_FILE, record)
+
+    metrics = {f"trials_{k}": v for k, v in counts.items()}
+    metrics.update(wall_seconds=wall, fit_seconds=fit_seconds, trial_train_seconds=train_seconds)
+    if best is not None:
+        metrics.update(best_val_wf1=best["best_val_wf1"], best_test_wf1_at_best_val=best["test_wf1_at_best_val"])
+        client.set_tag(parent_id, "cmath.best_trial_id", best["trial_id"])
+    client.log_batch(parent_id, metrics=[_metric(k, v) for k, v in metrics.items()])
+    client.log_artifact(parent_id, str(plan.sweep_dir / SWEEP_FILE))
+    client.log_artifact(parent_id, str(plan.sweep_dir / TRIALS_FILE)) if trials is not None else None
+    client.set_terminated(parent_id, "FINISHED" if finished else "KILLED")
+
+    outcome = SweepOutcome(name=plan.name, sweep_dir=plan.sweep_dir, status=status, counts=counts, best=best,
+                           wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
+                           trial_train_seconds=train_seconds)
+    log(summary_text(outcome, plan.searched))
+    return outcome
+
+
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def best_row(trials) -> dict | None:
+    """Highest validation score at any epoch, over trials that did not fail; ties go to the earlier trial."""
+    ok = trials[(trials["end_state"] != "failed") & trials["best_val_wf1"].notna()]
+    if not len(ok):
+        return None
+    row = ok.sort_values(["best_val_wf1", "number"], ascending=[False, True]).iloc[0]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.to_dict().items()}
+
+
+def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
+    c = outcome.counts
+    lines = [f"sweep {outcome.name} {outcome.status}: {c['completed']} completed, {c['stopped_by_asha']} stopped by "
+             f"ASHA, {c['failed']} failed" + (f", {c['interrupted']} interrupted" if c["interrupted"] else "")
+             + f"; wall {outcome.wall_seconds:.0f}s (fit {outcome.fit_seconds:.0f}s, ray start "
+             f"{outcome.ray_init_seconds:.0f}s), trials trained {outcome.trial_train_seconds:.0f}s in all"]
+    best = outcome.best
+    if best is not None:
+        params = "  ".join(f"{k}={_fmt(best[f'param_{k}'])}" for k in searched)
+        lines.append(f"best trial {best['trial_id']}: val W-F1 {100 * best['best_val_wf1']:.2f} at epoch "
+                     f"{best['best_epoch']}, its test W-F1 {100 * best['test_wf1_at_best_val']:.2f} "
+                     f"ACC {100 * best['test_acc_at_best_val']:.2f}")
+        lines.append(f"  {params}")
+    else:
+        lines.append("no trial produced a result")
+    lines.append(str(outcome.sweep_dir))
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

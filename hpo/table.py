@@ -1,0 +1,173 @@
+"""The sweep's own tables, rewritten atomically whenever a trial ends, so an interrupted sweep
+still has them: `trials.parquet` (one row per trial) and `history.parquet` (one row per trial
+and epoch). Also the progress lines the driver prints while the sweep runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from .search import end_state
+from .tracking import MlflowTrials, error_summary
+from .trainable import model_metrics
+
+TRIALS_FILE = "trials.parquet"
+HISTORY_FILE = "history.parquet"
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def read_trials(sweep_dir: str | Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(sweep_dir) / TRIALS_FILE)
+
+
+class TrialTable(Callback):
+    def __init__(self, sweep_dir: str | Path, base: dict, searched: list[str], tracker: MlflowTrials | None = None,
+                 optuna_storage: str | None = None, study_name: str = "cmath"):
+        self.sweep_dir = Path(sweep_dir)
+        self.base = base
+        self.searched = searched
+        self.tracker = tracker
+        self.optuna_storage = optuna_storage
+        self.study_name = study_name
+        self.rows: dict[str, dict] = {}
+        self.history: dict[str, dict[int, dict]] = {}
+
+    def setup(self, **info) -> None:
+        # A resumed sweep starts from the tables its first driver wrote.
+        trials = self.sweep_dir / TRIALS_FILE
+        if trials.exists() and not self.rows:
+            for row in read_trials(self.sweep_dir).to_dict("records"):
+                self.rows[row["trial_id"]] = row
+        history = self.sweep_dir / HISTORY_FILE
+        if history.exists() and not self.history:
+            for row in pd.read_parquet(history).to_dict("records"):
+                self.history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
+
+    def row(self, trial: Trial, number: int | None = None) -> dict:
+        if trial.trial_id not in self.rows:
+            config = {**self.base, **trial.config}
+            self.rows[trial.trial_id] = {
+                "trial_id": trial.trial_id, "number": len(self.rows) if number is None else number,
+                "end_state": "running",
+                **{f"param_{k}": trial.config.get(k) for k in self.searched},
+                "epochs": 0, "epochs_planned": config.get("epochs"),
+                "best_epoch": None, "best_val_wf1": None, "best_val_acc": None,
+                "test_wf1_at_best_val": None, "test_acc_at_best_val": None, "best_test_wf1": None,
+                "last_val_wf1": None, "train_seconds": 0.0, "started_at": time.time(), "finished_at": None,
+                "error": None, "checkpoint": None, "mlflow_run_id": None, "suggested_by": None,
+                "config": json.dumps(config),
+            }
+        return self.rows[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        row = self.row(trial, number=trials.index(trial))  # creation order: the warm start is number 0
+        row["end_state"] = "running"
+        if self.tracker is not None:
+            row["mlflow_run_id"] = self.tracker.run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        epoch = int(result["epoch"])
+        self.history.setdefault(trial.trial_id, {})[epoch] = {"trial_id": trial.trial_id, "epoch": epoch,
+                                                              **model_metrics(result)}
+        row = self.row(trial)
+        epochs = self.history[trial.trial_id]
+        best = max(epochs.values(), key=lambda r: r["val_wf1"])
+        row.update(epochs=epoch, best_epoch=best["epoch"], best_val_wf1=best["val_wf1"], best_val_acc=best["val_acc"],
+                   test_wf1_at_best_val=best["test_wf1"], test_acc_at_best_val=best["test_acc"],
+                   best_test_wf1=max(r["test_wf1"] for r in epochs.values()), last_val_wf1=result["val_wf1"],
+                   train_seconds=sum(r.get("epoch_seconds", 0.0) for r in epochs.values()))
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self._finish(trial, end_state(trial.last_result))
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self._finish(trial, "failed", error=error_summary(trial))
+
+    def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        for trial in trials:
+            if trial.trial_id in self.rows and self.rows[trial.trial_id]["end_state"] == "running":
+                self.rows[trial.trial_id].update(end_state="interrupted", checkpoint=_best_path(trial))
+        self.write()
+
+    def _finish(self, trial: Trial, state: str, error: str | None = None) -> None:
+        self.row(trial).update(end_state=state, finished_at=time.time(), error=error, checkpoint=_best_path(trial))
+        self.write()
+
+    def write(self) -> None:
+        self._add_origins()
+        rows = sorted(self.rows.values(), key=lambda r: r["number"])
+        write_parquet_atomic(pd.DataFrame(rows), self.sweep_dir / TRIALS_FILE)
+        rows = [r for epochs in self.history.values() for r in epochs.values()]
+        write_parquet_atomic(pd.DataFrame(rows), self.sweep_dir / HISTORY_FILE)
+
+    def _add_origins(self) -> None:
+        """Which part of the searcher proposed each trial: warm_start, random or tpe."""
+        if not self.optuna_storage:
+            return
+        import optuna
+
+        study = optuna.load_study(study_name=self.study_name, storage=self.optuna_storage)
+        by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in study.get_trials(deepcopy=False)}
+        for trial_id, row in self.rows.items():
+            if trial_id in by_ray_id:
+                row["suggested_by"] = by_ray_id[trial_id].user_attrs.get("suggested_by")
+                row["optuna_state"] = by_ray_id[trial_id].state.name
+
+
+def _best_path(trial: Trial) -> str | None:
+    checkpoint = trial.checkpoint
+    return f"{checkpoint.path}/best" if checkpoint is not None else None
+
+
+class ProgressPrinter(Callback):
+    """One line when a trial starts and one when it ends; with verbose, one per epoch."""
+
+    def __init__(self, searched: list[str], num_samples: int, log: Callable[[str], None] = print,
+                 verbose: bool = False):
+        self.searched = searched
+        self.num_samples = num_samples
+        self.log = log
+        self.verbose = verbose
+        self.started = 0
+        self.ended = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "log": print}
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self.started += 1
+        params = "  ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
+        self.log(f"[{trial.trial_id}] start ({self.started}/{self.num_samples})  {params}")
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        if self.verbose:
+            self.log(f"[{trial.trial_id}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
+                     f"  ({result.get('epoch_seconds', 0):.1f}s)")
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self.ended += 1
+        r = trial.last_result
+        state = end_state(r).replace("_", " ")
+        self.log(f"[{trial.trial_id}] {state} at epoch {r['epoch']}/{r['epochs_planned']}  best val W-F1 "
+                 f"{100 * r['best_val_wf1']:.2f} (epoch {r['best_epoch']})  "
+                 f"[{self.ended}/{self.num_samples} done]")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self.ended += 1
+        self.log(f"[{trial.trial_id}] failed: {error_summary(trial)}  [{self.ended}/{self.num_samples} done]")
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,166 @@
+"""MLflow for sweeps: one parent run per sweep, one child run per trial, all logged from the driver.
+
+Ray's stock MLflowLoggerCallback logs one call per metric (slow on the driver's loop), logs
+Ray's bookkeeping keys, uploads no checkpoints and opens a second run for a resumed trial.
+This callback sends one `log_batch` per result with only the model's metrics (step = epoch),
+uploads the trial's best-validation checkpoint when the trial ends, tags how it ended, and
+finds a resumed trial's existing run by its `cmath.trial_id` tag instead of opening another.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from .errors import SweepError
+from .search import end_state
+from .trainable import model_metrics
+
+MAX_PARAM_CHARS = 500
+
+
+def default_tracking_uri(results: str | Path) -> str:
+    return f"sqlite:///{(Path(results) / 'mlflow.db').resolve()}"
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, instead of letting MLflow retry for minutes."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SweepError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                             f"(mlflow server --host 127.0.0.1 --port ...) or pass a reachable --mlflow-uri") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SweepError(f"MLflow store {uri}: cannot create {folder} ({exc.strerror}); "
+                             f"pass --results or --mlflow-uri to a writable place") from None
+
+
+def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment], filter_string=query, max_results=2)
+    return runs[0].info.run_id if runs else None
+
+
+def params_of(values: dict) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in values.items() if k != "extra"]
+
+
+def log_params(client: MlflowClient, run_id: str, values: dict) -> None:
+    params = params_of(values)
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[start:start + 100])
+
+
+def error_summary(trial: Trial) -> str:
+    """The exception line of a failed trial (Ray's error file holds the whole traceback)."""
+    path = Path(trial.local_path or "") / "error.txt" if trial.local_path else None
+    text = path.read_text() if path is not None and path.exists() else str(trial.error_file or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
+            return line[:MAX_PARAM_CHARS]
+    return (lines[-1] if lines else "unknown error")[:MAX_PARAM_CHARS]
+
+
+class MlflowTrials(Callback):
+    """Child runs for trials under the sweep's parent run."""
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, sweep: str, base: dict,
+                 searched: list[str]):
+        self.uri = uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.sweep = sweep
+        self.base = base
+        self.searched = searched
+        self.run_ids: dict[str, str] = {}
+        self.last_step: dict[str, int] = {}
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def run_id(self, trial: Trial) -> str:
+        """The trial's run: the one already in the store (a resumed trial), else a new child."""
+        if trial.trial_id in self.run_ids:
+            return self.run_ids[trial.trial_id]
+        tags = {"cmath.sweep": self.sweep, "cmath.trial_id": trial.trial_id}
+        run_id = find_run(self.client, self.experiment, tags)
+        if run_id is None:
+            run = self.client.create_run(self.experiment, run_name=trial.trial_id, tags={
+                **tags, "mlflow.parentRunId": self.parent_run_id, "cmath.kind": "trial",
+                "cmath.searched": ",".join(self.searched)})
+            run_id = run.info.run_id
+            log_params(self.client, run_id, {**self.base, **trial.config})
+            self.last_step[trial.trial_id] = 0
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "val_wf1")
+            self.last_step[trial.trial_id] = max((m.step for m in history), default=0)
+        self.run_ids[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        step = int(result["epoch"])
+        if step <= self.last_step.get(trial.trial_id, 0):
+            return  # an epoch replayed after a restore: its history is already logged
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in model_metrics(result).items()]
+        self.client.log_batch(self.run_id(trial), metrics=metrics)
+        self.last_step[trial.trial_id] = step
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self._finish(trial, end_state(trial.last_result), "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self._finish(trial, "failed", "FAILED", error=error_summary(trial))
+
+    def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        for trial in trials:
+            if trial.trial_id in self.run_ids and trial.status not in (Trial.TERMINATED, Trial.ERROR):
+                # Time budget or interrupt: `cmath-hpo resume` continues these runs.
+                self._finish(trial, "interrupted", "KILLED")
+
+    def _finish(self, trial: Trial, state: str, status: str, error: str | None = None) -> None:
+        run_id = self.run_id(trial)
+        tags = [RunTag("cmath.end_state", state)]
+        if error:
+            tags.append(RunTag("cmath.error", error))
+        self.client.log_batch(run_id, tags=tags)
+        self.upload_best(trial, run_id)
+        self.client.set_terminated(run_id, status)
+
+    def upload_best(self, trial: Trial, run_id: str) -> None:
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            best = Path(folder) / "best"
+            if best.exists():
+                self.client.log_artifacts(run_id, str(best), "best")

@@ -1,0 +1,60 @@
+"""`cmath-hpo ui`: the MLflow UI on the sweep store, bound to 127.0.0.1 unless asked otherwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import SweepError
+from .tracking import default_tracking_uri
+
+
+def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127.0.0.1",
+             mlflow_uri: str | None = None, timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` (one worker, no job runner: 2 processes instead of 15) and wait
+    until it answers. Returns the process (stop it by its PID) and the URL."""
+    uri = mlflow_uri or default_tracking_uri(results)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise SweepError(f"no MLflow store at {uri}; run a sweep first or pass --results/--mlflow-uri")
+    artifacts = Path(results) / "mlartifacts"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+               "--port", str(port), "--workers", "1", "--artifacts-destination", str(artifacts.resolve())]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = Path(results) / "mlflow-ui.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise SweepError(f"the MLflow UI exited at start ({tail[0]}); is port {port} taken? try --port; "
+                             f"log: {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return process, url
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    stop_ui(process)
+    raise SweepError(f"the MLflow UI did not answer on {url} within {timeout:.0f}s; log: {log}")
+
+
+def stop_ui(process: subprocess.Popen) -> None:
+    """Stop the server and its workers: it runs in a session of its own, so signal that group."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, 15)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()

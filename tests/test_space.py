@@ -1,0 +1,145 @@
+"""Search-space files: the shipped ones load, every kind of mistake fails naming its key, and the
+searcher tells Optuna the truth about pruned, finished and failed trials (no Ray needed)."""
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from hpo.errors import SpaceError
+from hpo.search import SweepSearch, end_state
+from hpo.space import load_space, parse_space
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = {
+    "dataset": "iemocap",
+    "search": {"d": {"type": "int", "low": 100, "high": 600, "step": 50},
+               "lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+               "modalities": {"type": "categorical", "choices": ["t", "ta", "tav"]}},
+    "fixed": {"epochs": 10},
+    "warm_start": [{"d": 500, "lr": 3e-3, "modalities": "tav"}],
+    "asha": {"grace_period": 2, "reduction_factor": 3},
+}
+
+
+@pytest.mark.parametrize("name", ["iemocap", "meld", "quickstart"])
+def test_shipped_spaces_load(name):
+    space = load_space(REPO / "search_spaces" / f"{name}.yaml")
+    assert set(space.distributions) == {"d", "gamma1", "gamma2", "lr"}
+    assert space.warm_start and space.base_config().epochs >= space.grace_period
+
+
+def test_good_space_parses_every_type():
+    space = parse_space(GOOD, "good.yaml")
+    assert isinstance(space.distributions["d"], optuna.distributions.IntDistribution)
+    assert space.distributions["d"].step == 50
+    assert space.distributions["lr"].log
+    assert space.distributions["modalities"].choices == ("t", "ta", "tav")
+    assert space.base_config().epochs == 10 and space.base_config().d == 500
+
+
+def _with(path: str, value):
+    """GOOD with one key (dotted path) replaced; value None deletes it."""
+    raw = yaml.safe_load(yaml.safe_dump(GOOD))
+    keys = path.split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is None:
+        del node[keys[-1]]
+    else:
+        node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("colour", "blue", "colour: unknown key"),
+    ("search.depth", {"type": "int", "low": 1, "high": 3}, "search.depth: is not a CMATHConfig field"),
+    ("search.d.type", "gaussian", "search.d.type: unknown type 'gaussian'"),
+    ("search.d.low", 700, "search.d: low 700 must be below high 600"),
+    ("search.d.low", "many", "search.d.low: 'many' must be a finite number"),
+    ("search.lr.low", 0.0, "search.lr.low: 0.0 must be > 0 on a log scale"),
+    ("search.d.step", -5, "search.d.step: -5 must be a positive number"),
+    ("search.d.mean", 3, "search.d.mean: not a key of type int"),
+    ("search.lr.type", "int", "search.lr.type: lr is a float field"),
+    ("search.modalities.choices", ["t", "x"], "search.modalities.choices"),
+    ("search.modalities.choices", [], "search.modalities.choices: expected a non-empty list"),
+    ("search.data", {"type": "categorical", "choices": ["a"]}, "search.data: is set by the sweep itself"),
+    ("fixed.dropout", 1.5, "fixed: config field 'dropout'"),
+    ("fixed.d", 300, "search.d: is also under fixed"),
+    ("warm_start.0.d", 900, "warm_start[0].d: 900 lies outside the search range"),
+    ("warm_start.0.gamma1", 1.0, "warm_start[0].gamma1: is not a searched field"),
+    ("asha.grace_period", 0, "asha.grace_period: 0 must be an integer >= 1"),
+    ("asha.grace_period", 50, "asha.grace_period: 50 exceeds the 10 epochs"),
+    ("asha.reduction_factor", 1, "asha.reduction_factor: 1.0 must be > 1"),
+    ("asha.brackets", 2, "asha.brackets: unknown key"),
+    ("metric", "test_wf1", "metric: 'test_wf1' is not one of val_wf1, val_acc"),
+    ("dataset", "cmu-mosei", "dataset: 'cmu-mosei' is not one of iemocap, meld"),
+    ("search", None, "search: expected a non-empty mapping"),
+])
+def test_bad_space_names_the_key(path, value, message):
+    with pytest.raises(SpaceError) as caught:
+        parse_space(_with(path, value), "bad.yaml")
+    text = str(caught.value)
+    assert text.startswith("bad.yaml: ") and message in text, text
+    assert "\n" not in text
+
+
+def test_unreadable_space_files(tmp_path):
+    with pytest.raises(SpaceError, match="no such search-space file"):
+        load_space(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("search: {d: [1, 2\n")
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_space(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- d\n- lr\n")
+    with pytest.raises(SpaceError, match="expected a mapping"):
+        load_space(listed)
+
+
+def test_startup_keeps_half_the_budget_for_tpe():
+    space = parse_space(GOOD)
+    for samples, concurrent in [(6, 2), (8, 2), (20, 4), (100, 8), (2, 1)]:
+        n = space.startup_size(samples, concurrent)
+        # random start-up plus the trials started while it finishes stay within half the budget
+        assert n >= 1 and (samples - n - (concurrent - 1) >= samples / 2 or n == 1), (samples, concurrent, n)
+    assert space.startup_size(100, 1) == 10  # Optuna's default once the budget is large
+
+
+def _result(epoch, planned, value):
+    return {"epoch": epoch, "epochs_planned": planned, "val_wf1": value, "training_iteration": epoch}
+
+
+def test_searcher_tells_pruned_completed_and_failed():
+    space = parse_space({**GOOD, "warm_start": []})
+    search = SweepSearch(space, n_startup_trials=1)
+    for trial_id in ("stopped", "finished", "broken"):
+        assert search.suggest(trial_id)
+    search.on_trial_result("stopped", _result(1, 10, 0.30))
+    search.on_trial_complete("stopped", _result(2, 10, 0.25))
+    search.on_trial_result("finished", _result(1, 2, 0.40))
+    search.on_trial_complete("finished", _result(2, 2, 0.35))
+    search.on_trial_complete("broken", None, error=True)
+    trials = {t.user_attrs["ray_trial_id"]: t for t in search._ot_study.get_trials()}
+    assert trials["stopped"].state == TrialState.PRUNED
+    assert trials["stopped"].intermediate_values == {1: 0.30, 2: 0.25}
+    assert trials["finished"].state == TrialState.COMPLETE
+    assert math.isclose(trials["finished"].value, 0.40)  # the best epoch, not the last
+    assert trials["broken"].state == TrialState.FAIL
+    assert end_state(_result(2, 10, 0.1)) == "stopped_by_asha" and end_state(_result(10, 10, 0.1)) == "completed"
+    assert end_state(None) == "failed"
+
+
+def test_searcher_labels_where_each_trial_came_from():
+    search = SweepSearch(parse_space(GOOD), n_startup_trials=1)
+    search.suggest("first")
+    search.suggest("second")
+    search.on_trial_complete("first", _result(10, 10, 0.5))
+    search.suggest("third")
+    origin = {t.user_attrs["ray_trial_id"]: t.user_attrs["suggested_by"] for t in search._ot_study.get_trials()}
+    assert origin == {"first": "warm_start", "second": "random", "third": "tpe"}
+    assert search._ot_study.get_trials()[0].params == {"d": 500, "lr": 3e-3, "modalities": "tav"}

@@ -1,0 +1,232 @@
+"""A real sweep: a private local Ray (2 CPUs), Optuna, ASHA and a sqlite MLflow store on tiny data.
+
+One sweep (module fixture) is checked from every side: MLflow runs and artifacts, the Optuna
+study, trials.parquet, export-best and retraining, and the MLflow UI's REST API.
+"""
+
+import json
+import socket
+import urllib.request
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cmath_model.cli import train_main
+from cmath_model.config import load_config
+from cmath_model.runs import evaluate_checkpoint
+from cmath_model.train import train
+from hpo.cli import main as hpo_main
+from hpo.errors import SweepError
+from hpo.export import export_best, find_sweep
+from hpo.sweep import SweepOptions, run_sweep
+from hpo.table import HISTORY_FILE, read_trials
+from hpo.tracking import default_tracking_uri
+from hpo.ui import start_ui, stop_ui
+
+EPOCHS = 4
+SAMPLES = 6
+WARM = {"d": 64, "gamma1": 1.0, "gamma2": 1.8, "lr": 1.0e-3}
+SPACE = {
+    "name": "tiny",
+    "dataset": "iemocap",
+    "seed": 0,
+    "search": {"d": {"type": "int", "low": 32, "high": 96, "step": 16},
+               "gamma1": {"type": "float", "low": 0.0, "high": 3.0},
+               "gamma2": {"type": "float", "low": 0.0, "high": 3.0},
+               "lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2}},
+    "fixed": {"epochs": EPOCHS, "batch_size": 4, "checkpoint_every": 2},
+    "warm_start": [WARM],
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def space_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(SPACE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_path, space_path):
+    results = tmp_path_factory.mktemp("results")
+    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=SAMPLES, max_concurrent=2,
+                           cpus_per_trial=1, num_cpus=2, results=results, name="s1")
+    lines = []
+    outcome = run_sweep(options, log=lines.append)
+    assert not ray.is_initialized()  # the sweep shut its private Ray down
+    client = MlflowClient(default_tracking_uri(results))
+    experiment = client.get_experiment_by_name("s1")
+    runs = client.search_runs([experiment.experiment_id])
+    return {"outcome": outcome, "results": results, "dir": results / "s1", "client": client, "runs": runs,
+            "trials": read_trials(results / "s1"), "lines": lines}
+
+
+def test_sweep_runs_every_trial_and_prints_the_best(sweep):
+    outcome, trials = sweep["outcome"], sweep["trials"]
+    assert outcome.status == "finished"
+    assert len(trials) == SAMPLES and set(trials["end_state"]) <= {"completed", "stopped_by_asha"}
+    assert outcome.counts["completed"] + outcome.counts["stopped_by_asha"] == SAMPLES
+    assert outcome.best["trial_id"] == trials.loc[trials["best_val_wf1"].idxmax(), "trial_id"]
+    text = "\n".join(sweep["lines"])
+    assert f"best trial {outcome.best['trial_id']}" in text and str(sweep["dir"]) in text
+    assert sum(line.count("] start (") for line in sweep["lines"]) == SAMPLES
+    record = json.loads((sweep["dir"] / "sweep.json").read_text())
+    assert record["data"]["sha256"] == trials.pipe(lambda t: json.loads(t["config"][0])["data_sha256"])
+    assert record["versions"]["ray"] and record["seeds"] == {"sampler": 0, "trial": 0}
+    assert record["status"] == "finished" and record["counts"]["failed"] == 0
+
+
+def test_warm_start_is_the_first_trial(sweep):
+    first = sweep["trials"].sort_values("number").iloc[0]
+    assert {k: first[f"param_{k}"] for k in WARM} == pytest.approx(WARM)
+    assert first["suggested_by"] == "warm_start"
+    assert "tpe" in set(sweep["trials"]["suggested_by"])
+
+
+def test_asha_stopped_trials_are_pruned_in_the_study(sweep):
+    trials = sweep["trials"]
+    stopped = trials[trials["end_state"] == "stopped_by_asha"]
+    assert len(stopped) >= 1
+    assert (stopped["epochs"] < EPOCHS).all()
+    assert (trials.loc[trials["end_state"] == "completed", "epochs"] == EPOCHS).all()
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{sweep['dir'] / 'optuna.db'}")
+    state = {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
+    assert {state[t] for t in stopped["trial_id"]} == {"PRUNED"}
+    assert {state[t] for t in trials.loc[trials["end_state"] == "completed", "trial_id"]} == {"COMPLETE"}
+
+
+def test_mlflow_has_one_parent_and_one_child_per_trial(sweep):
+    runs, trials = sweep["runs"], sweep["trials"]
+    parents = [r for r in runs if r.data.tags.get("cmath.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("cmath.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == SAMPLES
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["num_samples"] == str(SAMPLES)
+    assert parent.data.tags["cmath.best_trial_id"] == sweep["outcome"].best["trial_id"]
+    by_trial = {r.data.tags["cmath.trial_id"]: r for r in children}
+    assert set(by_trial) == set(trials["trial_id"])
+    assert set(trials["mlflow_run_id"]) == {r.info.run_id for r in children}
+    for row in trials.itertuples():
+        run = by_trial[row.trial_id]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["cmath.sweep"] == "s1"
+        assert run.data.tags["cmath.end_state"] == row.end_state and run.info.status == "FINISHED"
+        for key in WARM:
+            assert float(run.data.params[key]) == pytest.approx(getattr(row, f"param_{key}"))
+
+
+def test_metric_history_matches_the_table(sweep):
+    client, trials = sweep["client"], sweep["trials"]
+    history = pd.read_parquet(sweep["dir"] / HISTORY_FILE)
+    for row in trials.itertuples():
+        logged = client.get_metric_history(row.mlflow_run_id, "val_wf1")
+        assert [m.step for m in logged] == list(range(1, row.epochs + 1))
+        assert max(m.value for m in logged) == pytest.approx(row.best_val_wf1)
+        mine = history[history["trial_id"] == row.trial_id].sort_values("epoch")
+        assert list(mine["val_wf1"]) == pytest.approx([m.value for m in logged])
+    run = client.get_run(trials["mlflow_run_id"][0])
+    assert "test_wf1" in run.data.metrics and "loss_kl" in run.data.metrics
+    assert not {"pid", "done", "timestamp", "training_iteration"} & set(run.data.metrics)
+
+
+def test_checkpoint_artifact_loads_and_reproduces_its_score(sweep, tmp_path):
+    client = sweep["client"]
+    row = sweep["trials"].sort_values("best_val_wf1").iloc[-1]
+    names = {a.path for a in client.list_artifacts(row["mlflow_run_id"], "best")}
+    assert {"best/model.pt", "best/config.yaml", "best/test_predictions.npz", "best/metrics.json"} <= names
+    local = client.download_artifacts(row["mlflow_run_id"], "best", str(tmp_path))
+    metrics = evaluate_checkpoint(local)
+    assert metrics["test_wf1"] == pytest.approx(row["test_wf1_at_best_val"], abs=1e-9)
+    predictions = np.load(f"{local}/test_predictions.npz")
+    assert len(predictions["pred"]) == metrics["num_utterances"]
+
+
+def test_export_best_picks_validation_and_retraining_reproduces_it(sweep, tmp_path):
+    trials = sweep["trials"]
+    out = tmp_path / "best.yaml"
+    exported = export_best("s1", out, results=sweep["results"])
+    best = trials.loc[trials["best_val_wf1"].idxmax()]
+    provenance = exported["provenance"]
+    assert provenance["trial_id"] == best["trial_id"] and provenance["mlflow_run_id"] == best["mlflow_run_id"]
+    assert provenance["best_val_wf1"] == pytest.approx(best["best_val_wf1"])
+    if trials["best_test_wf1"].idxmax() != trials["best_val_wf1"].idxmax():
+        assert provenance["trial_id"] != trials.loc[trials["best_test_wf1"].idxmax(), "trial_id"]
+    config = load_config(out)
+    assert config.epochs == best["best_epoch"] and config.d == best["param_d"]
+    assert config.data_sha256 == provenance["data_sha256"]
+    result = train(config)
+    assert result["epochs"][-1]["val_wf1"] == pytest.approx(best["best_val_wf1"], abs=0.005)
+
+
+def test_final_training_from_the_export_logs_to_the_sweep_store(sweep, tmp_path, capsys):
+    out = tmp_path / "best.yaml"
+    export_best(sweep["dir"], out)
+    assert train_main(["--config", str(out), "--seeds", "2", "--out", str(tmp_path / "final"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "±" in printed
+    finals = sweep["client"].search_runs([sweep["runs"][0].info.experiment_id],
+                                         filter_string="tags.`cmath.kind` = 'final_training'")
+    assert len(finals) == 1
+    run = finals[0]
+    assert run.data.tags["cmath.sweep"] == "s1"
+    summary = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    assert run.data.metrics["test_wf1_at_best_val"] == pytest.approx(summary["test_wf1_at_best_val"])
+    assert run.data.metrics["test_wf1_at_best_val_std"] == pytest.approx(summary["test_wf1_at_best_val_std"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_sweep_runs(sweep):
+    process, url = start_ui(sweep["results"], port=_free_port())
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s1") as r:
+            experiment = json.load(r)["experiment"]
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100,
+                             "filter": "tags.`cmath.kind` = 'trial'"}).encode())
+        with urllib.request.urlopen(request) as r:
+            listed = {run["info"]["run_id"] for run in json.load(r)["runs"]}
+        assert listed == set(sweep["trials"]["mlflow_run_id"])
+    finally:
+        stop_ui(process)
+    assert process.poll() is not None
+
+
+def test_existing_sweep_name_is_refused(sweep, space_path, tiny_path):
+    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=1, results=sweep["results"], name="s1")
+    with pytest.raises(SweepError, match="sweep 's1' already exists.*cmath-hpo resume"):
+        run_sweep(options)
+    assert find_sweep("s1", sweep["results"]) == sweep["dir"]
+    with pytest.raises(SweepError, match="no sweep 'nope'.*sweeps in .*: s1"):
+        find_sweep("nope", sweep["results"])
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(space_path, tiny_path, tmp_path, capsys):
+    code = hpo_main(["sweep", "--space", str(space_path), "--data", str(tiny_path), "--num-samples", "6",
+                     "--max-concurrent", "2", "--results", str(tmp_path), "--name", "dry", "--dry-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "1. d=64  gamma1=1  gamma2=1.8  lr=0.001" in out  # the warm start comes first
+    assert "search lr: float [0.0001, 0.01] (log)" in out and "dry run: nothing started" in out
+    assert not ray.is_initialized()
+    assert not (tmp_path / "dry").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_impossible_gpu_request_fails_at_once(space_path, tiny_path, tmp_path):
+    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=1, gpus_per_trial=1, num_cpus=1,
+                           results=tmp_path, name="gpu")
+    with pytest.raises(SweepError, match="no node has 1 CPU and 1 GPU"):
+        run_sweep(options)
+    assert not ray.is_initialized()
