@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--verbose", action="store_true", help="print every epoch of every trial")
 
     export = sub.add_parser("export-best", help="write the best trial's training config")
-    export.add_argument("sweep", help="a sweep folder, or a sweep name under --results")
+    export.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
     export.add_argument("-o", "--output", required=True)
     export.add_argument("--results", default="results")
 
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import SweepOptions, describe_plan, plan_sweep, run_sweep
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store set-up chatter, not our progress
 
     options = SweepOptions(
         space=args.space, data=args.data, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
@@ -92,6 +95,8 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in a log file
     def dispatch(argv: list[str] | None) -> int:
         args = _parser().parse_args(argv)
         return {"sweep": _sweep, "export-best": _export, "ui": _ui}[args.command](args)

@@ -16,7 +16,11 @@ from .table import TRIALS_FILE, read_trials
 
 
 def find_sweep(sweep: str | Path, results: str | Path = "results") -> Path:
-    """SWEEP is a sweep folder, or a sweep name under the results folder."""
+    """SWEEP is a sweep folder, a sweep name under the results folder, or `latest`."""
+    if str(sweep) == "latest":
+        started = sorted(Path(results).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_ctime)
+        if started:
+            return started[-1].parent
     for candidate in (Path(sweep), Path(results) / str(sweep)):
         if (candidate / SWEEP_FILE).exists():
             return candidate

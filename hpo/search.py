@@ -22,12 +22,15 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def end_state(result: dict | None, error: bool = False) -> str:
-    """completed, stopped_by_asha or failed, from a trial's last result."""
+    """completed, stopped_by_asha, interrupted or failed, from a trial's last result.
+
+    Tune marks the result a scheduler stopped on as done; a trial stopped from outside (the
+    time budget, Ctrl-C) ends without a done result, before its planned epochs."""
     if error or not result:
         return "failed"
     if result.get("epoch", 0) >= result.get("epochs_planned", math.inf):
         return "completed"
-    return "stopped_by_asha"
+    return "stopped_by_asha" if result.get("done") else "interrupted"
 
 
 class SweepSearch(OptunaSearch):
@@ -74,7 +77,7 @@ class SweepSearch(OptunaSearch):
         try:
             if state == "failed":
                 self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-            elif state == "stopped_by_asha":
+            elif state in ("stopped_by_asha", "interrupted"):
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             else:
                 self._ot_study.tell(ot_trial, self._best.get(trial_id, result[self.metric]))

@@ -365,6 +365,9 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
 
     # Forced experiment snapshots after checkpoints keep a restore consistent; Ray warns about each one.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Progress comes from ProgressPrinter; Tune's own tables (verbose=0 in its legacy reporter) stay quiet.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = plan.base.to_dict()
     trainable = tune.with_resources(tune.with_parameters(CMATHTrial, base=base, dataset=plan.data), plan.resources)
     searcher = SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage, study_name=plan.name)
@@ -447,7 +450,7 @@ def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
     if best is not None:
         params = "  ".join(f"{k}={_fmt(best[f'param_{k}'])}" for k in searched)
         lines.append(f"best trial {best['trial_id']}: val W-F1 {100 * best['best_val_wf1']:.2f} at epoch "
-                     f"{best['best_epoch']}, its test W-F1 {100 * best['test_wf1_at_best_val']:.2f} "
+                     f"{int(best['best_epoch'])}, its test W-F1 {100 * best['test_wf1_at_best_val']:.2f} "
                      f"ACC {100 * best['test_acc_at_best_val']:.2f}")
         lines.append(f"  {params}")
     else:

@@ -159,7 +159,7 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self.ended += 1
         r = trial.last_result
-        state = end_state(r).replace("_", " ")
+        state = end_state(r).replace("_", " ").replace("interrupted", "interrupted (time budget or Ctrl-C)")
         self.log(f"[{trial.trial_id}] {state} at epoch {r['epoch']}/{r['epochs_planned']}  best val W-F1 "
                  f"{100 * r['best_val_wf1']:.2f} (epoch {r['best_epoch']})  "
                  f"[{self.ended}/{self.num_samples} done]")

@@ -89,6 +89,7 @@ class MlflowTrials(Callback):
         self.base = base
         self.searched = searched
         self.run_ids: dict[str, str] = {}
+        self.ended: set[str] = set()
         self.last_step: dict[str, int] = {}
         self._client: MlflowClient | None = None
 
@@ -124,7 +125,10 @@ class MlflowTrials(Callback):
         return run_id
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self.run_id(trial)
+        run_id = self.run_id(trial)
+        if trial.trial_id in self.ended:  # a trial that ran before (an earlier driver, a retry) continues
+            self.client.update_run(run_id, status="RUNNING")
+            self.ended.discard(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         step = int(result["epoch"])
@@ -136,15 +140,16 @@ class MlflowTrials(Callback):
         self.last_step[trial.trial_id] = step
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self._finish(trial, end_state(trial.last_result), "FINISHED")
+        state = end_state(trial.last_result)
+        self._finish(trial, state, "KILLED" if state == "interrupted" else "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, "failed", "FAILED", error=error_summary(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        # The time budget and Ctrl-C end running trials without on_trial_complete.
         for trial in trials:
-            if trial.trial_id in self.run_ids and trial.status not in (Trial.TERMINATED, Trial.ERROR):
-                # Time budget or interrupt: `cmath-hpo resume` continues these runs.
+            if trial.trial_id in self.run_ids and trial.trial_id not in self.ended:
                 self._finish(trial, "interrupted", "KILLED")
 
     def _finish(self, trial: Trial, state: str, status: str, error: str | None = None) -> None:
@@ -155,6 +160,7 @@ class MlflowTrials(Callback):
         self.client.log_batch(run_id, tags=tags)
         self.upload_best(trial, run_id)
         self.client.set_terminated(run_id, status)
+        self.ended.add(trial.trial_id)
 
     def upload_best(self, trial: Trial, run_id: str) -> None:
         checkpoint = trial.checkpoint

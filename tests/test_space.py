@@ -110,8 +110,8 @@ def test_startup_keeps_half_the_budget_for_tpe():
     assert space.startup_size(100, 1) == 10  # Optuna's default once the budget is large
 
 
-def _result(epoch, planned, value):
-    return {"epoch": epoch, "epochs_planned": planned, "val_wf1": value, "training_iteration": epoch}
+def _result(epoch, planned, value, done=True):
+    return {"epoch": epoch, "epochs_planned": planned, "val_wf1": value, "training_iteration": epoch, "done": done}
 
 
 def test_searcher_tells_pruned_completed_and_failed():
@@ -119,9 +119,9 @@ def test_searcher_tells_pruned_completed_and_failed():
     search = SweepSearch(space, n_startup_trials=1)
     for trial_id in ("stopped", "finished", "broken"):
         assert search.suggest(trial_id)
-    search.on_trial_result("stopped", _result(1, 10, 0.30))
+    search.on_trial_result("stopped", _result(1, 10, 0.30, done=False))
     search.on_trial_complete("stopped", _result(2, 10, 0.25))
-    search.on_trial_result("finished", _result(1, 2, 0.40))
+    search.on_trial_result("finished", _result(1, 2, 0.40, done=False))
     search.on_trial_complete("finished", _result(2, 2, 0.35))
     search.on_trial_complete("broken", None, error=True)
     trials = {t.user_attrs["ray_trial_id"]: t for t in search._ot_study.get_trials()}
@@ -131,7 +131,7 @@ def test_searcher_tells_pruned_completed_and_failed():
     assert math.isclose(trials["finished"].value, 0.40)  # the best epoch, not the last
     assert trials["broken"].state == TrialState.FAIL
     assert end_state(_result(2, 10, 0.1)) == "stopped_by_asha" and end_state(_result(10, 10, 0.1)) == "completed"
-    assert end_state(None) == "failed"
+    assert end_state(_result(2, 10, 0.1, done=False)) == "interrupted" and end_state(None) == "failed"
 
 
 def test_searcher_labels_where_each_trial_came_from():

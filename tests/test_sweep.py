@@ -209,6 +209,7 @@ def test_existing_sweep_name_is_refused(sweep, space_path, tiny_path):
     with pytest.raises(SweepError, match="sweep 's1' already exists.*cmath-hpo resume"):
         run_sweep(options)
     assert find_sweep("s1", sweep["results"]) == sweep["dir"]
+    assert find_sweep("latest", sweep["results"]) == sweep["dir"]
     with pytest.raises(SweepError, match="no sweep 'nope'.*sweeps in .*: s1"):
         find_sweep("nope", sweep["results"])
 
@@ -230,3 +231,26 @@ def test_impossible_gpu_request_fails_at_once(space_path, tiny_path, tmp_path):
     with pytest.raises(SweepError, match="no node has 1 CPU and 1 GPU"):
         run_sweep(options)
     assert not ray.is_initialized()
+
+
+def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path, tmp_path):
+    """--storage puts Ray's folders elsewhere; a time budget ends the sweep early and the tables
+    and MLflow still account for every trial that started."""
+    storage = tmp_path / "shared"
+    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2,
+                           cpus_per_trial=1, num_cpus=2, results=tmp_path / "results", name="budget",
+                           storage=str(storage), time_budget=6, overrides={"epochs": 30})
+    outcome = run_sweep(options, log=lambda line: None)
+    assert outcome.status == "incomplete"
+    trials = read_trials(tmp_path / "results" / "budget")
+    assert 0 < len(trials) < 40 and (trials["end_state"] == "interrupted").any()
+    assert set(trials["end_state"]) <= {"completed", "stopped_by_asha", "interrupted"}
+    assert all(str(path).startswith(str(storage / "budget")) for path in trials["checkpoint"].dropna())
+    assert not (tmp_path / "results" / "budget" / "ray").exists()
+    client = MlflowClient(default_tracking_uri(tmp_path / "results"))
+    for row in trials.itertuples():
+        run = client.get_run(row.mlflow_run_id)
+        assert run.data.tags["cmath.end_state"] == row.end_state
+        assert run.info.status == ("KILLED" if row.end_state == "interrupted" else "FINISHED")
+    record = json.loads((tmp_path / "results" / "budget" / "sweep.json").read_text())
+    assert record["status"] == "incomplete" and record["time_budget_s"] == 6
