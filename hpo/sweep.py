@@ -53,6 +53,7 @@ class SweepOptions:
     time_budget: float | None = None  # seconds
     overrides: dict = field(default_factory=dict)  # fixed values on top of the space's
     verbose: bool = False
+    keep_checkpoints: bool = False  # keep ended trials' resume state and older checkpoints
     command: str | None = None  # recorded in sweep.json
 
 
@@ -359,7 +360,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     from ray.tune.schedulers import ASHAScheduler
 
     from .search import SweepSearch
-    from .table import ProgressPrinter, TrialTable
+    from .table import CheckpointPruner, ProgressPrinter, TrialTable
     from .tracking import MlflowTrials
     from .trainable import CMATHTrial
 
@@ -376,6 +377,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
     table = TrialTable(plan.sweep_dir, base, plan.searched, tracker, plan.optuna_storage, plan.name)
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
+    callbacks = [tracker, table] + ([] if plan.options.keep_checkpoints else [CheckpointPruner()]) + [printer]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
@@ -383,7 +385,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
                                     max_concurrent_trials=plan.max_concurrent or None, reuse_actors=True,
                                     time_budget_s=plan.options.time_budget),
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
-                                  callbacks=[tracker, table, printer], verbose=0,
+                                  callbacks=callbacks, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )

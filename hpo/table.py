@@ -171,3 +171,32 @@ class ProgressPrinter(Callback):
 
 def _short(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class CheckpointPruner(Callback):
+    """When a trial has ended, only its best-validation weights can still matter: nothing resumes
+    a finished, stopped or failed trial. Delete its resume state (`trainer/`: model plus Adam
+    state, ~240 MB at d 500) and its older checkpoints; keep the latest `best/`. Runs after the
+    MLflow callback has uploaded that `best/`."""
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        prune_checkpoints(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        prune_checkpoints(trial)
+
+
+def prune_checkpoints(trial: Trial) -> None:
+    import pyarrow.fs as pafs
+
+    latest = trial.checkpoint
+    if latest is None:
+        return
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    trial_dir = path.rsplit("/", 1)[0]
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+        name = info.path.rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and info.path != path:
+            fs.delete_dir(info.path)
+    if fs.get_file_info(f"{path}/trainer").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{path}/trainer")

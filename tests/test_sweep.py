@@ -147,6 +147,14 @@ def test_checkpoint_artifact_loads_and_reproduces_its_score(sweep, tmp_path):
     assert len(predictions["pred"]) == metrics["num_utterances"]
 
 
+def test_ended_trials_keep_only_their_latest_best_checkpoint(sweep):
+    for row in sweep["trials"].itertuples():
+        best = sweep["dir"] / "ray" / row.checkpoint.split("/ray/", 1)[1]
+        trial_dir = best.parent.parent
+        assert [p.name for p in trial_dir.glob("checkpoint_*")] == [best.parent.name]
+        assert (best / "model.pt").exists() and not (best.parent / "trainer").exists()
+
+
 def test_export_best_picks_validation_and_retraining_reproduces_it(sweep, tmp_path):
     trials = sweep["trials"]
     out = tmp_path / "best.yaml"
@@ -178,6 +186,17 @@ def test_final_training_from_the_export_logs_to_the_sweep_store(sweep, tmp_path,
     summary = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert run.data.metrics["test_wf1_at_best_val"] == pytest.approx(summary["test_wf1_at_best_val"])
     assert run.data.metrics["test_wf1_at_best_val_std"] == pytest.approx(summary["test_wf1_at_best_val_std"])
+
+
+def test_export_best_command_line(sweep, tmp_path, capsys):
+    out = tmp_path / "cli-best.yaml"
+    assert hpo_main(["export-best", "latest", "-o", str(out), "--results", str(sweep["results"])]) == 0
+    printed = capsys.readouterr().out
+    best = sweep["outcome"].best
+    assert f"best trial {best['trial_id']} of s1" in printed and "cmath-train --config" in printed
+    assert yaml.safe_load(out.read_text())["provenance"]["trial_id"] == best["trial_id"]
+    assert hpo_main(["export-best", "missing", "-o", str(out), "--results", str(sweep["results"])]) == 2
+    assert "error: no sweep 'missing'" in capsys.readouterr().err
 
 
 def _free_port() -> int:
