@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fix config fields, e.g. epochs=5")
     sweep.add_argument("--dry-run", action="store_true", help="print the plan and the first configs; start nothing")
     sweep.add_argument("--verbose", action="store_true", help="print every epoch of every trial")
+    sweep.add_argument("--max-retries", type=int, default=2,
+                       help="restarts from the last checkpoint when a trial's worker or node is lost (default 2)")
     sweep.add_argument("--keep-checkpoints", action="store_true",
                        help="keep ended trials' resume state (by default only their best weights stay)")
 
@@ -61,7 +63,7 @@ def _sweep(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         num_cpus=args.num_cpus, mlflow_uri=args.mlflow_uri, experiment=args.experiment, results=args.results,
         name=args.name, storage=args.storage, time_budget=args.time_budget, overrides=_parse_set(args.set),
-        verbose=args.verbose, keep_checkpoints=args.keep_checkpoints,
+        verbose=args.verbose, keep_checkpoints=args.keep_checkpoints, max_retries=args.max_retries,
         command=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))
     if args.dry_run:
         print(describe_plan(plan_sweep(options)))

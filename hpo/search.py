@@ -57,6 +57,8 @@ class SweepSearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric not in result:  # the error report of a failing trial; its FAIL comes next
+            return
         super().on_trial_result(trial_id, result)
         self._track(trial_id, result)
 
@@ -70,6 +72,8 @@ class SweepSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         state = end_state(result, error)
+        if state == "interrupted":
+            return  # stays RUNNING in the study: `cmath-hpo resume` finishes it and tells the outcome
         if state != "failed":
             # The final result never reaches on_trial_result: Tune skips it for stopped trials.
             self._track(trial_id, result)
@@ -77,7 +81,7 @@ class SweepSearch(OptunaSearch):
         try:
             if state == "failed":
                 self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-            elif state in ("stopped_by_asha", "interrupted"):
+            elif state == "stopped_by_asha":
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             else:
                 self._ot_study.tell(ot_trial, self._best.get(trial_id, result[self.metric]))

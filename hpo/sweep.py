@@ -54,6 +54,8 @@ class SweepOptions:
     overrides: dict = field(default_factory=dict)  # fixed values on top of the space's
     verbose: bool = False
     keep_checkpoints: bool = False  # keep ended trials' resume state and older checkpoints
+    max_retries: int = 2  # restarts from the last checkpoint when a trial's worker or node is lost
+    trainable: type | None = None  # a CMATHTrial subclass (tests inject faults through one)
     command: str | None = None  # recorded in sweep.json
 
 
@@ -131,6 +133,9 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
     max_concurrent = options.max_concurrent or 0
     epochs = space.distributions.get("epochs")
     max_t = space.max_t or (int(epochs.high) if epochs is not None else base.epochs)
+    if space.grace_period > max_t:
+        raise SweepError(f"{space.path}: asha.grace_period {space.grace_period} exceeds the {max_t} epochs a trial "
+                         f"runs; lower grace_period or raise epochs")
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if options.storage:
         storage_path, storage_name = options.storage, name
@@ -360,7 +365,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     from ray.tune.schedulers import ASHAScheduler
 
     from .search import SweepSearch
-    from .table import CheckpointPruner, ProgressPrinter, TrialTable
+    from .table import CheckpointPruner, NoRetryOnTrialError, ProgressPrinter, TrialTable
     from .tracking import MlflowTrials
     from .trainable import CMATHTrial
 
@@ -369,15 +374,19 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     # Progress comes from ProgressPrinter; Tune's own tables (verbose=0 in its legacy reporter) stay quiet.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failing trial's error report carries no metric (see CMATHTrial); every epoch does.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     base = plan.base.to_dict()
-    trainable = tune.with_resources(tune.with_parameters(CMATHTrial, base=base, dataset=plan.data), plan.resources)
+    trial_class = plan.options.trainable or CMATHTrial
+    trainable = tune.with_resources(tune.with_parameters(trial_class, base=base, dataset=plan.data), plan.resources)
     searcher = SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage, study_name=plan.name)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
                               grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
     tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
     table = TrialTable(plan.sweep_dir, base, plan.searched, tracker, plan.optuna_storage, plan.name)
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
-    callbacks = [tracker, table] + ([] if plan.options.keep_checkpoints else [CheckpointPruner()]) + [printer]
+    pruner = [] if plan.options.keep_checkpoints else [CheckpointPruner()]  # after the tracker's upload
+    callbacks = [NoRetryOnTrialError(), tracker, table, *pruner, printer]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
@@ -387,7 +396,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
                                   callbacks=callbacks, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=plan.options.max_retries)),
     )
 
 

@@ -16,7 +16,7 @@ from ray.tune.experiment import Trial
 
 from .search import end_state
 from .tracking import MlflowTrials, error_summary
-from .trainable import model_metrics
+from .trainable import TRIAL_ERROR, model_metrics
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
@@ -78,6 +78,8 @@ class TrialTable(Callback):
             row["mlflow_run_id"] = self.tracker.run_id(trial)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        if TRIAL_ERROR in result:
+            return
         epoch = int(result["epoch"])
         self.history.setdefault(trial.trial_id, {})[epoch] = {"trial_id": trial.trial_id, "epoch": epoch,
                                                               **model_metrics(result)}
@@ -152,7 +154,7 @@ class ProgressPrinter(Callback):
         self.log(f"[{trial.trial_id}] start ({self.started}/{self.num_samples})  {params}")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if self.verbose:
+        if self.verbose and TRIAL_ERROR not in result:
             self.log(f"[{trial.trial_id}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
                      f"  ({result.get('epoch_seconds', 0):.1f}s)")
 
@@ -171,6 +173,15 @@ class ProgressPrinter(Callback):
 
 def _short(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class NoRetryOnTrialError(Callback):
+    """Retries are for lost workers and nodes. A trial that reported TRIAL_ERROR raises on its
+    next step; with no retries left, Ray records it as ERROR once instead of re-running it."""
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        if TRIAL_ERROR in result:
+            trial.max_failures = 0
 
 
 class CheckpointPruner(Callback):

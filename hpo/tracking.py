@@ -22,7 +22,7 @@ from ray.tune.experiment import Trial
 
 from .errors import SweepError
 from .search import end_state
-from .trainable import model_metrics
+from .trainable import TRIAL_ERROR, model_metrics
 
 MAX_PARAM_CHARS = 500
 
@@ -66,10 +66,14 @@ def log_params(client: MlflowClient, run_id: str, values: dict) -> None:
         client.log_batch(run_id, params=params[start:start + 100])
 
 
+def error_text(trial: Trial) -> str:
+    path = trial.error_file
+    return Path(path).read_text(errors="replace") if path and Path(path).exists() else ""
+
+
 def error_summary(trial: Trial) -> str:
     """The exception line of a failed trial (Ray's error file holds the whole traceback)."""
-    path = Path(trial.local_path or "") / "error.txt" if trial.local_path else None
-    text = path.read_text() if path is not None and path.exists() else str(trial.error_file or "")
+    text = error_text(trial)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
@@ -131,6 +135,8 @@ class MlflowTrials(Callback):
             self.ended.discard(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        if TRIAL_ERROR in result:
+            return
         step = int(result["epoch"])
         if step <= self.last_step.get(trial.trial_id, 0):
             return  # an epoch replayed after a restore: its history is already logged
@@ -158,6 +164,8 @@ class MlflowTrials(Callback):
         if error:
             tags.append(RunTag("cmath.error", error))
         self.client.log_batch(run_id, tags=tags)
+        if error:
+            self.client.log_text(run_id, error_text(trial), "error.txt")
         self.upload_best(trial, run_id)
         self.client.set_terminated(run_id, status)
         self.ended.add(trial.trial_id)

@@ -33,9 +33,18 @@ def model_metrics(result: dict) -> dict[str, float]:
             if (k in keep or k.startswith(PER_CLASS_PREFIXES)) and isinstance(v, (int, float))}
 
 
+TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
+
+
 class CMATHTrial(tune.Trainable):
     """`config` holds the searched values; `base` (the sweep's fixed config) and `dataset`
-    arrive once through the object store via `tune.with_parameters`."""
+    arrive once through the object store via `tune.with_parameters`.
+
+    Ray retries every failed trial alike, but only a lost worker deserves a retry: a trial that
+    raised (a bad config, a NaN loss) would fail again. So an error is first reported as a
+    result carrying TRIAL_ERROR, on which the driver turns retries off for this trial
+    (hpo.table.NoRetryOnTrialError), and then raised on the next step, so Ray records the
+    trial as ERROR with the real exception."""
 
     def setup(self, config: dict, base: dict | None = None, dataset: Dataset | None = None) -> None:
         self.base = base or {}
@@ -43,12 +52,30 @@ class CMATHTrial(tune.Trainable):
         self._start(config)
 
     def _start(self, params: dict) -> None:
-        self.cmath_config = from_dict({**self.base, **params}, source="trial config")
-        self.trainer = Trainer(self.cmath_config, self.dataset)
+        self.error: Exception | None = None
+        self.reported_error = False
         self.best_dir = Path(self.logdir) / "best"
         shutil.rmtree(self.best_dir, ignore_errors=True)
+        try:
+            self.cmath_config = from_dict({**self.base, **params}, source="trial config")
+            self.trainer = Trainer(self.cmath_config, self.dataset)
+        except Exception as exc:  # raised from step(), after the driver knows
+            self.error = exc
 
     def step(self) -> dict:
+        if self.error is not None:
+            if self.reported_error:
+                raise self.error
+            self.reported_error = True
+            return {TRIAL_ERROR: f"{type(self.error).__name__}: {self.error}"}
+        try:
+            return self._epoch()
+        except Exception as exc:
+            self.error = exc
+            self.reported_error = True
+            return {TRIAL_ERROR: f"{type(exc).__name__}: {exc}"}
+
+    def _epoch(self) -> dict:
         record = self.trainer.step()
         if self.trainer.improved:
             self.trainer.save_best(self.best_dir)

@@ -1,0 +1,204 @@
+"""Faults injected for real against a real Ray runtime and a real MLflow store: trials that raise
+or go NaN, bad inputs that must stop a sweep before it starts."""
+
+import json
+import socket
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
+
+from cmath_model.errors import DataError
+from hpo.cli import main as hpo_main
+from hpo.errors import SweepError
+from hpo.sweep import SweepOptions, run_sweep
+from hpo.table import read_trials
+from hpo.tracking import default_tracking_uri
+from hpo.trainable import CMATHTrial
+
+SPACE = {
+    "dataset": "iemocap",
+    # lr 1e6 makes the loss NaN in the first epoch (a real NaN, nothing mocked);
+    # RaisingTrial raises in the second epoch of every d=48 trial.
+    "search": {"d": {"type": "categorical", "choices": [32, 48]},
+               "lr": {"type": "categorical", "choices": [1.0e-3, 1.0e6]}},
+    "fixed": {"epochs": 3, "batch_size": 4},
+    "warm_start": [{"d": 32, "lr": 1.0e6}, {"d": 48, "lr": 1.0e-3}, {"d": 32, "lr": 1.0e-3}],
+    "asha": {"grace_period": 3, "reduction_factor": 2},
+}
+
+
+class RaisingTrial(CMATHTrial):
+    def _epoch(self) -> dict:
+        if self.cmath_config.d == 48 and self.trainer.epoch == 1:
+            raise RuntimeError("injected fault in epoch 2")
+        return super()._epoch()
+
+
+# Ray's workers cannot import the tests folder: ship this module's classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _write_space(path, **changes):
+    path.write_text(yaml.safe_dump({**SPACE, **changes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory, tiny_path):
+    root = tmp_path_factory.mktemp("faults")
+    space = _write_space(root / "faults.yaml")
+    lines = []
+    outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
+                                     num_cpus=2, results=root, name="faults", trainable=RaisingTrial),
+                        log=lines.append)
+    return {"outcome": outcome, "root": root, "trials": read_trials(root / "faults"), "lines": lines}
+
+
+def test_a_failing_trial_is_one_failed_trial(failing_sweep):
+    trials = failing_sweep["trials"].set_index("number")
+    assert failing_sweep["outcome"].status == "finished"
+    assert failing_sweep["outcome"].counts == {"completed": 1, "stopped_by_asha": 0, "failed": 2, "interrupted": 0}
+    assert trials.loc[0, "end_state"] == "failed" and "NonFiniteLossError" in trials.loc[0, "error"]
+    assert "lower lr" in trials.loc[0, "error"]
+    assert trials.loc[1, "end_state"] == "failed"
+    assert "RuntimeError: injected fault in epoch 2" in trials.loc[1, "error"]
+    assert trials.loc[1, "epochs"] == 1  # its first epoch is kept
+    assert trials.loc[2, "end_state"] == "completed" and trials.loc[2, "epochs"] == 3
+    assert list(trials["optuna_state"]) == ["FAIL", "FAIL", "COMPLETE"]
+    text = "\n".join(failing_sweep["lines"])
+    assert text.count("] failed: ") == 2 and "1 completed, 0 stopped by ASHA, 2 failed" in text
+
+
+def test_failed_trials_are_ray_errors_and_never_retried(failing_sweep):
+    analysis = ExperimentAnalysis(str(failing_sweep["root"] / "faults" / "ray"))
+    by_id = {t.trial_id: t for t in analysis.trials}
+    for row in failing_sweep["trials"].itertuples():
+        trial = by_id[row.trial_id]
+        assert trial.status == ("ERROR" if row.end_state == "failed" else "TERMINATED")
+        # retries stay for lost workers: a trial that raised ran once and failed once
+        assert trial.run_metadata.num_failures == (1 if row.end_state == "failed" else 0)
+    assert SweepOptions(space="x").max_retries > 0
+
+
+def test_failed_trials_are_failed_mlflow_runs_with_the_error(failing_sweep, tmp_path):
+    client = MlflowClient(default_tracking_uri(failing_sweep["root"]))
+    for row in failing_sweep["trials"].itertuples():
+        run = client.get_run(row.mlflow_run_id)
+        assert run.data.tags["cmath.end_state"] == row.end_state
+        if row.end_state == "failed":
+            assert run.info.status == "FAILED" and run.data.tags["cmath.error"] == row.error
+            error_file = client.download_artifacts(row.mlflow_run_id, "error.txt", str(tmp_path))
+            assert row.error.split(":")[0].split(".")[-1] in open(error_file).read()
+        else:
+            assert run.info.status == "FINISHED"
+
+
+def test_sweep_exits_nonzero_only_when_every_trial_failed(tmp_path, tiny_path, capsys):
+    space = _write_space(tmp_path / "all-nan.yaml", warm_start=[],
+                         search={"lr": {"type": "categorical", "choices": [1.0e6, 2.0e6]}})
+    args = ["sweep", "--space", str(space), "--data", str(tiny_path), "--num-samples", "2", "--num-cpus", "2",
+            "--results", str(tmp_path), "--name", "all-nan"]
+    assert hpo_main(args) == 1
+    out = capsys.readouterr().out
+    assert "0 completed, 0 stopped by ASHA, 2 failed" in out and "no trial produced a result" in out
+    assert len(read_trials(tmp_path / "all-nan")) == 2
+
+
+# ------------------------------------------------------------------ bad input: nothing starts
+def _bad_data(tmp_path, kind, tiny_path):
+    path = tmp_path / f"{kind}.parquet"
+    if kind == "missing":
+        return path
+    if kind == "truncated":
+        path.write_bytes(tiny_path.read_bytes()[:5000])
+    elif kind == "wrong-schema":
+        table = pq.read_table(tiny_path).drop(["label"])
+        pq.write_table(table.replace_schema_metadata(pq.read_schema(tiny_path).metadata), path)
+    elif kind == "nan-features":
+        table = pq.read_table(tiny_path)
+        rows = table.to_pylist()
+        rows[3]["text"] = [float("nan")] * len(rows[3]["text"])
+        import pyarrow as pa
+
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such dataset file"),
+    ("truncated", "not a readable Parquet file"),
+    ("wrong-schema", "missing column 'label'"),
+    ("nan-features", "NaN"),
+])
+def test_bad_dataset_stops_before_anything_starts(tmp_path, tiny_path, kind, message):
+    data = _bad_data(tmp_path, kind, tiny_path)
+    space = _write_space(tmp_path / "space.yaml")
+    with pytest.raises(DataError) as caught:
+        run_sweep(SweepOptions(space=space, data=str(data), num_samples=2, results=tmp_path / "results", name="bad"))
+    assert message in str(caught.value) and str(data.name) in str(caught.value)
+    assert not ray.is_initialized() and not (tmp_path / "results" / "bad").exists()
+
+
+def test_grace_period_beyond_the_epochs_set_on_the_command_line(tmp_path, tiny_path):
+    space = _write_space(tmp_path / "space.yaml")
+    with pytest.raises(SweepError, match="grace_period 3 exceeds the 2 epochs"):
+        run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", overrides={"epochs": 2}))
+    assert not (tmp_path / "x").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_mlflow_uri_fails_fast(tmp_path, tiny_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    space = _write_space(tmp_path / "space.yaml")
+    with pytest.raises(SweepError, match=f"MLflow tracking server {uri} is unreachable"):
+        run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", mlflow_uri=uri))
+    assert not ray.is_initialized() and not (tmp_path / "x").exists()
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path, tiny_path):
+    address = f"127.0.0.1:{_closed_port()}"
+    space = _write_space(tmp_path / "space.yaml")
+    with pytest.raises(SweepError, match=f"Ray cluster at {address} is unreachable"):
+        run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", address=address))
+    assert not ray.is_initialized() and not (tmp_path / "x").exists()
+
+
+def test_pickle_import_without_trust_is_refused_end_to_end(tmp_path, capsys):
+    import pickle
+
+    from cmath_model.cli import data_main
+
+    path = tmp_path / "features.pkl"
+    path.write_bytes(pickle.dumps({"not": "checked"}))
+    assert data_main(["import", str(path), "-o", str(tmp_path / "out.parquet")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_sweep_writes_only_under_results(tmp_path, tiny_path, monkeypatch):
+    """Nothing lands in the working directory: MLflow's store, its artifacts and Optuna's
+    study all live under --results; Ray's own files under its temp dir."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    space = _write_space(tmp_path / "space.yaml", warm_start=[], search={"d": {"type": "int", "low": 32, "high": 64}},
+                         asha={"grace_period": 1})
+    run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=1, num_cpus=1, results=tmp_path / "res",
+                           name="w", overrides={"epochs": 1}), log=lambda line: None)
+    assert list(work.iterdir()) == []
+    record = json.loads((tmp_path / "res" / "w" / "sweep.json").read_text())
+    assert record["mlflow"]["uri"].startswith(f"sqlite:///{tmp_path / 'res'}")
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {"res", "space.yaml"}
+    assert (tmp_path / "res" / "mlartifacts").is_dir()
+
