@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--keep-checkpoints", action="store_true",
                        help="keep ended trials' resume state (by default only their best weights stay)")
 
+    resume = sub.add_parser("resume", help="continue an interrupted or killed sweep")
+    resume.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
+    resume.add_argument("--results", default="results")
+    resume.add_argument("--address", help="join this Ray cluster instead of the one the sweep used")
+
     export = sub.add_parser("export-best", help="write the best trial's training config")
     export.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
     export.add_argument("-o", "--output", required=True)
@@ -74,6 +79,15 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    from .resume import resume_sweep
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    outcome = resume_sweep(args.sweep, args.results, address=args.address)
+    c = outcome.counts
+    return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export import export_best
 
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in a log file
     def dispatch(argv: list[str] | None) -> int:
         args = _parser().parse_args(argv)
-        return {"sweep": _sweep, "export-best": _export, "ui": _ui}[args.command](args)
+        return {"sweep": _sweep, "resume": _resume, "export-best": _export, "ui": _ui}[args.command](args)
 
     return _run(dispatch, argv)
 

@@ -74,10 +74,15 @@ class SweepSearch(OptunaSearch):
         state = end_state(result, error)
         if state == "interrupted":
             return  # stays RUNNING in the study: `cmath-hpo resume` finishes it and tells the outcome
-        if state != "failed":
+        finished = self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+        if state != "failed" and not finished:
             # The final result never reaches on_trial_result: Tune skips it for stopped trials.
             self._track(trial_id, result)
             ot_trial.report(result[self.metric], result["epoch"])
+        if finished:
+            # told before a driver was killed; the restored searcher state predates it
+            self._completed_trials.add(trial_id)
+            return
         try:
             if state == "failed":
                 self._ot_study.tell(ot_trial, state=TrialState.FAIL)

@@ -7,6 +7,7 @@ touched and `--dry-run` is just a plan that is printed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ from cmath_model.data import Dataset
 from cmath_model.runs import resolve_data
 
 from .errors import SweepError
+from .processes import command_line
 from .space import SearchSpace, load_space
 from .table import TRIALS_FILE, read_trials
 from .tracking import check_tracking_uri, default_tracking_uri
@@ -103,8 +105,8 @@ class SweepOutcome:
 
 
 # ---------------------------------------------------------------------------- planning
-def plan_sweep(options: SweepOptions) -> SweepPlan:
-    space = load_space(options.space)
+def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming: bool = False) -> SweepPlan:
+    space = space or load_space(options.space)
     _check_counts(options)
     device = "cuda" if options.gpus_per_trial > 0 else "cpu"
     # A trial's torch threads match the CPUs Ray reserved for it, so parallel trials do not fight.
@@ -127,7 +129,7 @@ def plan_sweep(options: SweepOptions) -> SweepPlan:
     if "/" in name or name.startswith("."):
         raise SweepError(f"--name {name!r}: use a plain folder name (letters, digits, - and _)")
     sweep_dir = Path(options.results) / name
-    if (sweep_dir / SWEEP_FILE).exists():
+    if (sweep_dir / SWEEP_FILE).exists() and not resuming:
         raise SweepError(f"sweep '{name}' already exists in {sweep_dir}; pick another --name, "
                          f"or continue it with `cmath-hpo resume {sweep_dir}`")
     max_concurrent = options.max_concurrent or 0
@@ -223,7 +225,15 @@ def provenance(plan: SweepPlan) -> dict:
         "mlflow": {"uri": plan.tracking_uri, "experiment": plan.experiment},
         "base_config": plan.base.to_dict(),
         "searched": plan.searched,
+        "options": options_record(o),
     }
+
+
+def options_record(options: SweepOptions) -> dict:
+    """What `cmath-hpo resume` needs to rebuild the sweep's options."""
+    values = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("trainable", "command")}
+    values.update(space=str(options.space), results=str(options.results))
+    return values
 
 
 def _version(package: str) -> str | None:
@@ -335,6 +345,7 @@ def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     record = provenance(plan)
+    record["driver"] = driver_record(plan)
     write_json(plan.sweep_dir / SWEEP_FILE, record)
     client = MlflowClient(plan.tracking_uri)
     experiment = mlflow_experiment(client, plan.experiment, plan.tracking_uri)
@@ -350,6 +361,14 @@ def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
     return record, client, parent_id, experiment
 
 
+def driver_record(plan: SweepPlan) -> dict:
+    """Who runs the sweep: a resume checks this driver is gone and stops what its private Ray left."""
+    import ray
+
+    return {"pid": os.getpid(), "cmdline": command_line(os.getpid()), "private_ray": plan.address is None,
+            "ray_session_dir": ray._private.worker._global_node.get_session_dir_path()}
+
+
 def _parent_params(plan: SweepPlan) -> dict:
     o = plan.options
     return {"space": plan.space.path, "metric": plan.space.metric, "num_samples": o.num_samples,
@@ -360,15 +379,7 @@ def _parent_params(plan: SweepPlan) -> dict:
             "time_budget_s": o.time_budget}
 
 
-def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from .search import SweepSearch
-    from .table import CheckpointPruner, NoRetryOnTrialError, ProgressPrinter, TrialTable
-    from .tracking import MlflowTrials
-    from .trainable import CMATHTrial
-
+def tune_environment() -> None:
     # Forced experiment snapshots after checkpoints keep a restore consistent; Ray warns about each one.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Progress comes from ProgressPrinter; Tune's own tables (verbose=0 in its legacy reporter) stay quiet.
@@ -376,9 +387,33 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # A failing trial's error report carries no metric (see CMATHTrial); every epoch does.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    base = plan.base.to_dict()
+    # Save the experiment state at least every second (default: every 10 s or more), so a killed
+    # driver loses as little as possible of which trials exist and where they stand.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+
+
+def build_trainable(plan: SweepPlan):
+    """The trial class with its resources; the base config and the dataset go to the object store once."""
+    from ray import tune
+
+    from .trainable import CMATHTrial
+
     trial_class = plan.options.trainable or CMATHTrial
-    trainable = tune.with_resources(tune.with_parameters(trial_class, base=base, dataset=plan.data), plan.resources)
+    trainable = tune.with_parameters(trial_class, base=plan.base.to_dict(), dataset=plan.data)
+    return tune.with_resources(trainable, plan.resources)
+
+
+def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .search import SweepSearch
+    from .table import CheckpointPruner, NoRetryOnTrialError, ProgressPrinter, TrialTable
+    from .tracking import MlflowTrials
+
+    tune_environment()
+    base = plan.base.to_dict()
+    trainable = build_trainable(plan)
     searcher = SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage, study_name=plan.name)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
                               grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)

@@ -15,8 +15,8 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from .search import end_state
-from .tracking import MlflowTrials, error_summary
-from .trainable import TRIAL_ERROR, model_metrics
+from .tracking import LOST, MlflowTrials, error_summary
+from .trainable import ENDED_FILE, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
@@ -66,7 +66,8 @@ class TrialTable(Callback):
                 "best_epoch": None, "best_val_wf1": None, "best_val_acc": None,
                 "test_wf1_at_best_val": None, "test_acc_at_best_val": None, "best_test_wf1": None,
                 "last_val_wf1": None, "train_seconds": 0.0, "started_at": time.time(), "finished_at": None,
-                "error": None, "checkpoint": None, "mlflow_run_id": None, "suggested_by": None,
+                "error": None, "restore_notes": None, "checkpoint": None, "mlflow_run_id": None,
+                "suggested_by": None,
                 "config": json.dumps(config),
             }
         return self.rows[trial.trial_id]
@@ -76,10 +77,14 @@ class TrialTable(Callback):
         row["end_state"] = "running"
         if self.tracker is not None:
             row["mlflow_run_id"] = self.tracker.run_id(trial)
+        self.write()  # a started trial is on record even if the driver dies before it ends
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
             return
+        if RESTORE_NOTE in result:
+            row = self.row(trial)
+            row["restore_notes"] = "; ".join(filter(None, [row.get("restore_notes"), result[RESTORE_NOTE]]))
         epoch = int(result["epoch"])
         self.history.setdefault(trial.trial_id, {})[epoch] = {"trial_id": trial.trial_id, "epoch": epoch,
                                                               **model_metrics(result)}
@@ -98,14 +103,24 @@ class TrialTable(Callback):
         self._finish(trial, "failed", error=error_summary(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        for trial in trials:
-            if trial.trial_id in self.rows and self.rows[trial.trial_id]["end_state"] == "running":
-                self.rows[trial.trial_id].update(end_state="interrupted", checkpoint=_best_path(trial))
+        known = {t.trial_id: t for t in trials}
+        for trial_id, row in self.rows.items():
+            if row["end_state"] != "running":
+                continue
+            if trial_id in known:
+                row.update(end_state="interrupted", checkpoint=_best_path(known[trial_id]))
+            else:  # started after Ray's last saved state, then the driver was killed: Ray cannot resume it
+                row.update(end_state="interrupted", restore_notes=LOST)
         self.write()
 
     def _finish(self, trial: Trial, state: str, error: str | None = None) -> None:
-        self.row(trial).update(end_state=state, finished_at=time.time(), error=error, checkpoint=_best_path(trial))
+        row = self.row(trial)
+        replayed = bool((trial.last_result or {}).get(REPLAYED)) and row.get("finished_at") is not None
+        row.update(end_state=state, error=error if error else row.get("error"), checkpoint=_best_path(trial))
+        if not replayed:  # an ended trial replayed after a resume keeps when it really ended
+            row["finished_at"] = time.time()
         self.write()
+        mark_ended(trial, state, error)
 
     def write(self) -> None:
         self._add_origins()
@@ -128,6 +143,18 @@ class TrialTable(Callback):
                 row["optuna_state"] = by_ray_id[trial_id].state.name
 
 
+def mark_ended(trial: Trial, state: str, error: str | None) -> None:
+    """Tell a later resume that this trial is over (Ray's own state can lag behind a killed driver)."""
+    checkpoint = trial.checkpoint
+    if checkpoint is None:
+        return
+    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    result = {k: v for k, v in (trial.last_result or {}).items()
+              if isinstance(v, (int, float, str)) and k not in ("done", REPLAYED, RESTORE_NOTE)}
+    with checkpoint.filesystem.open_output_stream(f"{trial_dir}/{ENDED_FILE}") as stream:
+        stream.write(json.dumps({"end_state": state, "error": error, "result": result}).encode())
+
+
 def _best_path(trial: Trial) -> str | None:
     checkpoint = trial.checkpoint
     return f"{checkpoint.path}/best" if checkpoint is not None else None
@@ -142,33 +169,42 @@ class ProgressPrinter(Callback):
         self.num_samples = num_samples
         self.log = log
         self.verbose = verbose
-        self.started = 0
-        self.ended = 0
+        self.seen: set[str] = set()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "log": print}
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self.started += 1
         params = "  ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
-        self.log(f"[{trial.trial_id}] start ({self.started}/{self.num_samples})  {params}")
+        again = " again, from its last checkpoint" if trial.trial_id in self.seen else ""
+        self.seen.add(trial.trial_id)
+        self.log(f"[{trial.trial_id}] start{again} ({trials.index(trial) + 1}/{self.num_samples})  {params}")
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self.log(f"[{trial.trial_id}] lost its worker: {error_summary(trial)}; retrying from its last checkpoint")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if self.verbose and TRIAL_ERROR not in result:
+        if RESTORE_NOTE in result:
+            self.log(f"[{trial.trial_id}] {result[RESTORE_NOTE]}")
+        if self.verbose and TRIAL_ERROR not in result and REPLAYED not in result:
             self.log(f"[{trial.trial_id}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
                      f"  ({result.get('epoch_seconds', 0):.1f}s)")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self.ended += 1
         r = trial.last_result
         state = end_state(r).replace("_", " ").replace("interrupted", "interrupted (time budget or Ctrl-C)")
+        if r.get(REPLAYED):
+            state = f"had already {state.replace('stopped', 'been stopped')} before the resume:"
         self.log(f"[{trial.trial_id}] {state} at epoch {r['epoch']}/{r['epochs_planned']}  best val W-F1 "
                  f"{100 * r['best_val_wf1']:.2f} (epoch {r['best_epoch']})  "
-                 f"[{self.ended}/{self.num_samples} done]")
+                 f"[{_ended(trials) + 1}/{self.num_samples} done]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self.ended += 1
-        self.log(f"[{trial.trial_id}] failed: {error_summary(trial)}  [{self.ended}/{self.num_samples} done]")
+        self.log(f"[{trial.trial_id}] failed: {error_summary(trial)}  [{_ended(trials) + 1}/{self.num_samples} done]")
+
+
+def _ended(trials: list[Trial]) -> int:
+    return sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
 
 
 def _short(value: object) -> str:

@@ -22,9 +22,10 @@ from ray.tune.experiment import Trial
 
 from .errors import SweepError
 from .search import end_state
-from .trainable import TRIAL_ERROR, model_metrics
+from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
 
 MAX_PARAM_CHARS = 500
+LOST = "lost: started after Ray last saved its state, then the driver was killed; Ray cannot resume it"
 
 
 def default_tracking_uri(results: str | Path) -> str:
@@ -137,6 +138,10 @@ class MlflowTrials(Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
             return
+        if RESTORE_NOTE in result:
+            run = self.client.get_run(self.run_id(trial))
+            notes = "; ".join(filter(None, [run.data.tags.get("cmath.restore_note"), result[RESTORE_NOTE]]))
+            self.client.set_tag(run.info.run_id, "cmath.restore_note", notes[:5000])
         step = int(result["epoch"])
         if step <= self.last_step.get(trial.trial_id, 0):
             return  # an epoch replayed after a restore: its history is already logged
@@ -157,6 +162,16 @@ class MlflowTrials(Callback):
         for trial in trials:
             if trial.trial_id in self.run_ids and trial.trial_id not in self.ended:
                 self._finish(trial, "interrupted", "KILLED")
+        # A run still open for a trial Ray does not know started after Ray's last saved state
+        # before a driver was killed: nothing will continue it.
+        known = {t.trial_id for t in trials}
+        for run in self.client.search_runs([self.experiment], filter_string=(
+                f"tags.`cmath.sweep` = '{self.sweep}' and tags.`cmath.kind` = 'trial' "
+                f"and attributes.status = 'RUNNING'")):
+            if run.data.tags.get("cmath.trial_id") not in known:
+                self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),
+                                                             RunTag("cmath.restore_note", LOST)])
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _finish(self, trial: Trial, state: str, status: str, error: str | None = None) -> None:
         run_id = self.run_id(trial)
@@ -166,7 +181,8 @@ class MlflowTrials(Callback):
         self.client.log_batch(run_id, tags=tags)
         if error:
             self.client.log_text(run_id, error_text(trial), "error.txt")
-        self.upload_best(trial, run_id)
+        if not (trial.last_result or {}).get(REPLAYED):  # a replayed trial uploaded its best when it ended
+            self.upload_best(trial, run_id)
         self.client.set_terminated(run_id, status)
         self.ended.add(trial.trial_id)
 

@@ -11,10 +11,13 @@ improves and every `checkpoint_every` epochs, so the latest checkpoint always ha
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import pyarrow.fs as pafs
 from ray import tune
+from ray.train._internal.checkpoint_manager import _TrainingResult
 
 from cmath_model.config import from_dict
 from cmath_model.data import Dataset
@@ -34,6 +37,10 @@ def model_metrics(result: dict) -> dict[str, float]:
 
 
 TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
+RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
+REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
+ENDED_FILE = "cmath_ended.json"  # in a trial's storage folder, written by the driver when the trial ends
+CHECKPOINT_FILE = "checkpoint.json"  # in each checkpoint: the epoch it holds
 
 
 class CMATHTrial(tune.Trainable):
@@ -54,6 +61,8 @@ class CMATHTrial(tune.Trainable):
     def _start(self, params: dict) -> None:
         self.error: Exception | None = None
         self.reported_error = False
+        self.restore_note: str | None = None
+        self.ended: dict | None = None
         self.best_dir = Path(self.logdir) / "best"
         shutil.rmtree(self.best_dir, ignore_errors=True)
         try:
@@ -63,13 +72,20 @@ class CMATHTrial(tune.Trainable):
             self.error = exc
 
     def step(self) -> dict:
+        if self.ended is not None and self.ended["end_state"] != "failed":
+            return {**self.ended["result"], "done": True, REPLAYED: True}
+        if self.ended is not None:
+            self.error = RuntimeError(self.ended.get("error") or "failed before the sweep was resumed")
         if self.error is not None:
             if self.reported_error:
                 raise self.error
             self.reported_error = True
             return {TRIAL_ERROR: f"{type(self.error).__name__}: {self.error}"}
         try:
-            return self._epoch()
+            result = self._epoch()
+            if self.restore_note:
+                result[RESTORE_NOTE], self.restore_note = self.restore_note, None
+            return result
         except Exception as exc:
             self.error = exc
             self.reported_error = True
@@ -96,6 +112,7 @@ class CMATHTrial(tune.Trainable):
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         self.trainer.save(Path(checkpoint_dir) / "trainer")
+        (Path(checkpoint_dir) / CHECKPOINT_FILE).write_text(json.dumps({"epoch": self.trainer.epoch}))
         if self.best_dir.exists():
             shutil.copytree(self.best_dir, Path(checkpoint_dir) / "best")
 
@@ -105,6 +122,55 @@ class CMATHTrial(tune.Trainable):
         if (Path(checkpoint_dir) / "best").exists():
             shutil.copytree(Path(checkpoint_dir) / "best", self.best_dir)
 
+    def restore(self, checkpoint_path) -> None:
+        """Tune's restore, made to survive what a killed driver or a bad disk leaves behind.
+
+        A trial the driver saw end (ENDED_FILE) is not trained again: its final result is
+        replayed. Otherwise the referenced checkpoint is tried first, then the trial's other
+        checkpoints newest first (a stale experiment state can name one that was since deleted;
+        a checkpoint can be corrupt), and with none usable the trial starts over. How it came
+        back is reported with the next result (RESTORE_NOTE)."""
+        if not isinstance(checkpoint_path, _TrainingResult):
+            return super().restore(checkpoint_path)
+        wanted = checkpoint_path.checkpoint
+        fs, trial_dir = wanted.filesystem, wanted.path.rstrip("/").rsplit("/", 1)[0]
+        self.ended = _read_json(fs, f"{trial_dir}/{ENDED_FILE}")
+        if self.ended is not None:
+            return None
+        problems = []
+        for path in _checkpoints_newest_first(fs, trial_dir, first=wanted.path):
+            name = path.rsplit("/", 1)[-1]
+            try:
+                epoch = (_read_json(fs, f"{path}/{CHECKPOINT_FILE}") or {})["epoch"]
+                candidate = tune.Checkpoint(path, filesystem=fs)
+                super().restore(_TrainingResult(checkpoint=candidate,
+                                                metrics={**checkpoint_path.metrics, "training_iteration": epoch}))
+            except Exception as exc:  # missing, unreadable or corrupt: try the next one
+                problems.append(f"{name} unusable ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
+            if problems:
+                self.restore_note = f"{'; '.join(problems)}; resumed from {name} (epoch {epoch})"
+            return None
+        self._start(self.config)
+        self._iteration = 0  # Tune's own epoch counter, set from the failed attempts above
+        self.restore_note = f"{'; '.join(problems) or 'no checkpoint found'}; restarted from epoch 1"
+        return None
+
     def reset_config(self, new_config: dict) -> bool:
         self._start(new_config)
         return True
+
+
+def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str) -> list[str]:
+    found = [info.path for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    others = sorted((p for p in found if p.rstrip("/") != first.rstrip("/")), reverse=True)
+    return [first, *others]

@@ -1,0 +1,124 @@
+"""`cmath-hpo resume SWEEP`: continue a sweep whose driver was interrupted or killed.
+
+Ray Tune's `Tuner.restore` brings back the trials (finished ones are kept, unfinished ones
+continue from their latest checkpoints, failed ones stay failed), the Optuna searcher's state
+and the callbacks. The MLflow callback finds each trial's existing run by its tag, so no trial
+gets a second run; the sweep's parent run is reopened from sweep.json.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import SweepError
+from .export import find_sweep, load_sweep_record
+from .processes import is_running, pids_using, stop
+from .space import parse_space
+from .sweep import (
+    SWEEP_FILE,
+    SweepOptions,
+    SweepOutcome,
+    build_trainable,
+    check_cluster,
+    driver_record,
+    finish_sweep,
+    plan_sweep,
+    start_ray,
+    tune_environment,
+    write_json,
+)
+
+
+def stop_leftovers(record: dict, log: Callable[[str], None]) -> list[int]:
+    """Refuse if the sweep's driver still runs; stop what its private Ray left behind."""
+    driver = record.get("driver") or {}
+    if driver.get("pid") and is_running(driver["pid"], driver.get("cmdline")):
+        raise SweepError(f"sweep '{record['name']}' is still running (driver pid {driver['pid']}); "
+                         f"stop it first (Ctrl-C) or wait for it to end")
+    session = driver.get("ray_session_dir")
+    if not (driver.get("private_ray") and session):
+        return []
+    leftovers = pids_using(session)
+    if leftovers:
+        log(f"stopping {len(leftovers)} processes the previous driver's Ray left behind: {leftovers}")
+        stop(leftovers)
+    return leftovers
+
+
+def fail_orphaned_study_trials(plan, ray_trial_ids: set) -> list[int]:
+    """Optuna trials still RUNNING for Ray trials that Ray's restored state does not have."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.user_attrs.get("ray_trial_id") not in ray_trial_ids]
+    for trial in orphans:
+        study._storage.set_trial_user_attr(trial._trial_id, "note", "orphaned by a killed driver")
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return [t.number for t in orphans]
+
+
+def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
+                 address: str | None = None, trainable: type | None = None) -> SweepOutcome:
+    started = time.perf_counter()
+    sweep_dir = find_sweep(sweep, results)
+    record = load_sweep_record(sweep_dir)
+    if record.get("status") == "finished":
+        raise SweepError(f"sweep '{record['name']}' already finished; export it with "
+                         f"`cmath-hpo export-best {sweep_dir}` or start a new one")
+    values = {**record["options"], "name": record["name"], "results": str(sweep_dir.parent)}
+    if address is not None:
+        values["address"] = address
+    options = SweepOptions(**values, trainable=trainable)
+    space = parse_space(record["space"]["content"], record["space"]["path"])
+    plan = plan_sweep(options, space=space, resuming=True)
+    if plan.data.sha256 != record["data"]["sha256"]:
+        raise SweepError(f"{plan.data.path} changed since the sweep started (SHA-256 {plan.data.sha256[:12]}…, "
+                         f"was {record['data']['sha256'][:12]}…); restore the original file to resume")
+    experiment_path = f"{plan.storage_path.rstrip('/')}/{plan.storage_name}"
+
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    if not tune.Tuner.can_restore(experiment_path):
+        raise SweepError(f"no Ray Tune state at {experiment_path}: the sweep ended before its first trial; "
+                         f"start it again with a new --name")
+    stop_leftovers(record, log)
+
+    import ray
+
+    try:
+        ray_seconds = start_ray(plan)
+        check_cluster(plan)
+        client = MlflowClient(plan.tracking_uri)
+        parent_id = record["mlflow"]["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+        record.setdefault("resumes", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                 "previous_driver": record.get("driver")})
+        record["driver"] = driver_record(plan)
+        record["status"] = "running"
+        write_json(sweep_dir / SWEEP_FILE, record)
+        client.set_tag(parent_id, "cmath.resumes", str(len(record["resumes"])))
+        log(f"resuming sweep {plan.name} from {experiment_path}")
+        tune_environment()
+        # The trainable's parameters (base config, dataset) are not part of Ray's saved state.
+        tuner = tune.Tuner.restore(experiment_path, trainable=build_trainable(plan), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        fit_started = time.perf_counter()
+        grid = tuner.fit()
+        fit_seconds = time.perf_counter() - fit_started
+        orphans = fail_orphaned_study_trials(plan, {r.metrics.get("trial_id") for r in grid})
+        if orphans:
+            record["resumes"][-1]["optuna_trials_orphaned"] = orphans
+            log(f"{len(orphans)} Optuna trials were asked for trials Ray never saved; marked FAIL: {orphans}")
+    except BaseException:
+        if "parent_id" in locals():
+            MlflowClient(plan.tracking_uri).set_terminated(parent_id, "FAILED")
+        raise
+    finally:
+        ray.shutdown()
+    return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
+

@@ -1,0 +1,177 @@
+"""A sweep's driver is killed (SIGKILL) or interrupted (SIGINT) mid-sweep, for real, and
+`cmath-hpo resume` finishes it: nothing finished is rerun, unfinished trials continue from their
+checkpoints, MLflow keeps one run per trial and one parent, the Optuna study is complete."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from hpo.processes import pids_using, stop
+from hpo.resume import resume_sweep
+from hpo.table import TRIALS_FILE, read_trials
+from hpo.tracking import default_tracking_uri
+
+EPOCHS = 10
+SAMPLES = 5
+SPACE = {
+    "dataset": "iemocap",
+    "search": {"d": {"type": "categorical", "choices": [128, 256]},
+               "gamma1": {"type": "float", "low": 0.0, "high": 3.0},
+               "lr": {"type": "loguniform", "low": 5.0e-4, "high": 2.0e-3}},
+    "fixed": {"epochs": EPOCHS, "batch_size": 4, "checkpoint_every": 2},
+    "asha": {"grace_period": EPOCHS},  # no early stops: every trial must reach its last epoch
+}
+
+
+def _trial_results(sweep_dir):
+    """Ray's per-trial result.json lines: {trial folder: [epochs in the order reported]}."""
+    found = {}
+    for path in (sweep_dir / "ray").glob("*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        found[path.parent.name] = [r["epoch"] for r in lines if "epoch" in r]
+    return found
+
+
+def _wait_mid_sweep(sweep_dir, process, timeout=180):
+    """Until one trial has ended and another is running past a checkpoint."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the sweep ended before it could be interrupted"
+        ended = set()
+        if (sweep_dir / TRIALS_FILE).exists():
+            try:
+                trials = read_trials(sweep_dir)
+                ended = set(trials.loc[trials["end_state"] != "running", "trial_id"])
+            except Exception:  # noqa: BLE001 - read while being replaced; try again
+                ended = set()
+        running = [name for name, epochs in _trial_results(sweep_dir).items()
+                   if epochs and max(epochs) >= 3 and not any(t in name for t in ended)
+                   and list((sweep_dir / "ray" / name).glob("checkpoint_*"))]
+        if ended and running:
+            return ended
+        time.sleep(0.1)
+    raise AssertionError("the sweep never reached the middle")
+
+
+@pytest.fixture
+def launch(tmp_path, tiny_path):
+    started = []
+
+    def start(name):
+        space = tmp_path / "space.yaml"
+        space.write_text(yaml.safe_dump(SPACE))
+        log = open(tmp_path / f"{name}.log", "w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(tiny_path),
+             "--num-samples", str(SAMPLES), "--max-concurrent", "2", "--num-cpus", "2",
+             "--results", str(tmp_path / "results"), "--name", name],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(process)
+        return process, tmp_path / "results" / name
+
+    yield start
+    for process in started:  # whatever happened, stop what this test started, by PID
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _check_resumed(sweep_dir, results, ended_before, finished_before):
+    trials = read_trials(sweep_dir)
+    # A trial started in the second between Ray's last saved state and the kill is lost to Ray:
+    # it stays in the table as interrupted (with a note) and Ray runs another in its place.
+    lost = trials[trials["restore_notes"].fillna("").str.startswith("lost")]
+    assert set(lost["end_state"]) <= {"interrupted"}
+    assert (trials["end_state"] == "completed").sum() == SAMPLES and len(trials) == SAMPLES + len(lost)
+    after = trials.set_index("trial_id")
+    for trial_id, finished_at in finished_before.items():  # finished trials were not rerun
+        assert after.loc[trial_id, "finished_at"] == finished_at
+
+    redone = {}
+    for name, epochs in _trial_results(sweep_dir).items():
+        if any(t in name for t in lost["trial_id"]):
+            continue
+        assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)), name
+        assert epochs.count(1) == 1, f"{name} restarted from epoch 0: {epochs}"
+        redone[name] = len(epochs) - EPOCHS
+    assert max(redone.values()) <= 2  # a checkpoint every 2 epochs bounds what is redone
+    print(f"epochs redone per trial: {redone}")
+
+    client = MlflowClient(default_tracking_uri(results))
+    experiment = client.get_experiment_by_name(sweep_dir.name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags["cmath.kind"] == "sweep"]
+    children = [r for r in runs if r.data.tags["cmath.kind"] == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == len(trials) and {r.data.tags["cmath.trial_id"] for r in children} == set(trials["trial_id"])
+    for run in children:
+        if run.data.tags["cmath.trial_id"] in set(lost["trial_id"]):
+            assert run.info.status == "KILLED"
+            continue
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_wf1")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), (run.data.tags["cmath.trial_id"], steps)
+        assert run.info.status == "FINISHED" and run.data.tags["cmath.end_state"] == "completed"
+
+    study = optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == SAMPLES and set(states) <= {"COMPLETE", "FAIL"}
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    assert record["status"] == "finished" and len(record["resumes"]) == 1
+    return record
+
+
+def test_resume_after_the_driver_is_killed(launch, tmp_path):
+    process, sweep_dir = launch("killed")
+    ended = _wait_mid_sweep(sweep_dir, process)
+    finished_before = read_trials(sweep_dir).set_index("trial_id")["finished_at"].dropna().to_dict()
+    session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    try:
+        assert pids_using(session), "expected the killed driver's Ray to leave processes behind"
+        lines = []
+        resume_sweep("killed", tmp_path / "results", log=lines.append)
+        assert not pids_using(session)
+        assert any("stopping" in line and "left behind" in line for line in lines)
+        _check_resumed(sweep_dir, tmp_path / "results", ended, finished_before)
+    finally:
+        stop(pids_using(session))
+
+
+def test_resume_after_ctrl_c(launch, tmp_path):
+    process, sweep_dir = launch("interrupted")
+    ended = _wait_mid_sweep(sweep_dir, process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0
+    trials = read_trials(sweep_dir)
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    assert record["status"] == "incomplete"
+    assert "interrupted" in set(trials["end_state"]) or len(trials) < SAMPLES
+    finished_before = trials.set_index("trial_id")["finished_at"].dropna().to_dict()
+    assert not pids_using(record["driver"]["ray_session_dir"])  # a clean exit stops its own Ray
+    resume_sweep("interrupted", tmp_path / "results", log=lambda line: None)
+    _check_resumed(sweep_dir, tmp_path / "results", ended, finished_before)
+
+
+def test_resume_refuses_a_finished_or_running_sweep(tmp_path):
+    sweep_dir = tmp_path / "done"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"name": "done", "status": "finished"}))
+    with pytest.raises(Exception, match="already finished"):
+        resume_sweep("done", tmp_path)
+    (sweep_dir / "sweep.json").write_text(json.dumps({
+        "name": "done", "status": "running",
+        "driver": {"pid": os.getpid(), "cmdline": open(f"/proc/{os.getpid()}/cmdline", "rb").read()
+                   .replace(b"\0", b" ").decode().strip()}}))
+    from hpo.resume import stop_leftovers
+
+    with pytest.raises(Exception, match=f"still running \\(driver pid {os.getpid()}\\)"):
+        stop_leftovers(json.loads((sweep_dir / "sweep.json").read_text()), print)
