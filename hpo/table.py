@@ -66,7 +66,8 @@ class TrialTable(Callback):
                 "best_epoch": None, "best_val_wf1": None, "best_val_acc": None,
                 "test_wf1_at_best_val": None, "test_acc_at_best_val": None, "best_test_wf1": None,
                 "last_val_wf1": None, "train_seconds": 0.0, "started_at": time.time(), "finished_at": None,
-                "error": None, "restore_notes": None, "checkpoint": None, "mlflow_run_id": None,
+                "error": None, "restarts": 0, "epochs_redone": 0, "nodes": None, "restore_notes": None,
+                "checkpoint": None, "mlflow_run_id": None,
                 "suggested_by": None,
                 "config": json.dumps(config),
             }
@@ -86,9 +87,14 @@ class TrialTable(Callback):
             row = self.row(trial)
             row["restore_notes"] = "; ".join(filter(None, [row.get("restore_notes"), result[RESTORE_NOTE]]))
         epoch = int(result["epoch"])
+        row = self.row(trial)
+        if epoch in self.history.get(trial.trial_id, {}) and REPLAYED not in result:
+            row["epochs_redone"] = int(row.get("epochs_redone") or 0) + 1  # after a restart from a checkpoint
+        node = str(result.get("node_id", ""))[:12]
+        if node and node not in (row.get("nodes") or "").split(","):
+            row["nodes"] = ",".join(filter(None, [row.get("nodes"), node]))
         self.history.setdefault(trial.trial_id, {})[epoch] = {"trial_id": trial.trial_id, "epoch": epoch,
                                                               **model_metrics(result)}
-        row = self.row(trial)
         epochs = self.history[trial.trial_id]
         best = max(epochs.values(), key=lambda r: r["val_wf1"])
         row.update(epochs=epoch, best_epoch=best["epoch"], best_val_wf1=best["val_wf1"], best_val_acc=best["val_acc"],
@@ -98,6 +104,11 @@ class TrialTable(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, end_state(trial.last_result))
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        row = self.row(trial)
+        row["restarts"] = int(row.get("restarts") or 0) + 1
+        self.write()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, "failed", error=error_summary(trial))

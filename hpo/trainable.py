@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import ray
 from ray import tune
 from ray.train._internal.checkpoint_manager import _TrainingResult
 
@@ -102,6 +103,7 @@ class CMATHTrial(tune.Trainable):
         for split in ("val", "test"):
             result.update({f"{split}_f1_{name}": f1 for name, f1 in zip(classes, record[f"{split}_per_class_f1"])})
         result.update(
+            node_id=ray.get_runtime_context().get_node_id(),  # which machine ran it (table column `nodes`)
             best_val_wf1=self.trainer.best["val_wf1"],
             best_epoch=self.trainer.best["epoch"],
             epochs_planned=cfg.epochs,

@@ -1,0 +1,99 @@
+"""Trial workers killed by PID mid-trial, one of them after its latest checkpoint was corrupted:
+each trial resumes from a checkpoint (not from epoch 1), keeps its one MLflow run, and its
+metric history has every epoch exactly once."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
+
+from hpo.sweep import SweepOptions, run_sweep
+from hpo.table import read_trials
+from hpo.tracking import default_tracking_uri
+
+EPOCHS = 12
+SPACE = {
+    "dataset": "iemocap",
+    "search": {"d": {"type": "categorical", "choices": [256]},
+               "lr": {"type": "loguniform", "low": 5.0e-4, "high": 2.0e-3}},
+    "fixed": {"epochs": EPOCHS, "batch_size": 4, "checkpoint_every": 2},
+    "asha": {"grace_period": EPOCHS},
+}
+
+
+def _running(ray_dir):
+    """{trial folder: (worker pid, last epoch, checkpoint folders)} from Ray's result.json files."""
+    found = {}
+    for path in ray_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines and "epoch" in lines[-1]:
+            found[path.parent.name] = (lines[-1]["pid"], lines[-1]["epoch"],
+                                       sorted(path.parent.glob("checkpoint_*")))
+    return found
+
+
+def _inject(ray_dir, done, events):
+    """Kill the first trial's worker; corrupt the second one's newest checkpoint, then kill it."""
+    deadline = time.monotonic() + 240
+    victims = {}
+    while time.monotonic() < deadline and len(victims) < 2 and not done.is_set():
+        for name, (pid, epoch, checkpoints) in _running(ray_dir).items():
+            if name in victims or epoch < 5 or epoch > EPOCHS - 3 or len(checkpoints) < 2:
+                continue
+            corrupt = len(victims) == 1
+            if corrupt:
+                (checkpoints[-1] / "trainer" / "trainer.pt").write_bytes(b"not a checkpoint")
+            os.kill(pid, signal.SIGKILL)
+            victims[name] = {"pid": pid, "epoch": epoch, "corrupted": checkpoints[-1].name if corrupt else None}
+            break
+        time.sleep(0.05)
+    events.update(victims)
+
+
+def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    results = tmp_path / "results"
+    done, victims, lines = threading.Event(), {}, []
+    injector = threading.Thread(target=_inject, args=(results / "kill" / "ray", done, victims))
+    injector.start()
+    try:
+        outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=4, max_concurrent=2,
+                                         num_cpus=2, results=results, name="kill", max_retries=2),
+                            log=lines.append)
+    finally:
+        done.set()
+        injector.join()
+    assert len(victims) == 2, f"could not catch two trials mid-run: {victims}"
+    assert outcome.status == "finished" and outcome.counts["completed"] == 4
+
+    trials = read_trials(results / "kill")
+    analysis = {t.trial_id: t for t in ExperimentAnalysis(str(results / "kill" / "ray")).trials}
+    client = MlflowClient(default_tracking_uri(results))
+    for name, victim in victims.items():
+        row = trials[[t in name for t in trials["trial_id"]]].iloc[0]
+        assert row["end_state"] == "completed" and row["restarts"] == 1
+        assert analysis[row["trial_id"]].run_metadata.num_failures == 1
+        epochs = [json.loads(line)["epoch"] for line in (results / "kill" / "ray" / name / "result.json")
+                  .read_text().splitlines() if '"epoch"' in line]
+        assert epochs.count(1) == 1, f"restarted from scratch: {epochs}"
+        assert sorted(set(epochs)) == list(range(1, EPOCHS + 1))
+        assert row["epochs_redone"] == len(epochs) - EPOCHS
+        history = client.get_metric_history(row["mlflow_run_id"], "val_wf1")
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1))  # no gap, no repeat
+        run = client.get_run(row["mlflow_run_id"])
+        if victim["corrupted"]:
+            note = run.data.tags["cmath.restore_note"]
+            assert f"{victim['corrupted']} unusable" in note and "resumed from checkpoint_" in note
+            assert note in row["restore_notes"]
+            assert any(victim["corrupted"] in line and "resumed from" in line for line in lines)
+        print(f"{name}: killed at epoch {victim['epoch']}, epochs redone {row['epochs_redone']}")
+    runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id],
+                              filter_string="tags.`cmath.kind` = 'trial'")
+    assert len(runs) == 4
+    assert sum("lost its worker" in line for line in lines) == 2
