@@ -108,6 +108,9 @@ class SweepOutcome:
 def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming: bool = False) -> SweepPlan:
     space = space or load_space(options.space)
     _check_counts(options)
+    for key in options.overrides:
+        if key in space.distributions:
+            raise SweepError(f"--set {key}: {key} is searched by {space.path}; remove it from --set or from search")
     device = "cuda" if options.gpus_per_trial > 0 else "cpu"
     # A trial's torch threads match the CPUs Ray reserved for it, so parallel trials do not fight.
     threads = max(1, int(options.cpus_per_trial))
@@ -285,7 +288,12 @@ def start_ray(plan: SweepPlan) -> float:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": plan.options.verbose}
     if plan.address:
         check_address(plan.address)
-        ray.init(address=plan.address, **quiet)
+        try:
+            ray.init(address=plan.address, **quiet)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            raise SweepError(f"could not join the Ray cluster at {plan.address} ({str(exc).splitlines()[0][:160]}); "
+                             f"with token authentication (Ray's default) set RAY_AUTH_MODE=token and give this "
+                             f"machine the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     else:
         ray.init(address="local", num_cpus=plan.options.num_cpus, include_dashboard=False, **quiet)
     return time.perf_counter() - started
