@@ -5,6 +5,7 @@ and epoch). Also the progress lines the driver prints while the sweep runs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -32,6 +33,12 @@ def read_trials(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(sweep_dir) / TRIALS_FILE)
 
 
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as plain Python values, missing ones as None (Parquet gives NaN for an empty column)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
+             for k, v in row.items()} for row in frame.to_dict("records")]
+
+
 class TrialTable(Callback):
     def __init__(self, sweep_dir: str | Path, base: dict, searched: list[str], tracker: MlflowTrials | None = None,
                  optuna_storage: str | None = None, study_name: str = "cmath"):
@@ -48,11 +55,11 @@ class TrialTable(Callback):
         # A resumed sweep starts from the tables its first driver wrote.
         trials = self.sweep_dir / TRIALS_FILE
         if trials.exists() and not self.rows:
-            for row in read_trials(self.sweep_dir).to_dict("records"):
+            for row in _records(read_trials(self.sweep_dir)):
                 self.rows[row["trial_id"]] = row
         history = self.sweep_dir / HISTORY_FILE
         if history.exists() and not self.history:
-            for row in pd.read_parquet(history).to_dict("records"):
+            for row in _records(pd.read_parquet(history)):
                 self.history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
 
     def row(self, trial: Trial, number: int | None = None) -> dict:
