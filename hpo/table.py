@@ -129,6 +129,13 @@ class TrialTable(Callback):
                 row.update(end_state="interrupted", checkpoint=_best_path(known[trial_id]))
             else:  # started after Ray's last saved state, then the driver was killed: Ray cannot resume it
                 row.update(end_state="interrupted", restore_notes=LOST)
+        if self.tracker is not None:  # killed between opening a trial's MLflow run and recording its row
+            for run in self.tracker.child_runs():
+                trial_id = run.data.tags.get("cmath.trial_id")
+                if trial_id not in self.rows:
+                    self.rows[trial_id] = {"trial_id": trial_id, "number": len(self.rows), "end_state": "interrupted",
+                                           "restore_notes": LOST, "mlflow_run_id": run.info.run_id,
+                                           "started_at": run.info.start_time / 1000}
         self.write()
 
     def _finish(self, trial: Trial, state: str, error: str | None = None) -> None:
@@ -168,7 +175,7 @@ def mark_ended(trial: Trial, state: str, error: str | None) -> None:
         return
     trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     result = {k: v for k, v in (trial.last_result or {}).items()
-              if isinstance(v, (int, float, str)) and k not in ("done", REPLAYED, RESTORE_NOTE)}
+              if isinstance(v, (int, float, str)) and k not in ("done", "should_checkpoint", REPLAYED, RESTORE_NOTE)}
     with checkpoint.filesystem.open_output_stream(f"{trial_dir}/{ENDED_FILE}") as stream:
         stream.write(json.dumps({"end_state": state, "error": error, "result": result}).encode())
 

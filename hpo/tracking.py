@@ -165,13 +165,15 @@ class MlflowTrials(Callback):
         # A run still open for a trial Ray does not know started after Ray's last saved state
         # before a driver was killed: nothing will continue it.
         known = {t.trial_id for t in trials}
-        for run in self.client.search_runs([self.experiment], filter_string=(
-                f"tags.`cmath.sweep` = '{self.sweep}' and tags.`cmath.kind` = 'trial' "
-                f"and attributes.status = 'RUNNING'")):
+        for run in self.child_runs("and attributes.status = 'RUNNING'"):
             if run.data.tags.get("cmath.trial_id") not in known:
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),
                                                              RunTag("cmath.restore_note", LOST)])
                 self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def child_runs(self, condition: str = "") -> list:
+        return self.client.search_runs([self.experiment], max_results=10000, filter_string=(
+            f"tags.`cmath.sweep` = '{self.sweep}' and tags.`cmath.kind` = 'trial' {condition}"))
 
     def _finish(self, trial: Trial, state: str, status: str, error: str | None = None) -> None:
         run_id = self.run_id(trial)
