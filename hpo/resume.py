@@ -25,6 +25,7 @@ from .sweep import (
     driver_record,
     finish_sweep,
     plan_sweep,
+    size_concurrency,
     start_ray,
     tune_environment,
     write_json,
@@ -93,6 +94,7 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     try:
         ray_seconds = start_ray(plan)
         check_cluster(plan)
+        size_concurrency(plan, ray.cluster_resources())
         client = MlflowClient(plan.tracking_uri)
         parent_id = record["mlflow"]["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")

@@ -314,6 +314,17 @@ def check_cluster(plan: SweepPlan) -> None:
 
 
 # ---------------------------------------------------------------------------- running
+def size_concurrency(plan: SweepPlan, resources: dict) -> None:
+    """Without --max-concurrent: as many trials as the cluster's CPUs (and GPUs) hold at once.
+    The random start-up is sized for that concurrency (see SearchSpace.startup_size)."""
+    if not plan.max_concurrent:
+        fits = resources.get("CPU", 0) / plan.options.cpus_per_trial
+        if plan.options.gpus_per_trial:
+            fits = min(fits, resources.get("GPU", 0) / plan.options.gpus_per_trial)
+        plan.max_concurrent = max(1, int(fits + 1e-9))
+    plan.n_startup = plan.space.startup_size(plan.options.num_samples, plan.max_concurrent)
+
+
 def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> SweepOutcome:
     started = time.perf_counter()
     plan = plan_sweep(options)
@@ -325,6 +336,7 @@ def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> Swee
         ray_seconds = start_ray(plan)
         check_cluster(plan)
         resources = ray.cluster_resources()
+        size_concurrency(plan, resources)
         # Nothing is written before the cluster can run a trial: a refused sweep leaves no trace.
         record, client, parent_id, experiment = open_sweep(plan)
         log(f"sweep {plan.name}: {options.num_samples} trials -> {plan.sweep_dir}")
@@ -414,6 +426,7 @@ def build_trainable(plan: SweepPlan):
 def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
 
     from .search import SweepSearch
     from .table import CheckpointPruner, NoRetryOnTrialError, ProgressPrinter, TrialTable
@@ -422,7 +435,10 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     tune_environment()
     base = plan.base.to_dict()
     trainable = build_trainable(plan)
-    searcher = SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage, study_name=plan.name)
+    # The limiter makes Tune ask for a trial only when a slot is free, not queue suggestions ahead:
+    # a suggestion made early is made with less history, and could not use TPE at all.
+    searcher = ConcurrencyLimiter(SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage,
+                                              study_name=plan.name), max_concurrent=plan.max_concurrent)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
                               grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
     tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
@@ -434,7 +450,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
         trainable,
         tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=plan.options.num_samples,
-                                    max_concurrent_trials=plan.max_concurrent or None, reuse_actors=True,
+                                    max_concurrent_trials=plan.max_concurrent, reuse_actors=True,
                                     time_budget_s=plan.options.time_budget),
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
                                   callbacks=callbacks, verbose=0,

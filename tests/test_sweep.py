@@ -86,7 +86,8 @@ def test_warm_start_is_the_first_trial(sweep):
     first = sweep["trials"].sort_values("number").iloc[0]
     assert {k: first[f"param_{k}"] for k in WARM} == pytest.approx(WARM)
     assert first["suggested_by"] == "warm_start"
-    assert "tpe" in set(sweep["trials"]["suggested_by"])
+    # the random start-up leaves at least half of the budget to TPE
+    assert (sweep["trials"]["suggested_by"] == "tpe").sum() >= SAMPLES / 2
 
 
 def test_asha_stopped_trials_are_pruned_in_the_study(sweep):
