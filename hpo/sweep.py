@@ -450,7 +450,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
         trainable,
         tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=plan.options.num_samples,
-                                    max_concurrent_trials=plan.max_concurrent, reuse_actors=True,
+                                    reuse_actors=True,
                                     time_budget_s=plan.options.time_budget),
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
                                   callbacks=callbacks, verbose=0,

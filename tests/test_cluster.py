@@ -69,9 +69,12 @@ def cluster():
         shutil.rmtree(worker_dir, ignore_errors=True)
 
 
-def _worker_trial_running(ray_dir: Path, worker_node: str):
-    """A trial folder whose latest result came from the worker node, past a checkpoint."""
+def _worker_trial_running(ray_dir: Path, worker_node: str, running: set):
+    """A running trial's folder whose latest result came from the worker node, past a checkpoint.
+    (result.json is written with a buffer, so only the table says reliably which trials still run.)"""
     for path in ray_dir.glob("*/result.json"):
+        if not any(trial_id in path.parent.name for trial_id in running):
+            continue
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if lines and str(lines[-1].get("node_id", ""))[:12] == worker_node and lines[-1]["epoch"] >= 3 \
                 and lines[-1]["epoch"] < EPOCHS - 1 and list(path.parent.glob("checkpoint_*")):
@@ -102,7 +105,8 @@ def test_sweep_on_two_nodes_survives_losing_the_worker(cluster, tmp_path, tiny_p
                 ended_on_worker = trials[(trials["end_state"] == "completed")
                                          & (trials["nodes"] == cluster["nodes"]["worker"])]
                 if len(ended_on_worker):
-                    victim = _worker_trial_running(sweep_dir / "ray", cluster["nodes"]["worker"])
+                    running = set(trials.loc[trials["end_state"] == "running", "trial_id"])
+                    victim = _worker_trial_running(sweep_dir / "ray", cluster["nodes"]["worker"], running)
             time.sleep(0.1)
         assert victim, "never saw a finished and a running trial on the worker node"
         for pid in pids_using(cluster["worker_dir"]):

@@ -27,9 +27,17 @@ SPACE = {
 
 
 def _running(ray_dir):
-    """{trial folder: (worker pid, last epoch, checkpoint folders)} from Ray's result.json files."""
+    """{trial folder: (worker pid, last epoch, checkpoint folders)} of the trials still running.
+    Ray writes result.json with a buffer, so which trials still run comes from trials.parquet."""
+    try:
+        trials = read_trials(ray_dir.parent)
+    except Exception:  # noqa: BLE001 - not written yet, or being replaced
+        return {}
+    running = set(trials.loc[trials["end_state"] == "running", "trial_id"])
     found = {}
     for path in ray_dir.glob("*/result.json"):
+        if not any(trial_id in path.parent.name for trial_id in running):
+            continue
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if lines and "epoch" in lines[-1]:
             found[path.parent.name] = (lines[-1]["pid"], lines[-1]["epoch"],
