@@ -197,7 +197,7 @@ class Trainer:
         preds = self.best_test_predictions
         np.savez(directory / "test_predictions.npz", label=preds["label"], pred=preds["pred"], prob=preds["prob"],
                  dialogue_lengths=self.data.splits["test"].lengths.numpy())
-        (directory / "metrics.json").write_text(json.dumps(self.best, indent=1))
+        (directory / "metrics.json").write_text(json.dumps({**self.best, "classes": self.data.classes}, indent=1))
         return directory
 
 

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True)
     export.add_argument("--results", default="results")
 
+    report = sub.add_parser("report", help="plots and report.md from a sweep (also logged to its MLflow parent run)")
+    report.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
+    report.add_argument("--results", default="results")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's parent run")
+
     ui = sub.add_parser("ui", help="open the MLflow UI on the sweep store")
     ui.add_argument("--results", default="results")
     ui.add_argument("--port", type=int, default=5000)
@@ -99,6 +104,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    out = make_report(args.sweep, args.results, log_to_mlflow=not args.no_mlflow)
+    print(f"wrote {out / 'report.md'} and its plots in {out}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from .ui import start_ui, stop_ui
 
@@ -118,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in a log file
     def dispatch(argv: list[str] | None) -> int:
         args = _parser().parse_args(argv)
-        return {"sweep": _sweep, "resume": _resume, "export-best": _export, "ui": _ui}[args.command](args)
+        return {"sweep": _sweep, "resume": _resume, "export-best": _export, "report": _report,
+                "ui": _ui}[args.command](args)
 
     return _run(dispatch, argv)
 

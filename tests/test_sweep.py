@@ -274,3 +274,65 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
         assert run.info.status == ("KILLED" if row.end_state == "interrupted" else "FINISHED")
     record = json.loads((tmp_path / "results" / "budget" / "sweep.json").read_text())
     assert record["status"] == "incomplete" and record["time_budget_s"] == 6
+
+
+# ------------------------------------------------------------------ the report (issue: sweep report)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_writes_every_plot_with_the_data_behind_it(sweep):
+    from hpo.report import make_report
+
+    out = make_report("s1", sweep["results"])
+    data = json.loads((out / "report.json").read_text())
+    for name in ("history", "asha", "importance", "performance_vs_d", "gamma1_gamma2", "per_class_f1", "confusion",
+                 "length_buckets"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000, name
+        assert f"({name}.png)" in (out / "report.md").read_text()
+    trials = sweep["trials"]
+    # optimisation history: one point per scored trial, ending at the sweep's best
+    assert len(data["history"]["number"]) == trials["best_val_wf1"].notna().sum()
+    assert data["history"]["best_so_far"][-1] == pytest.approx(trials["best_val_wf1"].max())
+    # ASHA: every trial it stopped is marked where it stopped, on a rung
+    stopped = trials[trials["end_state"] == "stopped_by_asha"]
+    assert data["asha"]["stopped_at_epoch"] == dict(zip(stopped["trial_id"], stopped["epochs"]))
+    assert set(data["asha"]["stopped_at_epoch"].values()) <= set(data["asha"]["rungs"])
+    # importance over the searched parameters sums to 1
+    assert set(data["importance"]["values"]) == set(WARM)
+    assert sum(data["importance"]["values"].values()) == pytest.approx(1.0)
+    # the best trial's test numbers: buckets partition the test utterances, the matrix counts them all
+    best = data["best_test"]
+    n = best["num_utterances"]
+    assert sum(best["length_buckets"]["utterances"]) == n == int(np.sum(best["confusion"]))
+    assert best["acc"] == pytest.approx(sweep["outcome"].best["test_acc_at_best_val"])
+    assert data["best"]["trial_id"] == sweep["outcome"].best["trial_id"]
+    text = (out / "report.md").read_text()
+    assert "paper-style best test epoch W-F1" in text and "validation-selected test" in text
+    logged = {a.path for a in sweep["client"].list_artifacts(_parent(sweep).info.run_id, "report")}
+    assert "report/report.md" in logged and "report/importance.png" in logged
+
+
+def _parent(sweep):
+    return next(r for r in sweep["runs"] if r.data.tags.get("cmath.kind") == "sweep")
+
+
+def test_length_buckets_follow_the_paper():
+    from hpo.report import length_buckets
+
+    index, names = length_buckets(np.array([3, 45, 80]), "iemocap")
+    assert names == ["1-39", "40-69", "70+"]
+    assert list(np.bincount(index)) == [3, 45, 80]
+    index, names = length_buckets(np.array([9, 10, 20, 21]), "meld")
+    assert names == ["1-9", "10-20", "21+"] and list(np.bincount(index)) == [9, 30, 21]
+
+
+def test_report_on_an_interrupted_sweep_says_so(tmp_path, space_path, tiny_path):
+    from hpo.report import make_report
+
+    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2, num_cpus=2,
+                           results=tmp_path, name="cut", time_budget=6, overrides={"epochs": 30})
+    run_sweep(options, log=lambda line: None)
+    out = make_report(tmp_path / "cut", log_to_mlflow=False)
+    text = (out / "report.md").read_text()
+    assert "**Incomplete sweep**" in text and "(history.png)" in text
