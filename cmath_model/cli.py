@@ -124,11 +124,15 @@ def _train(argv: list[str] | None) -> int:
                                              "best config: its sweep's store)")
     parser.add_argument("--experiment", help="MLflow experiment (default: the sweep's, else cmath-train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    parser.add_argument("--compare", choices=["paper"],
+                        help="also train the paper's default config with the same seeds; Welch t-test on test scores")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.compare and args.seeds < 2:
+        raise ConfigError("--compare needs --seeds 2 or more (a t-test needs a spread)")
 
-    from .config import load_config, load_provenance
-    from .runs import defaults_for, resolve_data, train_seeds
+    from .config import load_config, load_provenance, paper_defaults
+    from .runs import compare_runs, defaults_for, resolve_data, train_seeds
 
     config = load_config(args.config) if args.config else defaults_for(args.data)
     # An exported best config knows its sweep: the final run lands beside the sweep's trials.
@@ -149,6 +153,24 @@ def _train(argv: list[str] | None) -> int:
     summary = train_seeds(config, data, args.seeds, out, log=None if args.quiet else print,
                           mlflow_uri=mlflow_uri, experiment=experiment, tags=tags)
     _print_summary(summary, args.seeds)
+    if args.compare:
+        # The paper's settings on the same data, modalities, seeds and (with --epochs) epochs.
+        paper = paper_defaults(config.dataset).replace(
+            data=config.data, data_sha256=config.data_sha256, modalities=config.modalities, seed=config.seed,
+            device=config.device, num_threads=config.num_threads,
+            **({"epochs": args.epochs} if args.epochs is not None else {}))
+        theirs = train_seeds(paper, data, args.seeds, out / "paper", log=None if args.quiet else print,
+                             mlflow_uri=mlflow_uri, experiment=experiment,
+                             tags={**tags, "cmath.kind": "paper_baseline"})
+        print("paper defaults:")
+        _print_summary(theirs, args.seeds)
+        compared = compare_runs(summary, theirs)
+        summary["compare"] = {"against": "paper", "paper_summary": {k: v for k, v in theirs.items() if k != "epochs"},
+                              "welch": compared}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        for key, label in (("test_wf1_at_best_val", "W-F1"), ("test_acc_at_best_val", "ACC")):
+            c = compared[key]
+            print(f"test {label}: this config vs paper defaults, Welch t = {c['t']:.2f}, p = {c['p']:.3g}")
     print(f"wrote {out / 'metrics.json'}")
     return 0
 

@@ -131,6 +131,24 @@ class _MlflowRun:
         self.mlflow.end_run(status=status)
 
 
+def welch(ours: list[float], theirs: list[float]) -> dict:
+    """Welch's t-test (unequal variances), as behind the paper's significance marks."""
+    from scipy.stats import ttest_ind
+
+    result = ttest_ind(ours, theirs, equal_var=False)
+    return {"t": float(result.statistic), "p": float(result.pvalue)}
+
+
+def compare_runs(ours: dict, theirs: dict) -> dict:
+    """Per-seed test scores of two multi-seed summaries side by side, with Welch p-values."""
+    compared = {}
+    for key in ("test_wf1_at_best_val", "test_acc_at_best_val"):
+        a = [r[key] for r in ours["per_seed"]]
+        b = [r[key] for r in theirs["per_seed"]]
+        compared[key] = {"ours": a, "paper": b, **welch(a, b)}
+    return compared
+
+
 def mlflow_experiment(client, name: str, uri: str) -> str:
     """The experiment's id, created if needed. With a sqlite store its artifacts go beside the
     database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is."""

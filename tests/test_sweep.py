@@ -180,7 +180,8 @@ def test_final_training_from_the_export_logs_to_the_sweep_store(sweep, tmp_path,
     printed = capsys.readouterr().out
     assert "±" in printed
     finals = sweep["client"].search_runs([sweep["runs"][0].info.experiment_id],
-                                         filter_string="tags.`cmath.kind` = 'final_training'")
+                                         filter_string="tags.`cmath.kind` = 'final_training' "
+                                                       "and attributes.run_name = 'final'")
     assert len(finals) == 1
     run = finals[0]
     assert run.data.tags["cmath.sweep"] == "s1"
@@ -336,3 +337,27 @@ def test_report_on_an_interrupted_sweep_says_so(tmp_path, space_path, tiny_path)
     out = make_report(tmp_path / "cut", log_to_mlflow=False)
     text = (out / "report.md").read_text()
     assert "**Incomplete sweep**" in text and "(history.png)" in text
+
+
+def test_final_training_compared_with_the_paper_defaults(sweep, tmp_path, capsys):
+    from scipy.stats import ttest_ind
+
+    out = tmp_path / "best.yaml"
+    export_best(sweep["dir"], out)
+    args = ["--config", str(out), "--seeds", "2", "--epochs", "2", "--compare", "paper", "--out", str(tmp_path / "c"),
+            "--quiet"]
+    assert train_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "paper defaults:" in printed and "Welch t =" in printed
+    summary = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    welch = summary["compare"]["welch"]["test_wf1_at_best_val"]
+    ours = [r["test_wf1_at_best_val"] for r in summary["per_seed"]]
+    paper = json.loads((tmp_path / "c" / "paper" / "metrics.json").read_text())
+    theirs = [r["test_wf1_at_best_val"] for r in paper["per_seed"]]
+    assert welch["ours"] == ours and welch["paper"] == theirs
+    assert welch["p"] == pytest.approx(ttest_ind(ours, theirs, equal_var=False).pvalue, nan_ok=True)
+    assert paper["config"]["d"] == 500 and paper["config"]["lr"] == 3.0e-3 and paper["seeds"] == summary["seeds"]
+    baselines = sweep["client"].search_runs([sweep["runs"][0].info.experiment_id],
+                                            filter_string="tags.`cmath.kind` = 'paper_baseline'")
+    assert len(baselines) == 1
+    assert train_main(["--config", str(out), "--compare", "paper"]) == 2
