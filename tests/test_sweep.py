@@ -6,6 +6,7 @@ study, trials.parquet, export-best and retraining, and the MLflow UI's REST API.
 
 import json
 import socket
+import time
 import urllib.request
 
 import numpy as np
@@ -361,3 +362,65 @@ def test_final_training_compared_with_the_paper_defaults(sweep, tmp_path, capsys
                                             filter_string="tags.`cmath.kind` = 'paper_baseline'")
     assert len(baselines) == 1
     assert train_main(["--config", str(out), "--compare", "paper"]) == 2
+
+
+# ------------------------------------------------------------------ the MLflow UI in a real browser
+def _browser():
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, ("the browser test needs Debian's chromium and chromium-driver: "
+                                 "apt-get install chromium chromium-driver (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)  # local driver: nothing is downloaded
+
+
+def _wait_for_text(page, texts, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = page.find_element("tag name", "body").text
+        if all(text in body for text in texts):
+            return body
+        time.sleep(0.5)
+    missing = [t for t in texts if t not in page.find_element("tag name", "body").text]
+    raise AssertionError(f"the MLflow UI never showed {missing}")
+
+
+def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_charts_metrics(sweep, tmp_path):
+    trials = sweep["trials"]
+    process, url = start_ui(sweep["results"], port=_free_port())
+    page = _browser()
+    try:
+        page.get(f"{url}/#/experiments")
+        _wait_for_text(page, ["s1"])  # the sweep's experiment is listed
+        experiment = sweep["runs"][0].info.experiment_id
+        page.get(f"{url}/#/experiments/{experiment}/runs")
+        _wait_for_text(page, ["s1", "matching runs"])
+        # trial runs are nested under the sweep's parent run: open it
+        expanders = [b for b in page.find_elements("xpath", "//*[@role='row']//button")
+                     if b.get_attribute("aria-label") is None]
+        assert expanders, "no expander on the parent run's row"
+        expanders[0].click()
+        _wait_for_text(page, list(trials["trial_id"]))
+        page.save_screenshot(str(tmp_path / "runs.png"))
+        best = sweep["outcome"].best
+        page.get(f"{url}/#/experiments/{experiment}/runs/{best['mlflow_run_id']}/model-metrics")
+        _wait_for_text(page, [best["trial_id"], "Model metrics", "loss_kl"])
+        search = page.find_element("css selector", "input[placeholder='Search metric charts']")
+        search.send_keys("test_wf1")  # only the charts of that metric stay
+        _wait_for_text(page, ["test_wf1"])
+        deadline = time.monotonic() + 30
+        while not page.find_elements("css selector", ".js-plotly-plot") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert page.find_elements("css selector", ".js-plotly-plot"), "no metric chart drawn"
+        page.save_screenshot(str(tmp_path / "metrics.png"))
+    finally:
+        page.quit()
+        stop_ui(process)
+    assert (tmp_path / "runs.png").read_bytes()[:8] == PNG and (tmp_path / "metrics.png").stat().st_size > 10000
