@@ -87,6 +87,13 @@ class SweepPlan:
         return {"cpu": self.options.cpus_per_trial, "gpu": self.options.gpus_per_trial}
 
     @property
+    def ended_dir(self) -> str:
+        """Where the driver records ended trials, beside Ray's experiment folder (shared storage)."""
+        from .trainable import ENDED_FOLDER
+
+        return f"{self.storage_path.rstrip('/')}/{self.storage_name}/{ENDED_FOLDER}"
+
+    @property
     def optuna_storage(self) -> str:
         return f"sqlite:///{(self.sweep_dir / OPTUNA_FILE).resolve()}"
 
@@ -419,7 +426,8 @@ def build_trainable(plan: SweepPlan):
     from .trainable import CMATHTrial
 
     trial_class = plan.options.trainable or CMATHTrial
-    trainable = tune.with_parameters(trial_class, base=plan.base.to_dict(), dataset=plan.data)
+    trainable = tune.with_parameters(trial_class, base=plan.base.to_dict(), dataset=plan.data,
+                                     ended_dir=plan.ended_dir)
     return tune.with_resources(trainable, plan.resources)
 
 
@@ -442,7 +450,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
                               grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
     tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
-    table = TrialTable(plan.sweep_dir, base, plan.searched, tracker, plan.optuna_storage, plan.name)
+    table = TrialTable(plan.sweep_dir, base, plan.searched, tracker, plan.optuna_storage, plan.name, plan.ended_dir)
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
     pruner = [] if plan.options.keep_checkpoints else [CheckpointPruner()]  # after the tracker's upload
     callbacks = [NoRetryOnTrialError(), tracker, table, *pruner, printer]

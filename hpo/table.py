@@ -17,7 +17,7 @@ from ray.tune.experiment import Trial
 
 from .search import end_state
 from .tracking import LOST, MlflowTrials, error_summary
-from .trainable import ENDED_FILE, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
+from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics, write_ended
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
@@ -41,13 +41,14 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 
 class TrialTable(Callback):
     def __init__(self, sweep_dir: str | Path, base: dict, searched: list[str], tracker: MlflowTrials | None = None,
-                 optuna_storage: str | None = None, study_name: str = "cmath"):
+                 optuna_storage: str | None = None, study_name: str = "cmath", ended_dir: str | None = None):
         self.sweep_dir = Path(sweep_dir)
         self.base = base
         self.searched = searched
         self.tracker = tracker
         self.optuna_storage = optuna_storage
         self.study_name = study_name
+        self.ended_dir = ended_dir
         self.rows: dict[str, dict] = {}
         self.history: dict[str, dict[int, dict]] = {}
 
@@ -145,7 +146,8 @@ class TrialTable(Callback):
         if not replayed:  # an ended trial replayed after a resume keeps when it really ended
             row["finished_at"] = time.time()
         self.write()
-        mark_ended(trial, state, error)
+        if self.ended_dir:
+            mark_ended(self.ended_dir, trial, state, error)
 
     def write(self) -> None:
         self._add_origins()
@@ -168,16 +170,11 @@ class TrialTable(Callback):
                 row["optuna_state"] = by_ray_id[trial_id].state.name
 
 
-def mark_ended(trial: Trial, state: str, error: str | None) -> None:
+def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None) -> None:
     """Tell a later resume that this trial is over (Ray's own state can lag behind a killed driver)."""
-    checkpoint = trial.checkpoint
-    if checkpoint is None:
-        return
-    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     result = {k: v for k, v in (trial.last_result or {}).items()
               if isinstance(v, (int, float, str)) and k not in ("done", "should_checkpoint", REPLAYED, RESTORE_NOTE)}
-    with checkpoint.filesystem.open_output_stream(f"{trial_dir}/{ENDED_FILE}") as stream:
-        stream.write(json.dumps({"end_state": state, "error": error, "result": result}).encode())
+    write_ended(ended_dir, trial.trial_id, {"end_state": state, "error": error, "result": result})
 
 
 def _best_path(trial: Trial) -> str | None:

@@ -40,7 +40,7 @@ def model_metrics(result: dict) -> dict[str, float]:
 TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
 RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
 REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
-ENDED_FILE = "cmath_ended.json"  # in a trial's storage folder, written by the driver when the trial ends
+ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
 CHECKPOINT_FILE = "checkpoint.json"  # in each checkpoint: the epoch it holds
 
 
@@ -54,16 +54,19 @@ class CMATHTrial(tune.Trainable):
     (hpo.table.NoRetryOnTrialError), and then raised on the next step, so Ray records the
     trial as ERROR with the real exception."""
 
-    def setup(self, config: dict, base: dict | None = None, dataset: Dataset | None = None) -> None:
+    def setup(self, config: dict, base: dict | None = None, dataset: Dataset | None = None,
+              ended_dir: str | None = None) -> None:
         self.base = base or {}
         self.dataset = dataset
+        self.ended_dir = ended_dir
         self._start(config)
 
     def _start(self, params: dict) -> None:
         self.error: Exception | None = None
         self.reported_error = False
         self.restore_note: str | None = None
-        self.ended: dict | None = None
+        # A trial the driver saw end is not trained again, whatever a stale Ray state says about it.
+        self.ended: dict | None = read_ended(self.ended_dir, self.trial_id) if self.ended_dir else None
         self.best_dir = Path(self.logdir) / "best"
         shutil.rmtree(self.best_dir, ignore_errors=True)
         try:
@@ -127,18 +130,17 @@ class CMATHTrial(tune.Trainable):
     def restore(self, checkpoint_path) -> None:
         """Tune's restore, made to survive what a killed driver or a bad disk leaves behind.
 
-        A trial the driver saw end (ENDED_FILE) is not trained again: its final result is
+        A trial the driver saw end (see read_ended) is not trained again: its final result is
         replayed. Otherwise the referenced checkpoint is tried first, then the trial's other
         checkpoints newest first (a stale experiment state can name one that was since deleted;
         a checkpoint can be corrupt), and with none usable the trial starts over. How it came
         back is reported with the next result (RESTORE_NOTE)."""
         if not isinstance(checkpoint_path, _TrainingResult):
             return super().restore(checkpoint_path)
-        wanted = checkpoint_path.checkpoint
-        fs, trial_dir = wanted.filesystem, wanted.path.rstrip("/").rsplit("/", 1)[0]
-        self.ended = _read_json(fs, f"{trial_dir}/{ENDED_FILE}")
         if self.ended is not None:
             return None
+        wanted = checkpoint_path.checkpoint
+        fs, trial_dir = wanted.filesystem, wanted.path.rstrip("/").rsplit("/", 1)[0]
         problems = []
         for path in _checkpoints_newest_first(fs, trial_dir, first=wanted.path):
             name = path.rsplit("/", 1)[-1]
@@ -161,6 +163,22 @@ class CMATHTrial(tune.Trainable):
     def reset_config(self, new_config: dict) -> bool:
         self._start(new_config)
         return True
+
+
+def ended_marker(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = pafs.FileSystem.from_uri(ended_dir)
+    return fs, f"{root.rstrip('/')}/{trial_id}.json"
+
+
+def read_ended(ended_dir: str, trial_id: str) -> dict | None:
+    return _read_json(*ended_marker(ended_dir, trial_id))
+
+
+def write_ended(ended_dir: str, trial_id: str, record: dict) -> None:
+    fs, path = ended_marker(ended_dir, trial_id)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(json.dumps(record).encode())
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
