@@ -21,6 +21,7 @@ from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics, write
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
+JOURNAL_FILE = "history.jsonl"  # every result as it arrives: survives a killed driver between table writes
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -58,10 +59,17 @@ class TrialTable(Callback):
         if trials.exists() and not self.rows:
             for row in _records(read_trials(self.sweep_dir)):
                 self.rows[row["trial_id"]] = row
-        history = self.sweep_dir / HISTORY_FILE
-        if history.exists() and not self.history:
-            for row in _records(pd.read_parquet(history)):
+        journal = self.sweep_dir / JOURNAL_FILE
+        if journal.exists() and not self.history:
+            for line in journal.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # the last line of a driver killed mid-write
+                    continue
                 self.history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
+            for trial_id, epochs in self.history.items():
+                if trial_id in self.rows:
+                    self._summarise(self.rows[trial_id], epochs)
 
     def row(self, trial: Trial, number: int | None = None) -> dict:
         if trial.trial_id not in self.rows:
@@ -101,13 +109,20 @@ class TrialTable(Callback):
         node = str(result.get("node_id", ""))[:12]
         if node and node not in (row.get("nodes") or "").split(","):
             row["nodes"] = ",".join(filter(None, [row.get("nodes"), node]))
-        self.history.setdefault(trial.trial_id, {})[epoch] = {"trial_id": trial.trial_id, "epoch": epoch,
-                                                              **model_metrics(result)}
-        epochs = self.history[trial.trial_id]
+        record = {"trial_id": trial.trial_id, "epoch": epoch, **model_metrics(result)}
+        self.history.setdefault(trial.trial_id, {})[epoch] = record
+        with open(self.sweep_dir / JOURNAL_FILE, "a") as journal:
+            journal.write(json.dumps(record) + "\n")
+        self._summarise(row, self.history[trial.trial_id])
+        row["epochs"], row["last_val_wf1"] = epoch, result["val_wf1"]
+
+    @staticmethod
+    def _summarise(row: dict, epochs: dict[int, dict]) -> None:
         best = max(epochs.values(), key=lambda r: r["val_wf1"])
-        row.update(epochs=epoch, best_epoch=best["epoch"], best_val_wf1=best["val_wf1"], best_val_acc=best["val_acc"],
-                   test_wf1_at_best_val=best["test_wf1"], test_acc_at_best_val=best["test_acc"],
-                   best_test_wf1=max(r["test_wf1"] for r in epochs.values()), last_val_wf1=result["val_wf1"],
+        row.update(epochs=max(epochs), best_epoch=best["epoch"], best_val_wf1=best["val_wf1"],
+                   best_val_acc=best["val_acc"], test_wf1_at_best_val=best["test_wf1"],
+                   test_acc_at_best_val=best["test_acc"], best_test_wf1=max(r["test_wf1"] for r in epochs.values()),
+                   last_val_wf1=epochs[max(epochs)]["val_wf1"],
                    train_seconds=sum(r.get("epoch_seconds", 0.0) for r in epochs.values()))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
