@@ -52,16 +52,18 @@ def pids_using(folder: str) -> list[int]:
 
 def stop(pids: list[int], timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL whatever is still there after `timeout` seconds."""
+    started = {pid: command_line(pid) for pid in pids}
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(command_line(pid) for pid in pids):
+    while time.monotonic() < deadline and any(is_running(pid, line) for pid, line in started.items()):
         time.sleep(0.2)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for pid, line in started.items():
+        if line and is_running(pid, line):  # still the process we meant, not a reused PID
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -70,6 +70,9 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     if record.get("status") == "finished":
         raise SweepError(f"sweep '{record['name']}' already finished; export it with "
                          f"`cmath-hpo export-best {sweep_dir}` or start a new one")
+    if record.get("status") == "time_budget_spent":
+        raise SweepError(f"sweep '{record['name']}' ended at its --time-budget, which Ray does not continue; export "
+                         f"what it found (`cmath-hpo export-best {sweep_dir}`) or start a new sweep")
     values = {**record["options"], "name": record["name"], "results": str(sweep_dir.parent)}
     if address is not None:
         values["address"] = address

@@ -140,11 +140,19 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
     if not isinstance(warm_start, list) or not all(isinstance(p, dict) for p in warm_start):
         raise fail("warm_start", "expected a list of mappings, e.g. [{d: 500, lr: 3.0e-3}]")
     for i, point in enumerate(warm_start):
+        missing = [k for k in distributions if k not in point]
+        if missing:
+            raise fail(f"warm_start[{i}]", f"gives no value for {', '.join(missing)}; a point names every "
+                                           f"searched field")
         for key, value in point.items():
             where = f"warm_start[{i}].{key}"
             if key not in distributions:
                 raise fail(where, f"is not a searched field; searched: {', '.join(distributions)}")
-            if not distributions[key]._contains(distributions[key].to_internal_repr(_as_field(key, value))):
+            try:
+                inside = distributions[key]._contains(distributions[key].to_internal_repr(_as_field(key, value)))
+            except (TypeError, ValueError):
+                inside = False
+            if not inside:
                 raise fail(where, f"{value!r} lies outside the search range of {key}")
         _config(base, point, f"warm_start[{i}]", fail)
     warm_start = [{k: _as_field(k, v) for k, v in p.items()} for p in warm_start]

@@ -144,7 +144,14 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
                          f"or continue it with `cmath-hpo resume {sweep_dir}`")
     max_concurrent = options.max_concurrent or 0
     epochs = space.distributions.get("epochs")
-    max_t = space.max_t or (int(epochs.high) if epochs is not None else base.epochs)
+    if epochs is None:
+        most_epochs = base.epochs
+    else:
+        most_epochs = int(max(epochs.choices) if hasattr(epochs, "choices") else epochs.high)
+    max_t = space.max_t or most_epochs
+    if max_t < most_epochs:
+        raise SweepError(f"{space.path}: asha.max_t {max_t} is below the {most_epochs} epochs a trial runs; ASHA "
+                         f"would stop every trial there. Drop max_t or lower epochs")
     if space.grace_period > max_t:
         raise SweepError(f"{space.path}: asha.grace_period {space.grace_period} exceeds the {max_t} epochs a trial "
                          f"runs; lower grace_period or raise epochs")
@@ -392,8 +399,9 @@ def driver_record(plan: SweepPlan) -> dict:
     """Who runs the sweep: a resume checks this driver is gone and stops what its private Ray left."""
     import ray
 
+    node = ray._private.worker._global_node  # None for a Ray Client (ray://) connection
     return {"pid": os.getpid(), "cmdline": command_line(os.getpid()), "private_ray": plan.address is None,
-            "ray_session_dir": ray._private.worker._global_node.get_session_dir_path()}
+            "ray_session_dir": node.get_session_dir_path() if node is not None else None}
 
 
 def _parent_params(plan: SweepPlan) -> dict:
@@ -450,7 +458,9 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
                               grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
     tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
-    table = TrialTable(plan.sweep_dir, base, plan.searched, tracker, plan.optuna_storage, plan.name, plan.ended_dir)
+    # Absolute: the table is pickled into Ray's tuner.pkl and a resume may run from another folder.
+    table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.optuna_storage, plan.name,
+                       plan.ended_dir)
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
     pruner = [] if plan.options.keep_checkpoints else [CheckpointPruner()]  # after the tracker's upload
     callbacks = [NoRetryOnTrialError(), tracker, table, *pruner, printer]
@@ -480,6 +490,12 @@ def finish_sweep(plan: SweepPlan, record: dict, client, parent_id: str, started:
         best = best_row(trials)
     finished = sum(counts[s] for s in ("completed", "stopped_by_asha", "failed")) == plan.options.num_samples
     status = "finished" if finished else "incomplete"
+    budget = plan.options.time_budget
+    if not finished and budget and fit_seconds >= budget:
+        # Ray ends a sweep at its time budget for good (a restore continues nothing): close the
+        # trials it cut short in the study, as pruned with the epochs they reached.
+        status = "time_budget_spent"
+        prune_unfinished_study_trials(plan)
     wall = time.perf_counter() - started
     record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status=status, counts=counts,
                   wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
@@ -503,6 +519,14 @@ def finish_sweep(plan: SweepPlan, record: dict, client, parent_id: str, started:
     return outcome
 
 
+def prune_unfinished_study_trials(plan: SweepPlan) -> None:
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED)
+
+
 def _metric(key: str, value: float):
     from mlflow.entities import Metric
 
@@ -515,7 +539,9 @@ def best_row(trials) -> dict | None:
     if not len(ok):
         return None
     row = ok.sort_values(["best_val_wf1", "number"], ascending=[False, True]).iloc[0]
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.to_dict().items()}
+    # Parquet gives NaN for a missing string (a checkpoint path, a run id): make it None.
+    return {k: (None if isinstance(v, float) and v != v else v.item() if hasattr(v, "item") else v)
+            for k, v in row.to_dict().items()}
 
 
 def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:

@@ -93,7 +93,10 @@ class TrialTable(Callback):
         row = self.row(trial, number=trials.index(trial))  # creation order: the warm start is number 0
         row["end_state"] = "running"
         if self.tracker is not None:
-            row["mlflow_run_id"] = self.tracker.run_id(trial)
+            try:
+                row["mlflow_run_id"] = self.tracker.run_id(trial)
+            except Exception:  # noqa: BLE001 - the tracker warns; the table goes on without the run id
+                row["mlflow_run_id"] = None
         self.write()  # a started trial is on record even if the driver dies before it ends
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
@@ -167,7 +170,12 @@ class TrialTable(Callback):
     def write(self) -> None:
         self._add_origins()
         rows = sorted(self.rows.values(), key=lambda r: r["number"])
-        write_parquet_atomic(pd.DataFrame(rows), self.sweep_dir / TRIALS_FILE)
+        frame = pd.DataFrame(rows)
+        for column in [c for c in frame.columns if c.startswith("param_")]:
+            kinds = {type(v) for v in frame[column] if v is not None and v == v}
+            if len(kinds) > 1 and not kinds <= {int, float}:  # a categorical of mixed types, e.g. [256, "auto"]
+                frame[column] = frame[column].map(lambda v: None if v is None else str(v))
+        write_parquet_atomic(frame, self.sweep_dir / TRIALS_FILE)
         rows = [r for epochs in self.history.values() for r in epochs.values()]
         write_parquet_atomic(pd.DataFrame(rows), self.sweep_dir / HISTORY_FILE)
 
@@ -237,7 +245,8 @@ class ProgressPrinter(Callback):
                  f"[{_ended(trials) + 1}/{self.num_samples} done]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self.log(f"[{trial.trial_id}] failed: {error_summary(trial)}  [{_ended(trials) + 1}/{self.num_samples} done]")
+        # Ray has marked the trial ERROR already (a completed one is marked after on_trial_complete).
+        self.log(f"[{trial.trial_id}] failed: {error_summary(trial)}  [{_ended(trials)}/{self.num_samples} done]")
 
 
 def _ended(trials: list[Trial]) -> int:

@@ -9,6 +9,8 @@ finds a resumed trial's existing run by its `cmath.trial_id` tag instead of open
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import time
 import urllib.error
@@ -25,6 +27,24 @@ from .search import end_state
 from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
 
 MAX_PARAM_CHARS = 500
+logger = logging.getLogger("hpo")
+
+
+def keep_going(hook):
+    """A tracking store that fails (a server restarting, a full disk) must not end hours of
+    training: the hook warns and the sweep goes on; the trials' own files still have everything."""
+
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.failures = getattr(self, "failures", 0) + 1
+            logger.warning("MLflow logging failed in %s (%s: %s); the sweep goes on", hook.__name__,
+                           type(exc).__name__, str(exc)[:200])
+            return None
+
+    return guarded
 LOST = "lost: started after Ray last saved its state, then the driver was killed; Ray cannot resume it"
 
 
@@ -129,12 +149,14 @@ class MlflowTrials(Callback):
         self.run_ids[trial.trial_id] = run_id
         return run_id
 
+    @keep_going
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         run_id = self.run_id(trial)
         if trial.trial_id in self.ended:  # a trial that ran before (an earlier driver, a retry) continues
             self.client.update_run(run_id, status="RUNNING")
             self.ended.discard(trial.trial_id)
 
+    @keep_going
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
             return
@@ -150,13 +172,16 @@ class MlflowTrials(Callback):
         self.client.log_batch(self.run_id(trial), metrics=metrics)
         self.last_step[trial.trial_id] = step
 
+    @keep_going
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         state = end_state(trial.last_result)
         self._finish(trial, state, "KILLED" if state == "interrupted" else "FINISHED")
 
+    @keep_going
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, "failed", "FAILED", error=error_summary(trial))
 
+    @keep_going
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
         # The time budget and Ctrl-C end running trials without on_trial_complete.
         for trial in trials:

@@ -31,6 +31,14 @@ def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     url = f"http://{host}:{port}"
+    try:
+        return process, _wait_until_up(process, url, port, log, timeout)
+    except BaseException:  # Ctrl-C included: the server runs in its own session and would outlive us
+        stop_ui(process)
+        raise
+
+
+def _wait_until_up(process: subprocess.Popen, url: str, port: int, log: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -39,10 +47,9 @@ def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127
                              f"log: {log}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return process, url
+                return url
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
-    stop_ui(process)
     raise SweepError(f"the MLflow UI did not answer on {url} within {timeout:.0f}s; log: {log}")
 
 

@@ -151,6 +151,17 @@ def test_grace_period_beyond_the_epochs_set_on_the_command_line(tmp_path, tiny_p
     assert not (tmp_path / "x").exists()
 
 
+def test_asha_max_t_below_the_epochs_is_refused_and_categorical_epochs_plan(tmp_path, tiny_path):
+    from hpo.sweep import plan_sweep
+
+    space = _write_space(tmp_path / "space.yaml", asha={"grace_period": 1, "max_t": 2})
+    with pytest.raises(SweepError, match="asha.max_t 2 is below the 3 epochs"):
+        plan_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x"))
+    space = _write_space(tmp_path / "epochs.yaml", warm_start=[], asha={"grace_period": 1},
+                         fixed={"batch_size": 4}, search={"epochs": {"type": "categorical", "choices": [2, 4]}})
+    assert plan_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x")).max_t == 4
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

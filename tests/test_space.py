@@ -72,6 +72,8 @@ def _with(path: str, value):
     ("fixed.d", 300, "search.d: is also under fixed"),
     ("warm_start.0.d", 900, "warm_start[0].d: 900 lies outside the search range"),
     ("warm_start.0.gamma1", 1.0, "warm_start[0].gamma1: is not a searched field"),
+    ("warm_start.0.modalities", "xyz", "warm_start[0].modalities: 'xyz' lies outside the search range"),
+    ("warm_start.0.lr", "fast", "warm_start[0].lr: 'fast' lies outside the search range"),
     ("asha.grace_period", 0, "asha.grace_period: 0 must be an integer >= 1"),
     ("asha.grace_period", 50, "asha.grace_period: 50 exceeds the 10 epochs"),
     ("asha.reduction_factor", 1, "asha.reduction_factor: 1.0 must be > 1"),
@@ -86,6 +88,12 @@ def test_bad_space_names_the_key(path, value, message):
     text = str(caught.value)
     assert text.startswith("bad.yaml: ") and message in text, text
     assert "\n" not in text
+
+
+def test_a_warm_start_point_names_every_searched_field():
+    raw = _with("warm_start.0", {"d": 500, "lr": 3e-3})
+    with pytest.raises(SpaceError, match=r"warm_start\[0\]: gives no value for modalities"):
+        parse_space(raw, "bad.yaml")
 
 
 def test_unreadable_space_files(tmp_path):

@@ -263,7 +263,7 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
                            cpus_per_trial=1, num_cpus=2, results=tmp_path / "results", name="budget",
                            storage=str(storage), time_budget=6, overrides={"epochs": 30})
     outcome = run_sweep(options, log=lambda line: None)
-    assert outcome.status == "incomplete"
+    assert outcome.status == "time_budget_spent"
     trials = read_trials(tmp_path / "results" / "budget")
     assert 0 < len(trials) < 40 and (trials["end_state"] == "interrupted").any()
     assert set(trials["end_state"]) <= {"completed", "stopped_by_asha", "interrupted"}
@@ -275,7 +275,13 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
         assert run.data.tags["cmath.end_state"] == row.end_state
         assert run.info.status == ("KILLED" if row.end_state == "interrupted" else "FINISHED")
     record = json.loads((tmp_path / "results" / "budget" / "sweep.json").read_text())
-    assert record["status"] == "incomplete" and record["time_budget_s"] == 6
+    assert record["status"] == "time_budget_spent" and record["time_budget_s"] == 6
+    study = optuna.load_study(study_name="budget", storage=f"sqlite:///{tmp_path / 'results' / 'budget' / 'optuna.db'}")
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]  # cut-short trials are pruned, not left open
+    from hpo.resume import resume_sweep
+
+    with pytest.raises(SweepError, match="ended at its --time-budget"):
+        resume_sweep("budget", tmp_path / "results")
 
 
 # ------------------------------------------------------------------ the report (issue: sweep report)
