@@ -149,6 +149,11 @@ def compare_runs(ours: dict, theirs: dict) -> dict:
     return compared
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def mlflow_experiment(client, name: str, uri: str) -> str:
     """The experiment's id, created if needed. With a sqlite store its artifacts go beside the
     database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is."""
@@ -157,9 +162,8 @@ def mlflow_experiment(client, name: str, uri: str) -> str:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()
+    database = sqlite_file(uri)
+    location = (database.resolve().parent / "mlartifacts" / name).as_uri() if database else None
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -29,7 +29,7 @@ from cmath_model.runs import resolve_data
 from .errors import SweepError
 from .processes import command_line
 from .space import SearchSpace, load_space
-from .table import TRIALS_FILE, read_trials
+from .table import TRIALS_FILE, read_trials, records
 from .tracking import check_tracking_uri, default_tracking_uri
 
 SWEEP_FILE = "sweep.json"
@@ -124,8 +124,6 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
     try:
         base = space.base_config(**options.overrides, data=options.data, data_sha256=None, device=device,
                                  num_threads=threads)
-    except SweepError:
-        raise
     except Exception as exc:  # a bad --set value
         raise SweepError(f"--set: {exc}") from None
     base, data = resolve_data(base, options.results)
@@ -538,10 +536,7 @@ def best_row(trials) -> dict | None:
     ok = trials[(trials["end_state"] != "failed") & trials["best_val_wf1"].notna()]
     if not len(ok):
         return None
-    row = ok.sort_values(["best_val_wf1", "number"], ascending=[False, True]).iloc[0]
-    # Parquet gives NaN for a missing string (a checkpoint path, a run id): make it None.
-    return {k: (None if isinstance(v, float) and v != v else v.item() if hasattr(v, "item") else v)
-            for k, v in row.to_dict().items()}
+    return records(ok.sort_values(["best_val_wf1", "number"], ascending=[False, True]).head(1))[0]
 
 
 def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:

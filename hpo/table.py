@@ -34,7 +34,7 @@ def read_trials(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(sweep_dir) / TRIALS_FILE)
 
 
-def _records(frame: pd.DataFrame) -> list[dict]:
+def records(frame: pd.DataFrame) -> list[dict]:
     """Rows as plain Python values, missing ones as None (Parquet gives NaN for an empty column)."""
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
              for k, v in row.items()} for row in frame.to_dict("records")]
@@ -52,12 +52,16 @@ class TrialTable(Callback):
         self.ended_dir = ended_dir
         self.rows: dict[str, dict] = {}
         self.history: dict[str, dict[int, dict]] = {}
+        self._study = None  # opened once, at the first write
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_study": None}
 
     def setup(self, **info) -> None:
         # A resumed sweep starts from the tables its first driver wrote.
         trials = self.sweep_dir / TRIALS_FILE
         if trials.exists() and not self.rows:
-            for row in _records(read_trials(self.sweep_dir)):
+            for row in records(read_trials(self.sweep_dir)):
                 self.rows[row["trial_id"]] = row
         journal = self.sweep_dir / JOURNAL_FILE
         if journal.exists() and not self.history:
@@ -185,8 +189,9 @@ class TrialTable(Callback):
             return
         import optuna
 
-        study = optuna.load_study(study_name=self.study_name, storage=self.optuna_storage)
-        by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in study.get_trials(deepcopy=False)}
+        if self._study is None:
+            self._study = optuna.load_study(study_name=self.study_name, storage=self.optuna_storage)
+        by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in self._study.get_trials(deepcopy=False)}
         for trial_id, row in self.rows.items():
             if trial_id in by_ray_id:
                 row["suggested_by"] = by_ray_id[trial_id].user_attrs.get("suggested_by")

@@ -22,6 +22,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from cmath_model.runs import sqlite_file
+
 from .errors import SweepError
 from .search import end_state
 from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
@@ -62,8 +64,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise SweepError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
                              f"(mlflow server --host 127.0.0.1 --port ...) or pass a reachable --mlflow-uri") from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    elif sqlite_file(uri) is not None:
+        folder = sqlite_file(uri).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

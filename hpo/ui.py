@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cmath_model.runs import sqlite_file
+
 from .errors import SweepError
 from .tracking import default_tracking_uri
 
@@ -19,7 +21,8 @@ def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127
     """Start `mlflow server` (one worker, no job runner: 2 processes instead of 15) and wait
     until it answers. Returns the process (stop it by its PID) and the URL."""
     uri = mlflow_uri or default_tracking_uri(results)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    database = sqlite_file(uri)
+    if database is not None and not database.exists():
         raise SweepError(f"no MLflow store at {uri}; run a sweep first or pass --results/--mlflow-uri")
     artifacts = Path(results) / "mlartifacts"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,

@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,14 @@ def meld_dir() -> Path:
         raise FileNotFoundError(f"the shared MELD data is missing at {SHARED_MELD}: the tests need ../shared beside "
                                 "the repository")
     return SHARED_MELD
+
+
+@pytest.fixture
+def free_port():
+    """A function giving a 127.0.0.1 port nothing listens on (for servers, or as an unreachable address)."""
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return port

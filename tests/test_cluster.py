@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,6 @@ SPACE = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ray_start(*args: str) -> None:
     subprocess.run([RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
@@ -46,10 +40,10 @@ def _ray_start(*args: str) -> None:
 
 
 @pytest.fixture
-def cluster():
+def cluster(free_port):
     # Short temp dirs: Ray's unix sockets live inside them and socket paths are limited to 107 bytes.
     head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
-    port = _free_port()
+    port = free_port()
     try:
         _ray_start("--head", "--port", str(port), "--temp-dir", head_dir, "--include-dashboard=false")
         _ray_start("--address", f"127.0.0.1:{port}", "--temp-dir", worker_dir)

@@ -2,7 +2,6 @@
 or go NaN, bad inputs that must stop a sweep before it starts."""
 
 import json
-import socket
 import sys
 
 import pyarrow.parquet as pq
@@ -162,22 +161,17 @@ def test_asha_max_t_below_the_epochs_is_refused_and_categorical_epochs_plan(tmp_
     assert plan_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x")).max_t == 4
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_unreachable_mlflow_uri_fails_fast(tmp_path, tiny_path):
-    uri = f"http://127.0.0.1:{_closed_port()}"
+def test_unreachable_mlflow_uri_fails_fast(tmp_path, tiny_path, free_port):
+    uri = f"http://127.0.0.1:{free_port()}"
     space = _write_space(tmp_path / "space.yaml")
     with pytest.raises(SweepError, match=f"MLflow tracking server {uri} is unreachable"):
         run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", mlflow_uri=uri))
     assert not ray.is_initialized() and not (tmp_path / "x").exists()
 
 
-def test_unreachable_ray_address_fails_fast(tmp_path, tiny_path):
-    address = f"127.0.0.1:{_closed_port()}"
+def test_unreachable_ray_address_fails_fast(tmp_path, tiny_path, free_port):
+    address = f"127.0.0.1:{free_port()}"
     space = _write_space(tmp_path / "space.yaml")
     with pytest.raises(SweepError, match=f"Ray cluster at {address} is unreachable"):
         run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", address=address))

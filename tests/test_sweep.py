@@ -5,7 +5,6 @@ study, trials.parquet, export-best and retraining, and the MLflow UI's REST API.
 """
 
 import json
-import socket
 import time
 import urllib.request
 
@@ -202,14 +201,9 @@ def test_export_best_command_line(sweep, tmp_path, capsys):
     assert "error: no sweep 'missing'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_ui_serves_the_sweep_runs(sweep):
-    process, url = start_ui(sweep["results"], port=_free_port())
+def test_ui_serves_the_sweep_runs(sweep, free_port):
+    process, url = start_ui(sweep["results"], port=free_port())
     try:
         assert url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s1") as r:
@@ -398,9 +392,9 @@ def _wait_for_text(page, texts, timeout=60):
     raise AssertionError(f"the MLflow UI never showed {missing}")
 
 
-def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_charts_metrics(sweep, tmp_path):
+def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_charts_metrics(sweep, tmp_path, free_port):
     trials = sweep["trials"]
-    process, url = start_ui(sweep["results"], port=_free_port())
+    process, url = start_ui(sweep["results"], port=free_port())
     page = _browser()
     try:
         page.get(f"{url}/#/experiments")
