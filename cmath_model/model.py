@@ -41,12 +41,21 @@ class ModalityReconstruction(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x * mask.unsqueeze(-1)  # (B, L, D_m); zeroed padding = the conv's own zero padding
-        u = self.down(x.transpose(1, 2)) * mask.unsqueeze(1)  # (B, d, L); zeroed again for the up conv
+        u = conv(self.down, x) * mask.unsqueeze(-1)  # (B, L, d); zeroed again for the up conv
         if self.up is None:
-            return u.transpose(1, 2), x.new_zeros(())
-        x_rec = self.up(u).transpose(1, 2)  # (B, L, D_m)
+            return u, x.new_zeros(())
+        x_rec = conv(self.up, u)  # (B, L, D_m)
         loss = F.mse_loss(x_rec[mask], x[mask])
-        return u.transpose(1, 2), loss
+        return u, loss
+
+
+def conv(layer: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """Conv1D over utterances, (B, L, C_in) -> (B, L, C_out). A kernel of 1 (the default) is the
+    same weights applied as one matrix product, which skips the convolution's transposes and
+    im2col path (about 10% of a CPU training epoch at d 500)."""
+    if layer.kernel_size[0] == 1:
+        return F.linear(x, layer.weight[:, :, 0], layer.bias)
+    return layer(x.transpose(1, 2)).transpose(1, 2)
 
 
 # ---------------------------------------------------------------- Eq. 5-8: speaker + position

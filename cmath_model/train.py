@@ -52,7 +52,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
 class Trainer:
     """Owns model, optimiser and RNG state; `step()` is one epoch (train, then valid and test)."""
 
-    def __init__(self, config: CMATHConfig, data: Dataset, device: str | torch.device | None = None):
+    def __init__(self, config: CMATHConfig, data: Dataset, device: str | torch.device | None = None,
+                 keep_best: bool = False):
         data.require_modalities(config.modality_names)
         if config.dataset != data.name and data.name in ("iemocap", "meld"):
             raise ConfigError(f"config is for dataset '{config.dataset}' but {data.path} holds '{data.name}'; "
@@ -73,6 +74,11 @@ class Trainer:
         self.best: dict | None = None  # the best-validation epoch's metrics
         self.improved = False
         self.best_test_predictions: dict | None = None
+        # With keep_best, the best epoch's weights stay in memory (a CPU copy), so `save_best` can
+        # write them whenever it is asked, not only in the epoch they were best (sweeps write them
+        # with their checkpoints instead of at every improvement).
+        self.keep_best = keep_best
+        self.best_model_state: dict | None = None
 
     def _class_weight(self) -> torch.Tensor | None:
         if self.config.class_weights == "none":
@@ -108,6 +114,8 @@ class Trainer:
         if self.improved:
             self.best = record
             self.best_test_predictions = test["predictions"]
+            if self.keep_best:
+                self.best_model_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.history.append(record)
         return record
 
@@ -186,10 +194,12 @@ class Trainer:
         random.setstate(rng["python"])
 
     def save_best(self, directory: str | Path) -> Path:
-        """The best-validation epoch: weights, config, its metrics and its test predictions."""
+        """The best-validation epoch: weights, config, its metrics and its test predictions
+        (the weights kept in memory with keep_best, else the model's current ones)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"model": self.model.state_dict(), "modality_dims": self.data.modality_dims,
+        weights = self.best_model_state if self.best_model_state is not None else self.model.state_dict()
+        _atomic_torch_save({"model": weights, "modality_dims": self.data.modality_dims,
                             "num_classes": self.data.num_classes,
                             "max_speakers": self.speaker_slots},
                            directory / "model.pt")
@@ -199,6 +209,14 @@ class Trainer:
                  dialogue_lengths=self.data.splits["test"].lengths.numpy())
         (directory / "metrics.json").write_text(json.dumps({**self.best, "classes": self.data.classes}, indent=1))
         return directory
+
+    def load_best(self, directory: str | Path) -> None:
+        """Take back what `save_best` wrote (after `load`, whose history already holds the metrics)."""
+        directory = Path(directory)
+        state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
+        self.best_model_state = state["model"] if self.keep_best else None
+        with np.load(directory / "test_predictions.npz") as preds:
+            self.best_test_predictions = {k: preds[k] for k in ("label", "pred", "prob")}
 
 
 @torch.no_grad()

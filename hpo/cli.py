@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--verbose", action="store_true", help="print every epoch of every trial")
     sweep.add_argument("--max-retries", type=int, default=2,
                        help="restarts from the last checkpoint when a trial's worker or node is lost (default 2)")
+    sweep.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
+                       help="tpe (default: seeded random start-up, then TPE) or random search throughout")
+    sweep.add_argument("--no-early-stopping", action="store_true", help="no ASHA: every trial runs all its epochs")
+    sweep.add_argument("--seed", type=int, help="the sampler's seed (default: the space's seed)")
     sweep.add_argument("--keep-checkpoints", action="store_true",
                        help="keep ended trials' resume state (by default only their best weights stay)")
 
@@ -54,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
     report.add_argument("--results", default="results")
     report.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's parent run")
+
+    bench = sub.add_parser("bench", help="run a benchmark (python -m benchmarks.NAME): prints a table, writes "
+                                         "results/benchmarks/NAME.json", add_help=False)
+    bench.add_argument("name", choices=("overhead", "speed", "search", "packing", "meld", "scaling", "all"))
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the sweep store")
     ui.add_argument("--results", default="results")
@@ -74,6 +83,7 @@ def _sweep(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus, mlflow_uri=args.mlflow_uri, experiment=args.experiment, results=args.results,
         name=args.name, storage=args.storage, time_budget=args.time_budget, overrides=_parse_set(args.set),
         verbose=args.verbose, keep_checkpoints=args.keep_checkpoints, max_retries=args.max_retries,
+        sampler=args.sampler, early_stopping=not args.no_early_stopping, seed=args.seed,
         command=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))
     if args.dry_run:
         print(describe_plan(plan_sweep(options)))
@@ -112,6 +122,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from benchmarks import NAMES
+
+    for name in NAMES if args.name == "all" else [args.name]:
+        print(f"== benchmarks.{name} {' '.join(args.rest)}", flush=True)
+        importlib.import_module(f"benchmarks.{name}").main(args.rest)
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from .ui import start_ui, stop_ui
 
@@ -132,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     def dispatch(argv: list[str] | None) -> int:
         args = _parser().parse_args(argv)
         return {"sweep": _sweep, "resume": _resume, "export-best": _export, "report": _report,
-                "ui": _ui}[args.command](args)
+                "ui": _ui, "bench": _bench}[args.command](args)
 
     return _run(dispatch, argv)
 

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from .space import SearchSpace
+from .space import SearchSpace, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -35,14 +35,16 @@ def end_state(result: dict | None, error: bool = False) -> str:
 
 class SweepSearch(OptunaSearch):
     def __init__(self, space: SearchSpace, n_startup_trials: int, storage: str | None = None,
-                 study_name: str = "cmath"):
+                 study_name: str = "cmath", sampler: str = "tpe"):
         self.n_startup_trials = n_startup_trials
-        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=n_startup_trials)
+        self.sampler_kind = sampler
         rdb = optuna.storages.RDBStorage(storage) if storage else None
         super().__init__(space=dict(space.distributions), metric=space.metric, mode=space.mode,
-                         points_to_evaluate=[dict(p) for p in space.warm_start] or None, sampler=sampler,
+                         points_to_evaluate=[dict(p) for p in space.warm_start] or None,
+                         sampler=make_sampler(sampler, space.seed, n_startup_trials),
                          storage=rdb, study_name=study_name)
         self._best: dict[str, float] = {}
+        self._values: dict[str, dict[int, float]] = {}  # per trial: epoch -> metric, written when it ends
 
     def suggest(self, trial_id: str) -> dict | None:
         finished = len(self._ot_study.get_trials(deepcopy=False, states=FINISHED))
@@ -51,21 +53,30 @@ class SweepSearch(OptunaSearch):
         if "fixed_params" in self._ot_study._storage.get_trial_system_attrs(ot_trial._trial_id):
             origin = "warm_start"
         else:
-            origin = "tpe" if finished >= self.n_startup_trials else "random"
+            origin = "tpe" if self.sampler_kind == "tpe" and finished >= self.n_startup_trials else "random"
         ot_trial.set_user_attr("ray_trial_id", trial_id)
         ot_trial.set_user_attr("suggested_by", origin)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Kept here until the trial ends, not written to the study now: Tune waits for this
+        before the trial's next epoch, a study write is a database commit, and TPE reads only
+        finished trials. (The searcher's state, these values included, is saved with Tune's.)"""
         if self.metric not in result:  # the error report of a failing trial; its FAIL comes next
             return
-        super().on_trial_result(trial_id, result)
         self._track(trial_id, result)
 
     def _track(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric)
         if value is not None and math.isfinite(value):
             self._best[trial_id] = max(self._best.get(trial_id, -math.inf), value)
+            self._values.setdefault(trial_id, {})[int(result.get("epoch", result.get("training_iteration", 0)))] = value
+
+    def _report_values(self, trial_id: str, ot_trial) -> None:
+        reported = set(self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values)
+        for step, value in sorted(self._values.pop(trial_id, {}).items()):
+            if step not in reported:
+                ot_trial.report(value, step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -78,7 +89,7 @@ class SweepSearch(OptunaSearch):
         if state != "failed" and not finished:
             # The final result never reaches on_trial_result: Tune skips it for stopped trials.
             self._track(trial_id, result)
-            ot_trial.report(result[self.metric], result["epoch"])
+            self._report_values(trial_id, ot_trial)
         if finished:
             # told before a driver was killed; the restored searcher state predates it
             self._completed_trials.add(trial_id)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import optuna.distributions as od
 import yaml
 
@@ -40,6 +41,7 @@ TYPES = ("int", "float", "uniform", "loguniform", "categorical")
 # The sweep sets these itself: the dataset and its hash, per-trial provenance and placement.
 NOT_SEARCHABLE = ("data", "data_sha256", "extra", "device", "num_threads")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
+SAMPLERS = ("tpe", "random")
 FIELD_TYPES = {name: CMATHConfig.__dataclass_fields__[name].type for name in FIELD_NAMES}
 
 
@@ -269,3 +271,11 @@ def _distribution(key: str, spec: Any, base: CMATHConfig, fail) -> od.BaseDistri
             raise fail(where, "low, high and step of an int field must be whole numbers")
         return od.IntDistribution(int(low), int(high), log=log, step=int(step or 1))
     return od.FloatDistribution(float(low), float(high), log=log, step=float(step) if step is not None else None)
+
+
+def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+    """TPE after a seeded random start-up (the sweep's default), or random search throughout
+    (the baseline benchmarks.search compares TPE with)."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)

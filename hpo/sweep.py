@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import socket
@@ -28,7 +29,7 @@ from cmath_model.runs import resolve_data
 
 from .errors import SweepError
 from .processes import command_line
-from .space import SearchSpace, load_space
+from .space import SAMPLERS, SearchSpace, load_space, make_sampler
 from .table import TRIALS_FILE, read_trials, records
 from .tracking import check_tracking_uri, default_tracking_uri
 
@@ -57,6 +58,9 @@ class SweepOptions:
     verbose: bool = False
     keep_checkpoints: bool = False  # keep ended trials' resume state and older checkpoints
     max_retries: int = 2  # restarts from the last checkpoint when a trial's worker or node is lost
+    sampler: str = "tpe"  # tpe | random (random: the baseline benchmarks.search measures TPE against)
+    early_stopping: bool = True  # ASHA; False runs every trial to its last epoch
+    seed: int | None = None  # the sampler's seed instead of the space's
     trainable: type | None = None  # a CMATHTrial subclass (tests inject faults through one)
     command: str | None = None  # recorded in sweep.json
 
@@ -114,7 +118,11 @@ class SweepOutcome:
 # ---------------------------------------------------------------------------- planning
 def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming: bool = False) -> SweepPlan:
     space = space or load_space(options.space)
+    if options.seed is not None:
+        space = dataclasses.replace(space, seed=options.seed)
     _check_counts(options)
+    if options.sampler not in SAMPLERS:
+        raise SweepError(f"--sampler {options.sampler}: use one of {', '.join(SAMPLERS)}")
     for key in options.overrides:
         if key in space.distributions:
             raise SweepError(f"--set {key}: {key} is searched by {space.path}; remove it from --set or from search")
@@ -187,7 +195,7 @@ def first_configs(plan: SweepPlan, count: int = 5) -> list[dict]:
     """The configs the sweep starts with: the warm start, then the sampler's seeded start-up.
     An in-memory study with the same sampler and seed asks exactly what the sweep will ask."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=plan.space.seed, n_startup_trials=plan.n_startup)
+    sampler = make_sampler(plan.options.sampler, plan.space.seed, plan.n_startup)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     for point in plan.space.warm_start:
         study.enqueue_trial(point)
@@ -202,8 +210,7 @@ def describe_plan(plan: SweepPlan) -> str:
     lines = [
         f"sweep {plan.name} -> {plan.sweep_dir}",
         f"space {plan.space.path}: maximise {plan.space.metric} over {o.num_samples} trials "
-        f"({plan.n_startup} random start-up, then TPE seeded {plan.space.seed}; "
-        f"ASHA grace {plan.space.grace_period}, reduction {plan.space.reduction_factor:g}, max_t {plan.max_t})",
+        f"({_describe_search(plan)})",
         *[f"  search {line}" for line in plan.space.describe()],
         f"fixed: {fixed}",
         f"data: {plan.data.path} ({plan.data.name}, sha256 {plan.data.sha256[:12]}...)",
@@ -216,6 +223,15 @@ def describe_plan(plan: SweepPlan) -> str:
           for i, c in enumerate(first_configs(plan))],
     ]
     return "\n".join(lines)
+
+
+def _describe_search(plan: SweepPlan) -> str:
+    o, space = plan.options, plan.space
+    sampler = (f"random search seeded {space.seed}" if o.sampler == "random" else
+               f"{plan.n_startup} random start-up, then TPE seeded {space.seed}")
+    stopping = (f"ASHA grace {space.grace_period}, reduction {space.reduction_factor:g}, max_t {plan.max_t}"
+                if o.early_stopping else "no early stopping")
+    return f"{sampler}; {stopping}"
 
 
 # ---------------------------------------------------------------------------- provenance
@@ -232,7 +248,7 @@ def provenance(plan: SweepPlan) -> dict:
         "space": {"path": str(plan.space.path), "content": plan.space.raw},
         "seeds": {"sampler": plan.space.seed, "trial": plan.base.seed},
         "num_samples": o.num_samples, "max_concurrent": plan.max_concurrent or None,
-        "n_startup_trials": plan.n_startup,
+        "n_startup_trials": plan.n_startup, "sampler": o.sampler, "early_stopping": o.early_stopping,
         "asha": {"grace_period": plan.space.grace_period, "reduction_factor": plan.space.reduction_factor,
                  "max_t": plan.max_t},
         "resources_per_trial": plan.resources, "address": plan.address, "time_budget_s": o.time_budget,
@@ -406,7 +422,8 @@ def _parent_params(plan: SweepPlan) -> dict:
     o = plan.options
     return {"space": plan.space.path, "metric": plan.space.metric, "num_samples": o.num_samples,
             "max_concurrent": plan.max_concurrent or "auto", "cpus_per_trial": o.cpus_per_trial,
-            "gpus_per_trial": o.gpus_per_trial, "sampler_seed": plan.space.seed, "n_startup_trials": plan.n_startup,
+            "gpus_per_trial": o.gpus_per_trial, "sampler": o.sampler, "sampler_seed": plan.space.seed,
+            "n_startup_trials": plan.n_startup, "early_stopping": o.early_stopping,
             "asha_grace_period": plan.space.grace_period, "asha_reduction_factor": plan.space.reduction_factor,
             "asha_max_t": plan.max_t, "searched": ",".join(plan.searched), "address": plan.address or "local",
             "time_budget_s": o.time_budget}
@@ -425,6 +442,14 @@ def tune_environment() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[int, ...]:
+    """The epochs at which ASHA compares a trial with its peers and may stop it: Ray's
+    `_Bracket` rungs for one bracket (grace * rf^k up to max_t). A trial checkpoints there,
+    so a trial that is stopped keeps its best weights."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return tuple(sorted(int(round(grace_period * reduction_factor ** k)) for k in range(count)))
+
+
 def build_trainable(plan: SweepPlan):
     """The trial class with its resources; the base config and the dataset go to the object store once."""
     from ray import tune
@@ -432,14 +457,16 @@ def build_trainable(plan: SweepPlan):
     from .trainable import CMATHTrial
 
     trial_class = plan.options.trainable or CMATHTrial
+    rungs = (asha_rungs(plan.space.grace_period, plan.space.reduction_factor, plan.max_t)
+             if plan.options.early_stopping else ())
     trainable = tune.with_parameters(trial_class, base=plan.base.to_dict(), dataset=plan.data,
-                                     ended_dir=plan.ended_dir)
+                                     ended_dir=plan.ended_dir, checkpoint_epochs=rungs)
     return tune.with_resources(trainable, plan.resources)
 
 
 def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from .search import SweepSearch
@@ -452,9 +479,13 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     # The limiter makes Tune ask for a trial only when a slot is free, not queue suggestions ahead:
     # a suggestion made early is made with less history, and could not use TPE at all.
     searcher = ConcurrencyLimiter(SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage,
-                                              study_name=plan.name), max_concurrent=plan.max_concurrent)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
-                              grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
+                                              study_name=plan.name, sampler=plan.options.sampler),
+                                  max_concurrent=plan.max_concurrent)
+    if plan.options.early_stopping:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
+                                  grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
     tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
     # Absolute: the table is pickled into Ray's tuner.pkl and a resume may run from another folder.
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.optuna_storage, plan.name,

@@ -17,7 +17,7 @@ from ray.tune.experiment import Trial
 
 from .search import end_state
 from .tracking import LOST, MlflowTrials, error_summary
-from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics, write_ended
+from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, final_result, model_metrics, write_ended
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
@@ -116,7 +116,8 @@ class TrialTable(Callback):
         node = str(result.get("node_id", ""))[:12]
         if node and node not in (row.get("nodes") or "").split(","):
             row["nodes"] = ",".join(filter(None, [row.get("nodes"), node]))
-        record = {"trial_id": trial.trial_id, "epoch": epoch, **model_metrics(result)}
+        # received_at: when the driver had the epoch (benchmarks.overhead reads the sweep's timeline from it)
+        record = {"trial_id": trial.trial_id, "epoch": epoch, **model_metrics(result), "received_at": time.time()}
         self.history.setdefault(trial.trial_id, {})[epoch] = record
         with open(self.sweep_dir / JOURNAL_FILE, "a") as journal:
             journal.write(json.dumps(record) + "\n")
@@ -200,9 +201,8 @@ class TrialTable(Callback):
 
 def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None) -> None:
     """Tell a later resume that this trial is over (Ray's own state can lag behind a killed driver)."""
-    result = {k: v for k, v in (trial.last_result or {}).items()
-              if isinstance(v, (int, float, str)) and k not in ("done", "should_checkpoint", REPLAYED, RESTORE_NOTE)}
-    write_ended(ended_dir, trial.trial_id, {"end_state": state, "error": error, "result": result})
+    write_ended(ended_dir, trial.trial_id, {"end_state": state, "error": error,
+                                            "result": final_result(trial.last_result or {})})
 
 
 def _best_path(trial: Trial) -> str | None:

@@ -2,16 +2,22 @@
 
 Ray's stock MLflowLoggerCallback logs one call per metric (slow on the driver's loop), logs
 Ray's bookkeeping keys, uploads no checkpoints and opens a second run for a resumed trial.
-This callback sends one `log_batch` per result with only the model's metrics (step = epoch),
-uploads the trial's best-validation checkpoint when the trial ends, tags how it ended, and
-finds a resumed trial's existing run by its `cmath.trial_id` tag instead of opening another.
+This callback logs only the model's metrics (step = epoch), uploads the trial's best-validation
+checkpoint when the trial ends, tags how it ended, and finds a resumed trial's existing run by
+its `cmath.trial_id` tag instead of opening another.
+
+Tune waits for its callbacks before it hands a trial its next epoch, so nothing slow happens
+in them: metrics, tags and uploads go to one background thread (MlflowWriter), in order, and
+the metrics that piled up meanwhile leave in one `log_batch` per run.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import queue
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +54,65 @@ def keep_going(hook):
 
     return guarded
 LOST = "lost: started after Ray last saved its state, then the driver was killed; Ray cannot resume it"
+MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch
+
+
+class MlflowWriter:
+    """One background thread that makes the MLflow calls handed to it, in the order given.
+    Metrics waiting together are merged into one log_batch per run. A failing call warns and
+    the rest go on (a tracking store that fails must not end hours of training)."""
+
+    def __init__(self, client: MlflowClient):
+        self.client = client
+        self.queue: queue.Queue = queue.Queue()
+        self.failures = 0
+        self.thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
+        self.thread.start()
+
+    def metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        self.queue.put(("metrics", run_id, metrics))
+
+    def call(self, fn, *args, **kwargs) -> None:
+        self.queue.put(("call", fn, (args, kwargs)))
+
+    def flush(self) -> None:
+        self.queue.join()
+
+    def _run(self) -> None:
+        while True:
+            items = [self.queue.get()]
+            while True:  # take everything already waiting
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._do(items)
+            finally:
+                for _ in items:
+                    self.queue.task_done()
+
+    def _do(self, items: list[tuple]) -> None:
+        pending: dict[str, list[Metric]] = {}
+        for kind, target, payload in items + [("call", None, None)]:
+            if kind == "metrics":
+                pending.setdefault(target, []).extend(payload)
+                continue
+            for run_id, metrics in pending.items():  # metrics go before the call that followed them
+                for start in range(0, len(metrics), MAX_BATCH_METRICS):
+                    self._guarded(self.client.log_batch, run_id, metrics=metrics[start:start + MAX_BATCH_METRICS])
+            pending = {}
+            if target is not None:
+                args, kwargs = payload
+                self._guarded(target, *args, **kwargs)
+
+    def _guarded(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.failures += 1
+            logger.warning("MLflow logging failed in %s (%s: %s); the sweep goes on", getattr(fn, "__name__", fn),
+                           type(exc).__name__, str(exc)[:200])
 
 
 def default_tracking_uri(results: str | Path) -> str:
@@ -119,17 +184,26 @@ class MlflowTrials(Callback):
         self.ended: set[str] = set()
         self.last_step: dict[str, int] = {}
         self._client: MlflowClient | None = None
+        self._writer: MlflowWriter | None = None
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_client"] = None
-        return state
+        return {**self.__dict__, "_client": None, "_writer": None}
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
             self._client = MlflowClient(self.uri)
         return self._client
+
+    @property
+    def writer(self) -> MlflowWriter:
+        if self._writer is None:
+            self._writer = MlflowWriter(self.client)
+        return self._writer
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def run_id(self, trial: Trial) -> str:
         """The trial's run: the one already in the store (a resumed trial), else a new child."""
@@ -163,16 +237,18 @@ class MlflowTrials(Callback):
         if TRIAL_ERROR in result:
             return
         if RESTORE_NOTE in result:
-            run = self.client.get_run(self.run_id(trial))
-            notes = "; ".join(filter(None, [run.data.tags.get("cmath.restore_note"), result[RESTORE_NOTE]]))
-            self.client.set_tag(run.info.run_id, "cmath.restore_note", notes[:5000])
+            self.writer.call(self._add_restore_note, self.run_id(trial), result[RESTORE_NOTE])
         step = int(result["epoch"])
         if step <= self.last_step.get(trial.trial_id, 0):
             return  # an epoch replayed after a restore: its history is already logged
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in model_metrics(result).items()]
-        self.client.log_batch(self.run_id(trial), metrics=metrics)
+        self.writer.metrics(self.run_id(trial), [Metric(k, v, now, step) for k, v in model_metrics(result).items()])
         self.last_step[trial.trial_id] = step
+
+    def _add_restore_note(self, run_id: str, note: str) -> None:
+        run = self.client.get_run(run_id)
+        notes = "; ".join(filter(None, [run.data.tags.get("cmath.restore_note"), note]))
+        self.client.set_tag(run_id, "cmath.restore_note", notes[:5000])
 
     @keep_going
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
@@ -185,6 +261,7 @@ class MlflowTrials(Callback):
 
     @keep_going
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        self.flush()
         # The time budget and Ctrl-C end running trials without on_trial_complete.
         for trial in trials:
             if trial.trial_id in self.run_ids and trial.trial_id not in self.ended:
@@ -203,22 +280,25 @@ class MlflowTrials(Callback):
             f"tags.`cmath.sweep` = '{self.sweep}' and tags.`cmath.kind` = 'trial' {condition}"))
 
     def _finish(self, trial: Trial, state: str, status: str, error: str | None = None) -> None:
+        """Tags, error text, the best checkpoint and the run's end, in the writer's order (after
+        the trial's last metrics). What is read off the trial is read now, while it is current."""
         run_id = self.run_id(trial)
         tags = [RunTag("cmath.end_state", state)]
         if error:
             tags.append(RunTag("cmath.error", error))
-        self.client.log_batch(run_id, tags=tags)
+        self.writer.call(self.client.log_batch, run_id, tags=tags)
         if error:
-            self.client.log_text(run_id, error_text(trial), "error.txt")
-        if not (trial.last_result or {}).get(REPLAYED):  # a replayed trial uploaded its best when it ended
-            self.upload_best(trial, run_id)
-        self.client.set_terminated(run_id, status)
+            self.writer.call(self.client.log_text, run_id, error_text(trial), "error.txt")
+        replayed = bool((trial.last_result or {}).get(REPLAYED))
+        self.writer.call(self.upload_best, trial.checkpoint, run_id, replayed)
+        self.writer.call(self.client.set_terminated, run_id, status)
         self.ended.add(trial.trial_id)
 
-    def upload_best(self, trial: Trial, run_id: str) -> None:
-        checkpoint = trial.checkpoint
+    def upload_best(self, checkpoint, run_id: str, replayed: bool = False) -> None:
         if checkpoint is None:
             return
+        if replayed and self.client.list_artifacts(run_id, "best"):
+            return  # uploaded when the trial really ended, before the sweep was resumed
         with checkpoint.as_directory() as folder:
             best = Path(folder) / "best"
             if best.exists():

@@ -5,14 +5,21 @@ A class (not a function) so Ray can reuse a trial's worker process for the next 
 
 Every checkpoint holds two folders: `trainer/` (everything needed to resume the run exactly)
 and `best/` (the best-validation epoch so far: weights, config, test predictions, metrics,
-which is what MLflow receives and `cmath-eval` loads). A checkpoint is written when validation
-improves and every `checkpoint_every` epochs, so the latest checkpoint always has the best.
+which is what MLflow receives and `cmath-eval` loads). Checkpoints cost time (about 1 s at
+d 500: 310 MB written, then copied to Ray's storage), so one is written only where it can
+matter, with only what can matter:
+- at the epochs where ASHA may stop the trial (its rungs) and at the trial's last epoch, so
+  the best weights outlive the trial; between checkpoints they wait in memory;
+- every `checkpoint_every` epochs, for resuming after a lost worker or driver. `trainer/`
+  (model plus Adam state, 3x the weights) is written only when `checkpoint_every` asks for
+  resumability, and never at the last epoch: a finished trial has nothing left to resume,
+  so its final checkpoint records its last result instead, and a restore replays it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -25,7 +32,8 @@ from cmath_model.data import Dataset
 from cmath_model.train import LOSS_KEYS, Trainer
 
 SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
-TIMING_KEYS = ("train_seconds", "epoch_seconds")
+# setup: building the trial's model and optimiser; checkpoint: its checkpoints so far, Ray's copy to storage included
+TIMING_KEYS = ("train_seconds", "epoch_seconds", "setup_seconds", "checkpoint_seconds")
 BEST_KEYS = ("best_val_wf1", "best_epoch")
 PER_CLASS_PREFIXES = ("val_f1_", "test_f1_")
 
@@ -55,10 +63,11 @@ class CMATHTrial(tune.Trainable):
     trial as ERROR with the real exception."""
 
     def setup(self, config: dict, base: dict | None = None, dataset: Dataset | None = None,
-              ended_dir: str | None = None) -> None:
+              ended_dir: str | None = None, checkpoint_epochs: tuple[int, ...] = ()) -> None:
         self.base = base or {}
         self.dataset = dataset
         self.ended_dir = ended_dir
+        self.checkpoint_epochs = set(checkpoint_epochs)  # ASHA's rungs: where the trial may be stopped
         self._start(config)
 
     def _start(self, params: dict) -> None:
@@ -67,13 +76,15 @@ class CMATHTrial(tune.Trainable):
         self.restore_note: str | None = None
         # A trial the driver saw end is not trained again, whatever a stale Ray state says about it.
         self.ended: dict | None = read_ended(self.ended_dir, self.trial_id) if self.ended_dir else None
-        self.best_dir = Path(self.logdir) / "best"
-        shutil.rmtree(self.best_dir, ignore_errors=True)
+        self.checkpoint_seconds = 0.0
+        self.last_result: dict = {}
+        started = time.perf_counter()
         try:
             self.cmath_config = from_dict({**self.base, **params}, source="trial config")
-            self.trainer = Trainer(self.cmath_config, self.dataset)
+            self.trainer = Trainer(self.cmath_config, self.dataset, keep_best=True)
         except Exception as exc:  # raised from step(), after the driver knows
             self.error = exc
+        self.setup_seconds = time.perf_counter() - started
 
     def step(self) -> dict:
         if self.ended is not None and self.ended["end_state"] != "failed":
@@ -97,10 +108,9 @@ class CMATHTrial(tune.Trainable):
 
     def _epoch(self) -> dict:
         record = self.trainer.step()
-        if self.trainer.improved:
-            self.trainer.save_best(self.best_dir)
         cfg = self.cmath_config
         every = cfg.checkpoint_every
+        epoch = self.trainer.epoch
         result = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         classes = self.dataset.classes
         for split in ("val", "test"):
@@ -110,22 +120,42 @@ class CMATHTrial(tune.Trainable):
             best_val_wf1=self.trainer.best["val_wf1"],
             best_epoch=self.trainer.best["epoch"],
             epochs_planned=cfg.epochs,
-            should_checkpoint=self.trainer.improved or bool(every and self.trainer.epoch % every == 0),
-            done=self.trainer.epoch >= cfg.epochs,
+            setup_seconds=self.setup_seconds,
+            checkpoint_seconds=self.checkpoint_seconds,
+            should_checkpoint=(epoch >= cfg.epochs or epoch in self.checkpoint_epochs
+                               or bool(every and epoch % every == 0)),
+            done=epoch >= cfg.epochs,
         )
+        self.last_result = result
         return result
 
+    def save(self, checkpoint_dir: str | None = None):
+        started = time.perf_counter()
+        saved = super().save(checkpoint_dir)  # save_checkpoint, then Ray's copy to the trial's storage
+        self.checkpoint_seconds += time.perf_counter() - started
+        return saved
+
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        self.trainer.save(Path(checkpoint_dir) / "trainer")
-        (Path(checkpoint_dir) / CHECKPOINT_FILE).write_text(json.dumps({"epoch": self.trainer.epoch}))
-        if self.best_dir.exists():
-            shutil.copytree(self.best_dir, Path(checkpoint_dir) / "best")
+        final = self.trainer.epoch >= self.cmath_config.epochs
+        info = {"epoch": self.trainer.epoch, "final": final}
+        if final:
+            info["result"] = final_result(self.last_result)
+        elif self.cmath_config.checkpoint_every:
+            self.trainer.save(Path(checkpoint_dir) / "trainer")
+        if self.trainer.best is not None:
+            self.trainer.save_best(Path(checkpoint_dir) / "best")
+        (Path(checkpoint_dir) / CHECKPOINT_FILE).write_text(json.dumps(info))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
+        info = json.loads((Path(checkpoint_dir) / CHECKPOINT_FILE).read_text())
+        if info.get("final"):  # the trial had finished: replay its last result (see step)
+            self.ended = {"end_state": "completed", "result": info["result"]}
+            return
+        if not (Path(checkpoint_dir) / "trainer").exists():
+            raise FileNotFoundError("no resume state in it (checkpoint_every 0 writes none)")
         self.trainer.load(Path(checkpoint_dir) / "trainer")
-        shutil.rmtree(self.best_dir, ignore_errors=True)
         if (Path(checkpoint_dir) / "best").exists():
-            shutil.copytree(Path(checkpoint_dir) / "best", self.best_dir)
+            self.trainer.load_best(Path(checkpoint_dir) / "best")
 
     def restore(self, checkpoint_path) -> None:
         """Tune's restore, made to survive what a killed driver or a bad disk leaves behind.
@@ -163,6 +193,12 @@ class CMATHTrial(tune.Trainable):
     def reset_config(self, new_config: dict) -> bool:
         self._start(new_config)
         return True
+
+
+def final_result(result: dict) -> dict:
+    """What a replay of an ended trial needs of its last result (numbers and text, no Tune flags)."""
+    return {k: v for k, v in result.items()
+            if isinstance(v, (int, float, str)) and k not in ("done", "should_checkpoint", REPLAYED, RESTORE_NOTE)}
 
 
 def ended_marker(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, str]:

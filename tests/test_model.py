@@ -50,6 +50,46 @@ def test_modality_reconstruction_shapes_and_loss():
     assert no_rec.up is None and no_rec(x, mask)[1].item() == 0.0
 
 
+def test_kernel_one_reconstruction_is_the_conv1d_it_replaces():
+    """Kernel 1 runs as a matrix product; it must give the Conv1D's own outputs and gradients."""
+    torch.manual_seed(0)
+    mr = ModalityReconstruction(20, 8, kernel_size=1)
+    x = torch.randn(2, 5, 20)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    u, loss = mr(x, mask)
+    xz = x * mask.unsqueeze(-1)
+    u_conv = mr.down(xz.transpose(1, 2)) * mask.unsqueeze(1)
+    x_rec = mr.up(u_conv).transpose(1, 2)
+    loss_conv = F.mse_loss(x_rec[mask], xz[mask])
+    assert torch.allclose(u, u_conv.transpose(1, 2), atol=1e-6)
+    assert torch.allclose(loss, loss_conv, atol=1e-6)
+    grads = torch.autograd.grad(loss, [mr.down.weight, mr.up.weight, mr.up.bias])
+    grads_conv = torch.autograd.grad(loss_conv, [mr.down.weight, mr.up.weight, mr.up.bias])
+    for a, b in zip(grads, grads_conv):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("modalities", ["tav", "t"])
+def test_a_dialogue_gives_the_same_outputs_alone_and_padded_in_a_batch(modalities):
+    """Batching pads shorter dialogues; nothing of the padding or of the other dialogues may
+    reach a dialogue's outputs (what makes the batched model the per-dialogue equations)."""
+    torch.manual_seed(0)
+    model = CMATH(small_config(modalities=modalities), DIMS, num_classes=6, max_speakers=2).eval()
+    feats, speaker, mask = inputs(B=3, L=7)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    for m in feats:  # garbage in the padding must not matter either
+        feats[m][~mask] = 1e3
+    batched = model(feats, speaker, mask)
+    for b in range(3):
+        n = int(mask[b].sum())
+        alone = model({m: x[b:b + 1, :n] for m, x in feats.items()}, speaker[b:b + 1, :n],
+                      torch.ones(1, n, dtype=torch.bool))
+        assert torch.allclose(batched.logits_x[b, :n], alone.logits_x[0], atol=1e-5)
+        for m in alone.logits_m:
+            assert torch.allclose(batched.logits_m[m][b, :n], alone.logits_m[m][0], atol=1e-5)
+
+
 def test_sinusoidal_positions_follow_eq_6_7():
     d = 11  # odd widths work too
     p = sinusoidal_positions(7, d)

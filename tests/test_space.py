@@ -151,3 +151,4 @@ def test_searcher_labels_where_each_trial_came_from():
     origin = {t.user_attrs["ray_trial_id"]: t.user_attrs["suggested_by"] for t in search._ot_study.get_trials()}
     assert origin == {"first": "warm_start", "second": "random", "third": "tpe"}
     assert search._ot_study.get_trials()[0].params == {"d": 500, "lr": 3e-3, "modalities": "tav"}
+

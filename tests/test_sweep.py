@@ -23,7 +23,7 @@ from cmath_model.train import train
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.export import export_best, find_sweep
-from hpo.sweep import SweepOptions, run_sweep
+from hpo.sweep import SweepOptions, asha_rungs, run_sweep
 from hpo.table import HISTORY_FILE, read_trials
 from hpo.tracking import default_tracking_uri
 from hpo.ui import start_ui, stop_ui
@@ -156,6 +156,43 @@ def test_ended_trials_keep_only_their_latest_best_checkpoint(sweep):
         assert (best / "model.pt").exists() and not (best.parent / "trainer").exists()
 
 
+def test_trials_checkpoint_where_asha_may_stop_them_and_at_their_end(sweep):
+    """Checkpoints are written at ASHA's rungs and the last epoch (and every checkpoint_every),
+    not at every improvement; a finished trial's last one records its result, not resume state."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    asha = SPACE["asha"]
+    rungs = asha_rungs(asha["grace_period"], asha["reduction_factor"], EPOCHS)
+    assert rungs == tuple(sorted(m for m, _ in _Bracket(asha["grace_period"], EPOCHS, asha["reduction_factor"],
+                                                        0)._rungs))
+    assert asha_rungs(5, 3, 60) == (5, 15, 45) and asha_rungs(10, 2, 20) == (10, 20)
+    for row in sweep["trials"].itertuples():
+        checkpoint = sweep["dir"] / "ray" / row.checkpoint.split("/ray/", 1)[1].rsplit("/", 1)[0]
+        info = json.loads((checkpoint / "checkpoint.json").read_text())
+        assert info["epoch"] == row.epochs
+        if row.end_state == "completed":
+            assert info["final"] and info["result"]["epoch"] == EPOCHS
+            assert info["result"]["best_epoch"] == row.best_epoch
+        else:
+            assert row.epochs in rungs and not info["final"]
+        metrics = json.loads((checkpoint / "best" / "metrics.json").read_text())
+        assert metrics["epoch"] == row.best_epoch and metrics["val_wf1"] == pytest.approx(row.best_val_wf1)
+
+
+def test_random_search_without_early_stopping(space_path, tiny_path, tmp_path):
+    """The baseline benchmarks.search measures TPE + ASHA against: every trial runs all its epochs."""
+    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=4, max_concurrent=2, num_cpus=2,
+                           results=tmp_path, name="rand", sampler="random", early_stopping=False, seed=3)
+    outcome = run_sweep(options, log=lambda line: None)
+    trials = read_trials(tmp_path / "rand")
+    assert outcome.counts["completed"] == 4 and (trials["epochs"] == EPOCHS).all()
+    assert list(trials.sort_values("number")["suggested_by"]) == ["warm_start", "random", "random", "random"]
+    record = json.loads((tmp_path / "rand" / "sweep.json").read_text())
+    assert record["sampler"] == "random" and record["early_stopping"] is False and record["seeds"]["sampler"] == 3
+    with pytest.raises(SweepError, match="--sampler grid"):
+        run_sweep(SweepOptions(space=space_path, data=str(tiny_path), results=tmp_path, sampler="grid"))
+
+
 def test_export_best_picks_validation_and_retraining_reproduces_it(sweep, tmp_path):
     trials = sweep["trials"]
     out = tmp_path / "best.yaml"
@@ -255,7 +292,7 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
     storage = tmp_path / "shared"
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2,
                            cpus_per_trial=1, num_cpus=2, results=tmp_path / "results", name="budget",
-                           storage=str(storage), time_budget=6, overrides={"epochs": 30})
+                           storage=str(storage), time_budget=20, overrides={"epochs": 30})
     outcome = run_sweep(options, log=lambda line: None)
     assert outcome.status == "time_budget_spent"
     trials = read_trials(tmp_path / "results" / "budget")
@@ -269,7 +306,7 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
         assert run.data.tags["cmath.end_state"] == row.end_state
         assert run.info.status == ("KILLED" if row.end_state == "interrupted" else "FINISHED")
     record = json.loads((tmp_path / "results" / "budget" / "sweep.json").read_text())
-    assert record["status"] == "time_budget_spent" and record["time_budget_s"] == 6
+    assert record["status"] == "time_budget_spent" and record["time_budget_s"] == 20
     study = optuna.load_study(study_name="budget", storage=f"sqlite:///{tmp_path / 'results' / 'budget' / 'optuna.db'}")
     assert not [t for t in study.trials if t.state.name == "RUNNING"]  # cut-short trials are pruned, not left open
     from hpo.resume import resume_sweep
@@ -333,7 +370,7 @@ def test_report_on_an_interrupted_sweep_says_so(tmp_path, space_path, tiny_path)
     from hpo.report import make_report
 
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2, num_cpus=2,
-                           results=tmp_path, name="cut", time_budget=6, overrides={"epochs": 30})
+                           results=tmp_path, name="cut", time_budget=20, overrides={"epochs": 30})
     run_sweep(options, log=lambda line: None)
     out = make_report(tmp_path / "cut", log_to_mlflow=False)
     text = (out / "report.md").read_text()
