@@ -11,6 +11,7 @@ reported by each trial, and per-epoch round trips (driver receipt times minus th
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ import pandas as pd
 from .common import DATA, parser, save, synthetic_dataset
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces" / "bench"
-COLUMNS = ["sweep", "trials", "slots", "ray_init_s", "fit_s", "train_s", "ideal_s", "ratio",
-           "overhead_per_trial_s", "setup_s", "checkpoints", "checkpoint_s", "round_trip_ms", "other_s"]
+COLUMNS = ["sweep", "trials", "slots", "ray_init_s", "fit_s", "train_s", "ideal_s", "ratio", "overhead_per_trial_s",
+           "startup_s", "setup_s", "checkpoints", "checkpoint_s", "round_trip_ms", "tail_idle_s", "teardown_s",
+           "other_s"]
 
 
 def scenarios(quick: bool) -> list[dict]:
@@ -52,6 +54,8 @@ def measure(scenario: dict, outcome) -> dict:
     train = float(history["epoch_seconds"].sum())
     ideal = train / slots
     fit = outcome.fit_seconds
+    if "checkpoint_seconds" not in history:  # a sweep from before the trials reported these
+        history = history.assign(setup_seconds=0.0, checkpoint_seconds=0.0, received_at=float("nan"))
     per_trial = history.groupby("trial_id")
     setup = float(per_trial["setup_seconds"].first().sum())
     # checkpoint_seconds is cumulative per trial and reported with the next epoch, so a trial's
@@ -61,13 +65,22 @@ def measure(scenario: dict, outcome) -> dict:
     gaps = (per_trial["received_at"].diff() - history["epoch_seconds"]
             - per_trial["checkpoint_seconds"].diff()).dropna()
     round_trip = float(gaps.mean()) if len(gaps) else None
-    other = fit - ideal - (setup + checkpoint + float(gaps.sum())) / slots
+    # The sweep's timeline: from Tuner.fit to the first trial; the slots' idle time at the end
+    # (a slot with nothing left to run waits for the last trial); from the last trial to fit's end.
+    record = json.loads((outcome.sweep_dir / "sweep.json").read_text())
+    fit_start = record.get("fit_started_at")
+    ends = sorted(trials["finished_at"].dropna())[-slots:]
+    startup = float(trials["started_at"].min() - fit_start) if fit_start else None
+    tail = sum(ends[-1] - end for end in ends) / slots
+    teardown = float(fit_start + fit - ends[-1]) if fit_start else None
+    known = setup + checkpoint + float(gaps.sum())
+    other = fit - ideal - known / slots - tail - (startup or 0) - (teardown or 0)
     return dict(sweep=scenario["sweep"], trials=len(trials), slots=slots, data=scenario["data"],
                 ray_init_s=outcome.ray_init_seconds, fit_s=fit, train_s=train, ideal_s=ideal, ratio=fit / ideal,
                 overhead_per_trial_s=(fit - ideal) * slots / len(trials), setup_s=setup, checkpoints=checkpoints,
                 checkpoint_s=checkpoint, round_trip_ms=None if round_trip is None else 1000 * round_trip,
-                other_s=other, end_states=trials["end_state"].value_counts().to_dict(),
-                epochs=int(len(history)))
+                startup_s=startup, tail_idle_s=tail, teardown_s=teardown, other_s=other, epochs=int(len(history)),
+                end_states=trials["end_state"].value_counts().to_dict())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,9 +103,12 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(work, ignore_errors=True)
     save("overhead", args, rows, COLUMNS, goal="ratio <= 1.05 for the cmath sweep",
          notes="ratio = fit_s / (train_s / slots); train_s sums every trial's epoch_seconds (train + valid/test "
-               "evaluation); setup_s: building models; checkpoint_s: checkpoints reported by trials (a trial's "
-               "last one is in other_s); round_trip_ms: per epoch, driver receipt gap minus the epoch's work and "
-               "checkpoint; other_s: the rest of fit_s beyond ideal_s per slot (trial starts, ends, idle slots)")
+               "evaluation). Where fit_s - ideal_s goes: startup_s, Tuner.fit to the first trial's start (worker "
+               "processes, imports); setup_s, building models (summed over trials, counted /slots); checkpoint_s, "
+               "checkpoints the trials reported (a trial's last one is in other_s); round_trip_ms, per epoch, the "
+               "driver's receipt gap minus the epoch's work and checkpoint; tail_idle_s, slots idle at the end "
+               "waiting for the last trial; teardown_s, last trial's end to fit's return; other_s, the rest "
+               "(trial starts and ends)")
 
 
 if __name__ == "__main__":
