@@ -73,6 +73,9 @@ def sweep(data_path: Path, trials: int, epochs: int, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--meld-dir", help="MELD transcripts + meld_minilm_all.npy (default ../shared/data/meld)")
+    p.add_argument("--trials", type=int, help="sweep trials (default 12; quick 2)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default 15; quick 3)")
+    p.add_argument("--seeds", type=int, help="seeds of the paper-default runs (default 3; quick 1)")
     args = p.parse_args(argv)
     from cmath_model.data import load_dataset
 
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     data_path = meld_text_dataset(DATA, args.meld_dir)
     data = load_dataset(data_path)
     trials, epochs, seeds = (2, 3, 1) if args.quick else (12, 15, 3)
+    trials, epochs, seeds = args.trials or trials, args.epochs or epochs, args.seeds or seeds
     work = out / "work" / f"meld-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = [logistic_regression(data)]
     print(f"meld: {rows[0]['model']}: test W-F1 {100 * rows[0]['test_wf1']:.2f}", flush=True)

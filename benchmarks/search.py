@@ -9,6 +9,7 @@ dataset and seed). Goal: (b) for TPE + ASHA <= a third of random search's (a).
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
@@ -39,13 +40,25 @@ def dataset_setup(name: str, work: Path, scale: str, meld_dir: str | None) -> tu
 
 
 def run_search(space: Path, data: Path, method: str, seed: int, trials: int, overrides: dict, work: Path,
-               name: str):
+               name: str) -> tuple[pd.DataFrame, float]:
     from hpo.sweep import SweepOptions, run_sweep
 
+    started = time.perf_counter()
     options = SweepOptions(space=space, data=str(data), num_samples=trials, max_concurrent=2, cpus_per_trial=1,
                            num_cpus=2, results=work, name=name, seed=seed, overrides={**overrides, "seed": seed},
                            command=f"benchmarks.search {name}", **METHODS[method])
-    return run_sweep(options, log=lambda line: None)
+    outcome = run_sweep(options, log=lambda line: None)
+    print(f"search: {name}: {outcome.counts} in {time.perf_counter() - started:.0f}s", flush=True)
+    return curve(outcome.sweep_dir), outcome.fit_seconds
+
+
+def finished_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, float] | None:
+    """A sweep an earlier run of this benchmark finished in the same --work folder."""
+    record = sweep_dir / "sweep.json"
+    if not record.exists() or json.loads(record.read_text()).get("status") != "finished":
+        return None
+    print(f"search: {sweep_dir.name}: reused from {sweep_dir}", flush=True)
+    return curve(sweep_dir), float(json.loads(record.read_text())["fit_seconds"])
 
 
 def curve(sweep_dir: Path) -> pd.DataFrame:
@@ -108,11 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--meld-dir", help="MELD transcripts + meld_minilm_all.npy (default ../shared/data/meld)")
     p.add_argument("--datasets", nargs="+", choices=("small", "meld"), help="default: both (quick: small)")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0)")
+    p.add_argument("--trials", type=int, help="trials per search (default 16; quick 4)")
+    p.add_argument("--work", help="folder for the sweeps, kept; a sweep already finished there is reused "
+                                  "(default: a new folder under <out>/work/, deleted at the end)")
     args = p.parse_args(argv)
     s = settings(args.quick)
     datasets, seeds = args.datasets or s["datasets"], args.seeds or s["seeds"]
+    s["trials"] = args.trials or s["trials"]
     out = Path(args.out)
-    work = out / "work" / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    work = Path(args.work) if args.work else out / "work" / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
     try:
         for dataset in datasets:
@@ -120,16 +137,16 @@ def main(argv: list[str] | None = None) -> None:
             for seed in seeds:
                 runs = {}
                 for method in METHODS:
-                    started = time.perf_counter()
                     name = f"{dataset}-{method}-seed{seed}"
-                    outcome = run_search(space, data, method, seed, s["trials"], s["overrides"], work, name)
-                    runs[method] = (curve(outcome.sweep_dir), outcome.fit_seconds)
-                    print(f"search: {name}: {outcome.counts} in {time.perf_counter() - started:.0f}s", flush=True)
+                    runs[method] = finished_sweep(work / name) or run_search(
+                        space, data, method, seed, s["trials"], s["overrides"], work, name)
                 rows += compare(runs, dataset, seed)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     table_rows = [{k: v for k, v in r.items() if k != "curve"} for r in rows] + summarise(rows)
-    save("search", args, table_rows, COLUMNS, per_seed=rows, goal="tpe_asha epochs_to_within <= 1/3 of random "
+    name = "search" if set(datasets) == {"small", "meld"} else f"search-{'-'.join(datasets)}"
+    save(name, args, table_rows, COLUMNS, per_seed=rows, goal="tpe_asha epochs_to_within <= 1/3 of random "
          "epochs_total (fraction_of_random_total <= 0.333)",
          notes="epochs counted in the order trials finished; epochs_to_within: until the best val W-F1 so far came "
                "within 0.5 points of random search's final best (same dataset and seed); a mean row counts a search "
