@@ -22,6 +22,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, a couple of minutes")
     p.add_argument("--out", default=str(OUT), help="folder for the JSON result (default results/benchmarks)")
+    p.add_argument("--data-dir", default=str(DATA), type=Path,
+                   help="where generated and imported datasets are kept between runs (default results/benchmarks/data)")
     p.add_argument("--point", help=argparse.SUPPRESS)  # internal: one measurement, JSON in, JSON out
     return p
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DATA, meld_text_dataset, parser, save
+from .common import meld_text_dataset, parser, save
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "meld.yaml"
 COLUMNS = ["model", "selected_on", "runs", "val_wf1", "test_wf1", "test_wf1_std", "test_acc", "epochs", "fit_s"]
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     from cmath_model.data import load_dataset
 
     out = Path(args.out)
-    data_path = meld_text_dataset(DATA, args.meld_dir)
+    data_path = meld_text_dataset(args.data_dir, args.meld_dir)
     data = load_dataset(data_path)
     trials, epochs, seeds = (2, 3, 1) if args.quick else (12, 15, 3)
     trials, epochs, seeds = args.trials or trials, args.epochs or epochs, args.seeds or seeds

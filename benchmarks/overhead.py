@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .common import DATA, parser, save, synthetic_dataset
+from .common import parser, save, synthetic_dataset
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces" / "bench"
 COLUMNS = ["sweep", "trials", "slots", "ray_init_s", "fit_s", "train_s", "ideal_s", "ratio", "overhead_per_trial_s",
@@ -35,10 +35,10 @@ def scenarios(quick: bool) -> list[dict]:
             dict(sweep="empty", space="overhead-empty.yaml", data="tiny", trials=16, slots=2, overrides={})]
 
 
-def run(scenario: dict, work: Path) -> dict:
+def run(scenario: dict, work: Path, data_dir: Path) -> dict:
     from hpo.sweep import SweepOptions, run_sweep
 
-    data = synthetic_dataset(DATA, scenario["data"])
+    data = synthetic_dataset(data_dir, scenario["data"])
     options = SweepOptions(space=SPACES / scenario["space"], data=str(data), num_samples=scenario["trials"],
                            max_concurrent=scenario["slots"], cpus_per_trial=1, num_cpus=scenario["slots"],
                            results=work, name=scenario["sweep"], overrides=scenario["overrides"],
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"overhead: {scenario['sweep']} sweep, {scenario['trials']} trials, {scenario['slots']} at a time",
                   flush=True)
-            rows.append(run(scenario, work))
+            rows.append(run(scenario, work, args.data_dir))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

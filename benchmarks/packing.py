@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .common import DATA, parser, save, synthetic_dataset
+from .common import parser, save, synthetic_dataset
 
 COLUMNS = ["runner", "trials_per_gpu", "gpus_per_trial", "wall_s", "trials_per_hour", "epoch_s", "slowdown",
            "gpu_mem_mb_per_trial"]
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         print("packing: no GPU visible; not measured")
         save("packing", args, [], COLUMNS, measured=False, notes="not measured: no GPU on this machine")
         return
-    data = str(synthetic_dataset(DATA, "small"))
+    data = str(synthetic_dataset(args.data_dir, "small"))
     epochs = args.epochs or (3 if args.quick else 8)
     d = 500
     counts = (1, 2) if args.quick else (1, 2, 4, 8)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .common import DATA, meld_text_dataset, parser, save, synthetic_dataset
+from .common import meld_text_dataset, parser, save, synthetic_dataset
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces" / "bench"
 WITHIN = 0.005  # 0.5 W-F1 points
@@ -56,6 +56,7 @@ def finished_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, float] | None:
     """A sweep an earlier run of this benchmark finished in the same --work folder."""
     record = sweep_dir / "sweep.json"
     if not record.exists() or json.loads(record.read_text()).get("status") != "finished":
+        shutil.rmtree(sweep_dir, ignore_errors=True)  # an unfinished one is run again from the start
         return None
     print(f"search: {sweep_dir.name}: reused from {sweep_dir}", flush=True)
     return curve(sweep_dir), float(json.loads(record.read_text())["fit_seconds"])
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for dataset in datasets:
-            space, data = dataset_setup(dataset, DATA, s["data_scale"], args.meld_dir)
+            space, data = dataset_setup(dataset, args.data_dir, s["data_scale"], args.meld_dir)
             for seed in seeds:
                 runs = {}
                 for method in METHODS:

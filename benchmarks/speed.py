@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .common import DATA, emit_point, parser, peak_rss_mb, run_point, save, synthetic_dataset
+from .common import emit_point, parser, peak_rss_mb, run_point, save, synthetic_dataset
 
 COLUMNS = ["device", "implementation", "d", "batch", "threads", "epochs_timed", "ms_per_epoch", "ms_per_utterance",
            "speedup", "peak_mem_mb", "max_logit_diff"]
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.point:
         emit_point(measure(json.loads(args.point)))
         return
-    data = synthetic_dataset(DATA, "tiny" if args.quick else "small")
+    data = synthetic_dataset(args.data_dir, "tiny" if args.quick else "small")
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     d = 64 if args.quick else 500
     rows = []

@@ -431,8 +431,12 @@ def _wait_for_text(page, texts, timeout=60):
 
 def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_charts_metrics(sweep, tmp_path, free_port):
     trials = sweep["trials"]
-    process, url = start_ui(sweep["results"], port=free_port())
-    page = _browser()
+    page = _browser()  # first: without a browser the test fails before any server is started
+    try:
+        process, url = start_ui(sweep["results"], port=free_port())
+    except BaseException:
+        page.quit()
+        raise
     try:
         page.get(f"{url}/#/experiments")
         _wait_for_text(page, ["s1"])  # the sweep's experiment is listed

@@ -1,0 +1,51 @@
+"""The benchmarks' own arithmetic, and one real run through `cmath-hpo bench` (figures come from
+full runs, never from tests: nothing here checks a speed against a threshold of time)."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from benchmarks.search import compare, curve, epochs_to_reach
+from hpo.cli import main as hpo_main
+
+
+def _trials(rows: list[tuple[float, int, float, str]]) -> pd.DataFrame:
+    return pd.DataFrame([{"trial_id": f"t{i}", "finished_at": f, "epochs": e, "best_val_wf1": v,
+                          "test_wf1_at_best_val": v - 0.01, "end_state": s} for i, (f, e, v, s) in enumerate(rows)])
+
+
+def test_epochs_are_counted_in_the_order_trials_finished(tmp_path):
+    # finished out of creation order: t1 (10 epochs) ends first, then t0, then t2
+    _trials([(2.0, 20, 0.50, "completed"), (1.0, 10, 0.40, "stopped_by_asha"),
+             (3.0, 20, 0.70, "completed")]).to_parquet(tmp_path / "trials.parquet")
+    trials = curve(tmp_path)
+    assert list(trials["epochs_so_far"]) == [10, 30, 50]
+    assert list(trials["best_so_far"]) == [0.40, 0.50, 0.70]
+    assert epochs_to_reach(trials, 0.45) == 30 and epochs_to_reach(trials, 0.71) is None
+
+
+def test_tpe_is_measured_against_random_searchs_final_best(tmp_path):
+    for name, rows in {"random": [(1, 20, 0.60, "completed"), (2, 20, 0.70, "completed")],
+                       "tpe_asha": [(1, 5, 0.50, "stopped_by_asha"), (2, 20, 0.697, "completed"),
+                                    (3, 20, 0.80, "completed")]}.items():
+        (tmp_path / name).mkdir()
+        _trials(rows).to_parquet(tmp_path / name / "trials.parquet")
+    rows = {r["method"]: r for r in compare({m: (curve(tmp_path / m), 1.0) for m in ("tpe_asha", "random")},
+                                            "small", 0)}
+    assert rows["random"]["epochs_total"] == 40 and rows["tpe_asha"]["epochs_total"] == 45
+    # 0.697 is within 0.5 points of random's best 0.70: reached after 5 + 20 epochs
+    assert rows["tpe_asha"]["epochs_to_within"] == 25
+    assert rows["tpe_asha"]["fraction_of_random_total"] == pytest.approx(25 / 40)
+
+
+def test_bench_verb_runs_the_speed_benchmark(tmp_path, capsys):
+    assert hpo_main(["bench", "speed", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]) == 0
+    result = json.loads((tmp_path / "speed-quick.json").read_text())
+    batched, loop = result["rows"]
+    assert (batched["implementation"], loop["implementation"]) == ("batched", "per_dialogue")
+    assert batched["ms_per_epoch"] > 0 and loop["ms_per_epoch"] > 0 and batched["peak_mem_mb"] > 0
+    assert batched["max_logit_diff"] < 1e-4  # padding and batching change no logit
+    assert batched["speedup"] == pytest.approx(loop["ms_per_epoch"] / batched["ms_per_epoch"])
+    assert "ms_per_epoch" in capsys.readouterr().out
+    assert (tmp_path / "data" / "synthetic-iemocap-tiny.parquet").exists()
