@@ -292,7 +292,7 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
     storage = tmp_path / "shared"
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2,
                            cpus_per_trial=1, num_cpus=2, results=tmp_path / "results", name="budget",
-                           storage=str(storage), time_budget=20, overrides={"epochs": 30})
+                           storage=str(storage), time_budget=30, overrides={"epochs": 30})
     outcome = run_sweep(options, log=lambda line: None)
     assert outcome.status == "time_budget_spent"
     trials = read_trials(tmp_path / "results" / "budget")
@@ -306,7 +306,7 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
         assert run.data.tags["cmath.end_state"] == row.end_state
         assert run.info.status == ("KILLED" if row.end_state == "interrupted" else "FINISHED")
     record = json.loads((tmp_path / "results" / "budget" / "sweep.json").read_text())
-    assert record["status"] == "time_budget_spent" and record["time_budget_s"] == 20
+    assert record["status"] == "time_budget_spent" and record["time_budget_s"] == 30
     study = optuna.load_study(study_name="budget", storage=f"sqlite:///{tmp_path / 'results' / 'budget' / 'optuna.db'}")
     assert not [t for t in study.trials if t.state.name == "RUNNING"]  # cut-short trials are pruned, not left open
     from hpo.resume import resume_sweep
@@ -370,7 +370,7 @@ def test_report_on_an_interrupted_sweep_says_so(tmp_path, space_path, tiny_path)
     from hpo.report import make_report
 
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2, num_cpus=2,
-                           results=tmp_path, name="cut", time_budget=20, overrides={"epochs": 30})
+                           results=tmp_path, name="cut", time_budget=30, overrides={"epochs": 30})
     run_sweep(options, log=lambda line: None)
     out = make_report(tmp_path / "cut", log_to_mlflow=False)
     text = (out / "report.md").read_text()
