@@ -64,7 +64,9 @@ def finished_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, float] | None:
 
 def curve(sweep_dir: Path) -> pd.DataFrame:
     """Trials in the order they finished, with cumulative epochs and the best val W-F1 so far."""
-    trials = pd.read_parquet(sweep_dir / "trials.parquet").sort_values("finished_at")
+    trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    # Only trials that ran to an end here (not runs an earlier, killed attempt left open in MLflow).
+    trials = trials[trials["finished_at"].notna()].sort_values("finished_at")
     trials["epochs_so_far"] = trials["epochs"].cumsum()
     trials["best_so_far"] = trials["best_val_wf1"].cummax()
     return trials
