@@ -47,12 +47,19 @@ def keep_going(hook):
         try:
             return hook(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            self.failures = getattr(self, "failures", 0) + 1
-            logger.warning("MLflow logging failed in %s (%s: %s); the sweep goes on", hook.__name__,
-                           type(exc).__name__, str(exc)[:200])
+            warn_failure(self, hook.__name__, exc)
             return None
 
     return guarded
+
+
+def warn_failure(owner, where: str, exc: Exception) -> None:
+    """Count a failed MLflow call on `owner` and say so; the sweep goes on."""
+    owner.failures = getattr(owner, "failures", 0) + 1
+    logger.warning("MLflow logging failed in %s (%s: %s); the sweep goes on", where, type(exc).__name__,
+                   str(exc)[:200])
+
+
 LOST = "lost: started after Ray last saved its state, then the driver was killed; Ray cannot resume it"
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch
 
@@ -110,9 +117,7 @@ class MlflowWriter:
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            self.failures += 1
-            logger.warning("MLflow logging failed in %s (%s: %s); the sweep goes on", getattr(fn, "__name__", fn),
-                           type(exc).__name__, str(exc)[:200])
+            warn_failure(self, getattr(fn, "__name__", str(fn)), exc)
 
 
 def default_tracking_uri(results: str | Path) -> str:
