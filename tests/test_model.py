@@ -36,32 +36,32 @@ def inputs(B=2, L=5, seed=0):
     return feats, speaker, mask
 
 
-def test_modality_reconstruction_shapes_and_loss():
+def reconstruction_case(kernel_size: int):
+    """A reconstruction module, inputs with padding, and Eq. 1-4 computed through its nn.Conv1d layers."""
     torch.manual_seed(0)
-    mr = ModalityReconstruction(20, 8, kernel_size=3)
+    mr = ModalityReconstruction(20, 8, kernel_size=kernel_size)
     x = torch.randn(2, 5, 20)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    xz = x * mask.unsqueeze(-1)
+    u_conv = mr.down(xz.transpose(1, 2)) * mask.unsqueeze(1)
+    x_rec = mr.up(u_conv).transpose(1, 2)
+    return mr, x, mask, u_conv.transpose(1, 2), F.mse_loss(x_rec[mask], xz[mask])
+
+
+def test_modality_reconstruction_shapes_and_loss():
+    mr, x, mask, _, loss_conv = reconstruction_case(kernel_size=3)
     u, loss = mr(x, mask)
     assert u.shape == (2, 5, 8)
-    xz = x * mask.unsqueeze(-1)
-    x_rec = mr.up(mr.down(xz.transpose(1, 2)) * mask.unsqueeze(1)).transpose(1, 2)
-    assert loss.item() == pytest.approx(((x_rec - xz)[mask] ** 2).mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(loss_conv.item(), rel=1e-5)
     no_rec = ModalityReconstruction(20, 8, reconstruct=False)
     assert no_rec.up is None and no_rec(x, mask)[1].item() == 0.0
 
 
 def test_kernel_one_reconstruction_is_the_conv1d_it_replaces():
     """Kernel 1 runs as a matrix product; it must give the Conv1D's own outputs and gradients."""
-    torch.manual_seed(0)
-    mr = ModalityReconstruction(20, 8, kernel_size=1)
-    x = torch.randn(2, 5, 20)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    mr, x, mask, u_conv, loss_conv = reconstruction_case(kernel_size=1)
     u, loss = mr(x, mask)
-    xz = x * mask.unsqueeze(-1)
-    u_conv = mr.down(xz.transpose(1, 2)) * mask.unsqueeze(1)
-    x_rec = mr.up(u_conv).transpose(1, 2)
-    loss_conv = F.mse_loss(x_rec[mask], xz[mask])
-    assert torch.allclose(u, u_conv.transpose(1, 2), atol=1e-6)
+    assert torch.allclose(u, u_conv, atol=1e-6)
     assert torch.allclose(loss, loss_conv, atol=1e-6)
     grads = torch.autograd.grad(loss, [mr.down.weight, mr.up.weight, mr.up.bias])
     grads_conv = torch.autograd.grad(loss_conv, [mr.down.weight, mr.up.weight, mr.up.bias])
