@@ -1,4 +1,4 @@
-"""Trial workers killed by PID mid-trial, one of them after its latest checkpoint was corrupted:
+"""Trial workers killed by PID mid-trial, one of them after its newer checkpoints were corrupted:
 each trial resumes from a checkpoint (not from epoch 1), keeps its one MLflow run, and its
 metric history has every epoch exactly once."""
 
@@ -46,7 +46,13 @@ def _running(ray_dir):
 
 
 def _inject(ray_dir, done, events):
-    """Kill the first trial's worker; corrupt the second one's newest checkpoint, then kill it."""
+    """Kill the first trial's worker; corrupt the second one's checkpoints, all but its oldest,
+    then kill it.
+
+    The second worker is paused (SIGSTOP) before its checkpoints are touched: a checkpoint on
+    disk may not have reached the driver yet, and which one Ray names on restore is whichever
+    it had registered. Paused, the worker sends nothing more; corrupting every checkpoint but
+    the oldest makes the named one unusable whichever it is, and the oldest is the one left."""
     deadline = time.monotonic() + 240
     victims = {}
     while time.monotonic() < deadline and len(victims) < 2 and not done.is_set():
@@ -54,10 +60,18 @@ def _inject(ray_dir, done, events):
             if name in victims or epoch < 5 or epoch > EPOCHS - 3 or len(checkpoints) < 2:
                 continue
             corrupt = len(victims) == 1
+            corrupted = []
             if corrupt:
-                (checkpoints[-1] / "trainer" / "trainer.pt").write_bytes(b"not a checkpoint")
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(2)  # results already sent reach the driver, which then prunes old checkpoints
+                checkpoints = sorted(ray_dir.joinpath(name).glob("checkpoint_*"))
+                for checkpoint in checkpoints[1:]:
+                    if (checkpoint / "trainer").is_dir():
+                        (checkpoint / "trainer" / "trainer.pt").write_bytes(b"not a checkpoint")
+                        corrupted.append(checkpoint.name)
             os.kill(pid, signal.SIGKILL)
-            victims[name] = {"pid": pid, "epoch": epoch, "corrupted": checkpoints[-1].name if corrupt else None}
+            victims[name] = {"pid": pid, "epoch": epoch, "corrupted": corrupted,
+                             "kept": checkpoints[0].name if corrupt else None}
             break
         time.sleep(0.05)
     events.update(victims)
@@ -78,6 +92,7 @@ def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
         done.set()
         injector.join()
     assert len(victims) == 2, f"could not catch two trials mid-run: {victims}"
+    assert sum(bool(victim["corrupted"]) for victim in victims.values()) == 1, victims
     assert outcome.status == "finished" and outcome.counts["completed"] == 4
 
     trials = read_trials(results / "kill")
@@ -97,9 +112,10 @@ def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
         run = client.get_run(row["mlflow_run_id"])
         if victim["corrupted"]:
             note = run.data.tags["cmath.restore_note"]
-            assert f"{victim['corrupted']} unusable" in note and "resumed from checkpoint_" in note
+            assert any(f"{name} unusable" in note for name in victim["corrupted"]), note
+            assert f"resumed from {victim['kept']}" in note, note
             assert note in row["restore_notes"]
-            assert any(victim["corrupted"] in line and "resumed from" in line for line in lines)
+            assert any(f"resumed from {victim['kept']}" in line for line in lines)
         print(f"{name}: killed at epoch {victim['epoch']}, epochs redone {row['epochs_redone']}")
     runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id],
                               filter_string="tags.`cmath.kind` = 'trial'")
