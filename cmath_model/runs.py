@@ -12,8 +12,9 @@ from pathlib import Path
 from .config import MODALITY_LETTERS, CMATHConfig, paper_defaults
 from .data import Dataset, dataset_name, load_dataset
 from .errors import ConfigError
+from .metrics import classification_metrics
 from .synth import default_dataset_path
-from .train import classification_metrics, load_model, pick_device, predict, train
+from .train import load_model, pick_device, predict, train
 
 DEFAULT_RESULTS = Path("results")
 SUMMARY_KEYS = ("best_val_wf1", "test_wf1_at_best_val", "test_acc_at_best_val", "best_test_wf1", "best_epoch")

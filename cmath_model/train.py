@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from .config import CMATHConfig
 from .data import Dataset, Split, load_dataset
 from .errors import ConfigError, NonFiniteLossError
+from .metrics import classification_metrics
 from .model import CMATH, cmath_loss
 
 LOSS_KEYS = ("train_loss", "loss_ce", "loss_re", "loss_mse", "loss_kl")
@@ -37,16 +37,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
-    labels = list(range(num_classes))
-    return {
-        "acc": float(accuracy_score(y_true, y_pred)),
-        "wf1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-        "per_class_f1": f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0).tolist(),
-        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
 
 
 class Trainer:

@@ -20,7 +20,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score  # noqa: E402
+
+from cmath_model.metrics import accuracy, confusion_matrix, per_class_f1, weighted_f1  # noqa: E402
 
 from .errors import SweepError  # noqa: E402
 from .export import find_sweep, load_sweep_record  # noqa: E402
@@ -219,8 +220,8 @@ def length_buckets(dialogue_lengths: np.ndarray, dataset: str) -> tuple[np.ndarr
 def _best_trial_figures(predictions: dict, classes: list[str], dataset: str, out: Path, data: dict) -> dict:
     y, pred = predictions["label"], predictions["pred"]
     labels = list(range(len(classes)))
-    per_class = f1_score(y, pred, labels=labels, average=None, zero_division=0)
-    matrix = confusion_matrix(y, pred, labels=labels)
+    matrix = confusion_matrix(y, pred, len(classes))
+    per_class = per_class_f1(matrix)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(classes, 100 * per_class, color="tab:blue")
@@ -241,8 +242,7 @@ def _best_trial_figures(predictions: dict, classes: list[str], dataset: str, out
     for k in range(len(names)):
         mask = bucket == k
         counts.append(int(mask.sum()))
-        scores.append(float(f1_score(y[mask], pred[mask], labels=labels, average="weighted", zero_division=0))
-                      if mask.any() else None)
+        scores.append(weighted_f1(confusion_matrix(y[mask], pred[mask], len(classes))) if mask.any() else None)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(names, [100 * (s or 0) for s in scores], color="tab:blue")
     for k, n in enumerate(counts):
@@ -253,7 +253,7 @@ def _best_trial_figures(predictions: dict, classes: list[str], dataset: str, out
 
     data["best_test"] = {
         "classes": classes, "per_class_f1": per_class.tolist(), "confusion": matrix.tolist(),
-        "acc": float(accuracy_score(y, pred)), "num_utterances": int(len(y)),
+        "acc": accuracy(matrix), "num_utterances": int(len(y)),
         "length_buckets": {"names": names, "utterances": counts, "wf1": scores},
     }
     return {"per_class": "per_class_f1.png", "confusion": "confusion.png", "length": "length_buckets.png"}
