@@ -24,7 +24,7 @@ EPOCHS = 10
 SAMPLES = 5
 SPACE = {
     "dataset": "iemocap",
-    "search": {"d": {"type": "categorical", "choices": [128, 256]},
+    "search": {"d": {"type": "categorical", "choices": [64, 128]},
                "gamma1": {"type": "float", "low": 0.0, "high": 3.0},
                "lr": {"type": "loguniform", "low": 5.0e-4, "high": 2.0e-3}},
     "fixed": {"epochs": EPOCHS, "batch_size": 4, "checkpoint_every": 2},
@@ -101,8 +101,11 @@ def _check_resumed(sweep_dir, results, ended_before, finished_before):
         if any(t in name for t in lost["trial_id"]):
             continue
         # Ray's result.json is buffered: a killed driver can lose its last lines, so it only shows
-        # that no trial went back to epoch 1; our own history (journal) must have every epoch.
-        assert epochs.count(1) == 1 and max(epochs) == EPOCHS, f"{name} restarted from epoch 0: {epochs}"
+        # that no trial went back to epoch 1; our own history (journal) must have every epoch. A
+        # trial that ended before the kill is not run again, so its lost lines stay lost.
+        assert epochs.count(1) <= 1, f"{name} restarted from epoch 1: {epochs}"
+        if not any(t in name for t in ended_before):
+            assert epochs.count(1) == 1 and max(epochs) == EPOCHS, f"{name} did not reach its last epoch: {epochs}"
         redone[name] = int(after.loc[name.split("_")[1], "epochs_redone"])
     assert max(redone.values()) <= 2  # a checkpoint every 2 epochs bounds what is redone
     print(f"epochs redone per trial: {redone}")

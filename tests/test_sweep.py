@@ -288,7 +288,7 @@ def test_impossible_gpu_request_fails_at_once(space_path, tiny_path, tmp_path):
 
 def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path, tmp_path):
     """--storage puts Ray's folders elsewhere; a time budget ends the sweep early and the tables
-    and MLflow still account for every trial that started."""
+    and MLflow still account for every trial that started; its report says it is incomplete."""
     storage = tmp_path / "shared"
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2,
                            cpus_per_trial=1, num_cpus=2, results=tmp_path / "results", name="budget",
@@ -309,6 +309,10 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
     assert record["status"] == "time_budget_spent" and record["time_budget_s"] == 30
     study = optuna.load_study(study_name="budget", storage=f"sqlite:///{tmp_path / 'results' / 'budget' / 'optuna.db'}")
     assert not [t for t in study.trials if t.state.name == "RUNNING"]  # cut-short trials are pruned, not left open
+    from hpo.report import make_report
+
+    text = (make_report(tmp_path / "results" / "budget", log_to_mlflow=False) / "report.md").read_text()
+    assert "**Incomplete sweep**" in text and "(history.png)" in text
     from hpo.resume import resume_sweep
 
     with pytest.raises(SweepError, match="ended at its --time-budget"):
@@ -364,17 +368,6 @@ def test_length_buckets_follow_the_paper():
     assert list(np.bincount(index)) == [3, 45, 80]
     index, names = length_buckets(np.array([9, 10, 20, 21]), "meld")
     assert names == ["1-9", "10-20", "21+"] and list(np.bincount(index)) == [9, 30, 21]
-
-
-def test_report_on_an_interrupted_sweep_says_so(tmp_path, space_path, tiny_path):
-    from hpo.report import make_report
-
-    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2, num_cpus=2,
-                           results=tmp_path, name="cut", time_budget=30, overrides={"epochs": 30})
-    run_sweep(options, log=lambda line: None)
-    out = make_report(tmp_path / "cut", log_to_mlflow=False)
-    text = (out / "report.md").read_text()
-    assert "**Incomplete sweep**" in text and "(history.png)" in text
 
 
 def test_final_training_compared_with_the_paper_defaults(sweep, tmp_path, capsys):

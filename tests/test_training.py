@@ -85,7 +85,7 @@ def test_full_model_beats_text_only_and_no_context(small):
     def score(**kw) -> float:
         results = []
         for seed in (0, 1):
-            cfg = paper_defaults("iemocap").replace(d=64, epochs=30, dropout=0.1, lr=1e-3, batch_size=4,
+            cfg = paper_defaults("iemocap").replace(d=64, epochs=10, dropout=0.1, lr=2e-3, batch_size=4,
                                                     seed=seed, **kw)
             results.append(train(cfg, small)["test_wf1_at_best_val"])
         return statistics.fmean(results)
