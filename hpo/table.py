@@ -168,9 +168,11 @@ class TrialTable(Callback):
         row.update(end_state=state, error=error if error else row.get("error"), checkpoint=_best_path(trial))
         if not replayed:  # an ended trial replayed after a resume keeps when it really ended
             row["finished_at"] = time.time()
-        self.write()
+        # The ended record first: once the table says a trial ended, a resume must replay it,
+        # even when the driver is killed between the two writes.
         if self.ended_dir:
             mark_ended(self.ended_dir, trial, state, error)
+        self.write()
 
     def write(self) -> None:
         self._add_origins()
