@@ -186,3 +186,24 @@ def test_resume_refuses_a_finished_or_running_sweep(tmp_path):
 
     with pytest.raises(Exception, match=f"still running \\(driver pid {os.getpid()}\\)"):
         stop_leftovers(json.loads((sweep_dir / "sweep.json").read_text()), print)
+
+
+def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatch):
+    """A driver killed while writing the table must not leave a trial that the table calls
+    finished but a resume would train again: the ended record is written first."""
+    from ray.tune.experiment import Trial
+
+    from hpo.table import TrialTable
+    from hpo.trainable import read_ended
+
+    table = TrialTable(tmp_path / "sweep", base={"epochs": 2}, searched=["lr"], ended_dir=str(tmp_path / "ended"))
+    trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id="abc123", stub=True)
+    table.row(trial)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(table, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        table._finish(trial, "completed")
+    assert read_ended(str(tmp_path / "ended"), "abc123")["end_state"] == "completed"
