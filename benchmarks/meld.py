@@ -21,7 +21,8 @@ COLUMNS = ["model", "selected_on", "runs", "val_wf1", "test_wf1", "test_wf1_std"
 
 def logistic_regression(data) -> dict:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
+
+    from cmath_model.metrics import classification_metrics
 
     def xy(split: str):
         s = data.splits[split]
@@ -31,13 +32,13 @@ def logistic_regression(data) -> dict:
     best = None
     for c in (0.01, 0.1, 1.0, 10.0, 100.0):
         model = LogisticRegression(C=c, max_iter=2000).fit(x_train, y_train)
-        val = f1_score(y_val, model.predict(x_val), average="weighted")
+        val = classification_metrics(y_val, model.predict(x_val), data.num_classes)["wf1"]
         if best is None or val > best[0]:
             best = (val, c, model)
     val, c, model = best
-    pred = model.predict(x_test)
+    test = classification_metrics(y_test, model.predict(x_test), data.num_classes)
     return dict(model=f"logistic regression (C={c:g})", selected_on="val W-F1 over C", runs=1, val_wf1=val,
-                test_wf1=f1_score(y_test, pred, average="weighted"), test_acc=accuracy_score(y_test, pred))
+                test_wf1=test["wf1"], test_acc=test["acc"])
 
 
 def paper_default(data, epochs: int, seeds: int) -> dict:
