@@ -54,12 +54,13 @@ def run_search(space: Path, data: Path, method: str, seed: int, trials: int, ove
 
 def finished_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, float] | None:
     """A sweep an earlier run of this benchmark finished in the same --work folder."""
-    record = sweep_dir / "sweep.json"
-    if not record.exists() or json.loads(record.read_text()).get("status") != "finished":
+    path = sweep_dir / "sweep.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("status") != "finished":
         shutil.rmtree(sweep_dir, ignore_errors=True)  # an unfinished one is run again from the start
         return None
     print(f"search: {sweep_dir.name}: reused from {sweep_dir}", flush=True)
-    return curve(sweep_dir), float(json.loads(record.read_text())["fit_seconds"])
+    return curve(sweep_dir), float(record["fit_seconds"])
 
 
 def curve(sweep_dir: Path) -> pd.DataFrame:
