@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 
 from .config import CMATHConfig
 from .data import Dataset, Split, load_dataset
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError, DataError, NonFiniteLossError
 from .metrics import classification_metrics
 from .model import CMATH, cmath_loss
 
@@ -51,8 +53,9 @@ class Trainer:
         self.config = config
         self.data = data
         self.device = torch.device(device) if device is not None else pick_device(config.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads or available_cpus())
+        # On every device: a GPU trial batches and scores on the CPU too, and trials packed on one
+        # GPU node must not each take every core.
+        torch.set_num_threads(config.num_threads or available_cpus())
         _seed_everything(config.seed)
         self.speaker_slots = max(MIN_SPEAKER_SLOTS, data.max_speakers)
         self.model = CMATH(config, data.modality_dims, data.num_classes, self.speaker_slots).to(self.device)
@@ -147,9 +150,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str | Path) -> Path:
-        """A resumable checkpoint: model, optimiser, epoch, history and every RNG state."""
+        """A resumable checkpoint: model, optimiser, epoch, history and every RNG state.
+
+        trainer.pt holds only tensors and plain values (dicts, lists, tuples, str, int, float,
+        None), so it loads with torch.load(weights_only=True); numpy's RNG state is stored as
+        such values (its keys as a tensor) and rebuilt by `load`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -160,7 +168,8 @@ class Trainer:
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "shuffle": self.shuffle.get_state(),
-                "numpy": np.random.get_state(),
+                "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
                 "python": random.getstate(),
             },
         }
@@ -169,7 +178,9 @@ class Trainer:
         return directory
 
     def load(self, directory: str | Path) -> None:
-        state = torch.load(Path(directory) / "trainer.pt", map_location=self.device, weights_only=False)
+        # On the CPU: RNG states must be CPU tensors; load_state_dict moves weights and Adam's
+        # moments to the model's device.
+        state = load_weights(Path(directory) / "trainer.pt", map_location="cpu")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]
@@ -180,7 +191,9 @@ class Trainer:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.shuffle.set_state(rng["shuffle"])
-        np.random.set_state(rng["numpy"])
+        numpy_state = rng["numpy"]
+        np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
         random.setstate(rng["python"])
 
     def save_best(self, directory: str | Path) -> Path:
@@ -203,7 +216,7 @@ class Trainer:
     def load_best(self, directory: str | Path) -> None:
         """Take back what `save_best` wrote (after `load`, whose history already holds the metrics)."""
         directory = Path(directory)
-        state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
+        state = load_weights(directory / "model.pt", map_location="cpu")
         self.best_model_state = state["model"] if self.keep_best else None
         with np.load(directory / "test_predictions.npz") as preds:
             self.best_test_predictions = {k: preds[k] for k in ("label", "pred", "prob")}
@@ -223,6 +236,22 @@ def predict(model: CMATH, split: Split, batch_size: int, device: torch.device
         probs.append(p.cpu())
         preds.append(p.argmax(-1).cpu())
     return torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(probs).numpy()
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load restricted to tensors and plain values (weights_only=True). Checkpoints come
+    from shared storage and MLflow artifacts: unpickling anything more would let whoever can
+    write there run code here."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if found:
+            raise DataError(f"{path}: refusing to load: it holds pickled code ({found[1]}), not only weights "
+                            "(torch.load weights_only); re-create it with this version of cmath-hpo or get it "
+                            "from a source you trust") from exc
+        raise DataError(f"{path}: refusing to load: not a weights-only torch checkpoint (corrupt, or not "
+                        "written by torch.save); re-create it with this version of cmath-hpo") from exc
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
@@ -245,7 +274,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     if not (checkpoint / "model.pt").exists():
         raise ConfigError(f"{checkpoint}: no model.pt here; pass a best-checkpoint folder written by cmath-train")
     config = load_config(checkpoint / "config.yaml")
-    state = torch.load(checkpoint / "model.pt", map_location=device, weights_only=False)
+    state = load_weights(checkpoint / "model.pt", map_location=device)
     model = CMATH(config, state["modality_dims"], state["num_classes"], state["max_speakers"]).to(device)
     model.load_state_dict(state["model"])
     model.eval()
