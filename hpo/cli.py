@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
     resume.add_argument("--results", default="results")
     resume.add_argument("--address", help="join this Ray cluster instead of the one the sweep used")
+    resume.add_argument("--driver-gone", action="store_true",
+                        help="the sweep's driver ran on another host and is gone: resume without checking it")
 
     export = sub.add_parser("export-best", help="write the best trial's training config")
     export.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
@@ -89,18 +91,14 @@ def _sweep(args: argparse.Namespace) -> int:
         print(describe_plan(plan_sweep(options)))
         print("dry run: nothing started")
         return 0
-    outcome = run_sweep(options)
-    c = outcome.counts
-    return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
+    return run_sweep(options).exit_code
 
 
 def _resume(args: argparse.Namespace) -> int:
     from .resume import resume_sweep
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    outcome = resume_sweep(args.sweep, args.results, address=args.address)
-    c = outcome.counts
-    return 1 if c["failed"] and c["failed"] == sum(c.values()) else 0
+    return resume_sweep(args.sweep, args.results, address=args.address, driver_gone=args.driver_gone).exit_code
 
 
 def _export(args: argparse.Namespace) -> int:

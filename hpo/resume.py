@@ -8,6 +8,7 @@ gets a second run; the sweep's parent run is reopened from sweep.json.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,23 +22,36 @@ from .sweep import (
     SweepOptions,
     SweepOutcome,
     build_trainable,
-    check_cluster,
+    describe_cluster,
     driver_record,
     finish_sweep,
+    join_cluster,
     plan_sweep,
-    size_concurrency,
-    start_ray,
     tune_environment,
     write_json,
 )
 
 
-def stop_leftovers(record: dict, log: Callable[[str], None]) -> list[int]:
-    """Refuse if the sweep's driver still runs; stop what its private Ray left behind."""
+def check_driver_gone(record: dict, driver_gone: bool = False) -> None:
+    """Refuse while the sweep's recorded driver may still run. On this machine that is a PID
+    check; a driver on another host cannot be seen from here, so unless it ended cleanly (its
+    status says how), the user has to say it is gone."""
     driver = record.get("driver") or {}
-    if driver.get("pid") and is_running(driver["pid"], driver.get("cmdline")):
+    host = driver.get("host")
+    ended = record.get("status") not in (None, "running")
+    if host and host != platform.node() and not ended and not driver_gone:
+        raise SweepError(f"sweep '{record['name']}' was driven from host {host} (pid {driver.get('pid')}), which may "
+                         f"still run it; stop it there, or if that driver is gone resume with --driver-gone")
+    if (not host or host == platform.node()) and driver.get("pid") and is_running(driver["pid"], driver.get("cmdline")):
         raise SweepError(f"sweep '{record['name']}' is still running (driver pid {driver['pid']}); "
                          f"stop it first (Ctrl-C) or wait for it to end")
+
+
+def stop_leftovers(record: dict, log: Callable[[str], None]) -> list[int]:
+    """Stop what the previous driver's private Ray left behind on this machine."""
+    driver = record.get("driver") or {}
+    if driver.get("host", platform.node()) != platform.node():
+        return []
     session = driver.get("ray_session_dir")
     if not (driver.get("private_ray") and session):
         return []
@@ -63,7 +77,8 @@ def fail_orphaned_study_trials(plan, ray_trial_ids: set) -> list[int]:
 
 
 def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
-                 address: str | None = None, trainable: type | None = None) -> SweepOutcome:
+                 address: str | None = None, trainable: type | None = None,
+                 driver_gone: bool = False) -> SweepOutcome:
     started = time.perf_counter()
     sweep_dir = find_sweep(sweep, results)
     record = load_sweep_record(sweep_dir)
@@ -82,7 +97,7 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     if plan.data.sha256 != record["data"]["sha256"]:
         raise SweepError(f"{plan.data.path} changed since the sweep started (SHA-256 {plan.data.sha256[:12]}…, "
                          f"was {record['data']['sha256'][:12]}…); restore the original file to resume")
-    experiment_path = f"{plan.storage_path.rstrip('/')}/{plan.storage_name}"
+    experiment_path = plan.experiment_path
 
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -90,14 +105,13 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     if not tune.Tuner.can_restore(experiment_path):
         raise SweepError(f"no Ray Tune state at {experiment_path}: the sweep ended before its first trial; "
                          f"start it again with a new --name")
+    check_driver_gone(record, driver_gone)
     stop_leftovers(record, log)
 
     import ray
 
     try:
-        ray_seconds = start_ray(plan)
-        check_cluster(plan)
-        size_concurrency(plan, ray.cluster_resources())
+        ray_seconds, cluster = join_cluster(plan)
         client = MlflowClient(plan.tracking_uri)
         parent_id = record["mlflow"]["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
@@ -108,6 +122,7 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
         write_json(sweep_dir / SWEEP_FILE, record)
         client.set_tag(parent_id, "cmath.resumes", str(len(record["resumes"])))
         log(f"resuming sweep {plan.name} from {experiment_path}")
+        log(describe_cluster(plan, ray_seconds, cluster))
         tune_environment()
         # The trainable's parameters (base config, dataset) are not part of Ray's saved state.
         tuner = tune.Tuner.restore(experiment_path, trainable=build_trainable(plan), resume_unfinished=True,

@@ -30,6 +30,7 @@ from cmath_model.runs import resolve_data
 from .errors import SweepError
 from .processes import command_line
 from .space import SAMPLERS, SearchSpace, load_space, make_sampler
+from .storage import check_storage_on_every_node, join, resolve_storage
 from .table import TRIALS_FILE, read_trials, records
 from .tracking import check_tracking_uri, default_tracking_uri
 
@@ -95,7 +96,12 @@ class SweepPlan:
         """Where the driver records ended trials, beside Ray's experiment folder (shared storage)."""
         from .trainable import ENDED_FOLDER
 
-        return f"{self.storage_path.rstrip('/')}/{self.storage_name}/{ENDED_FOLDER}"
+        return join(self.storage_path, self.storage_name, ENDED_FOLDER)
+
+    @property
+    def experiment_path(self) -> str:
+        """Ray Tune's experiment folder: what `Tuner.restore` reads."""
+        return join(self.storage_path, self.storage_name)
 
     @property
     def optuna_storage(self) -> str:
@@ -113,6 +119,14 @@ class SweepOutcome:
     fit_seconds: float
     ray_init_seconds: float
     trial_train_seconds: float
+    mlflow_failures: int = 0  # MLflow calls that failed (the sweep went on; its tables have everything)
+    mlflow_failure_notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """1 when every trial failed or MLflow lost part of the record, else 0."""
+        c = self.counts
+        return 1 if (c["failed"] and c["failed"] == sum(c.values())) or self.mlflow_failures else 0
 
 
 # ---------------------------------------------------------------------------- planning
@@ -162,8 +176,12 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
         raise SweepError(f"{space.path}: asha.grace_period {space.grace_period} exceeds the {max_t} epochs a trial "
                          f"runs; lower grace_period or raise epochs")
     address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        raise SweepError(f"--address {address}: under Ray Client the sweep's driver would run on the head and write "
+                         f"its tables and stores at this machine's paths there; run the sweep on the head with "
+                         f"`ray job submit` instead (README 'Cluster')")
     if options.storage:
-        storage_path, storage_name = options.storage, name
+        storage_path, storage_name = resolve_storage(options.storage), name
     else:
         storage_path, storage_name = str(sweep_dir.resolve()), "ray"
     return SweepPlan(options=options, space=space, base=base, data=data, name=name, sweep_dir=sweep_dir,
@@ -181,9 +199,9 @@ def _check_counts(options: SweepOptions) -> None:
     if options.cpus_per_trial <= 0:
         raise SweepError(f"--cpus-per-trial {options.cpus_per_trial}: must be > 0")
     gpus = options.gpus_per_trial
-    if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
-        raise SweepError(f"--gpus-per-trial {gpus}: use a fraction up to 1 (e.g. 0.25 packs 4 trials "
-                         f"per GPU) or a whole number of GPUs")
+    if gpus < 0 or gpus > 1:
+        raise SweepError(f"--gpus-per-trial {gpus:g}: a trial trains on one GPU; use 1, or a fraction to pack "
+                         f"trials (0.25 runs 4 per GPU)")
 
 
 def _modality_choices(space: SearchSpace, base: CMATHConfig) -> list[str]:
@@ -239,6 +257,7 @@ def provenance(plan: SweepPlan) -> dict:
     o = plan.options
     return {
         "name": plan.name,
+        "status": "running",
         "command": o.command or " ".join(sys.argv),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
@@ -353,6 +372,30 @@ def size_concurrency(plan: SweepPlan, resources: dict) -> None:
     plan.n_startup = plan.space.startup_size(plan.options.num_samples, plan.max_concurrent)
 
 
+def join_cluster(plan: SweepPlan) -> tuple[float, dict]:
+    """Start or join Ray, then check it can run this sweep: a node with a trial's resources, and
+    storage that every node reads and writes (on a private local Ray there is only this machine).
+    Sizes the concurrency from the cluster. Returns Ray's start-up seconds and what was checked."""
+    import ray
+
+    ray_seconds = start_ray(plan)
+    check_cluster(plan)
+    preflight = check_storage_on_every_node(plan.storage_path) if plan.address else None
+    resources = ray.cluster_resources()
+    size_concurrency(plan, resources)
+    return ray_seconds, {"resources": resources, "preflight_seconds": preflight,
+                         "nodes": sum(1 for n in ray.nodes() if n.get("Alive"))}
+
+
+def describe_cluster(plan: SweepPlan, ray_seconds: float, cluster: dict) -> str:
+    r = cluster["resources"]
+    where = f"joined {plan.address}" if plan.address else "local"
+    checked = (f"; storage {plan.storage_path} checked on {cluster['nodes']} nodes in "
+               f"{cluster['preflight_seconds']:.1f}s" if cluster["preflight_seconds"] is not None else "")
+    return (f"ray: {where} in {ray_seconds:.1f}s; cluster {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU{checked}; "
+            f"mlflow {plan.tracking_uri}")
+
+
 def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> SweepOutcome:
     started = time.perf_counter()
     plan = plan_sweep(options)
@@ -361,15 +404,11 @@ def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> Swee
     import ray
 
     try:
-        ray_seconds = start_ray(plan)
-        check_cluster(plan)
-        resources = ray.cluster_resources()
-        size_concurrency(plan, resources)
+        ray_seconds, cluster = join_cluster(plan)
         # Nothing is written before the cluster can run a trial: a refused sweep leaves no trace.
         record, client, parent_id, experiment = open_sweep(plan)
         log(f"sweep {plan.name}: {options.num_samples} trials -> {plan.sweep_dir}")
-        log(f"ray: {'joined ' + plan.address if plan.address else 'local'} in {ray_seconds:.1f}s; cluster "
-            f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; mlflow {plan.tracking_uri}")
+        log(describe_cluster(plan, ray_seconds, cluster))
         try:
             tuner = build_tuner(plan, experiment, parent_id, log)
             fit_started = time.perf_counter()
@@ -415,7 +454,8 @@ def driver_record(plan: SweepPlan) -> dict:
     import ray
 
     node = ray._private.worker._global_node  # None for a Ray Client (ray://) connection
-    return {"pid": os.getpid(), "cmdline": command_line(os.getpid()), "private_ray": plan.address is None,
+    return {"host": platform.node(), "pid": os.getpid(), "cmdline": command_line(os.getpid()),
+            "private_ray": plan.address is None,
             "ray_session_dir": node.get_session_dir_path() if node is not None else None}
 
 
@@ -475,7 +515,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     from ray.tune.search import ConcurrencyLimiter
 
     from .search import SweepSearch
-    from .table import CheckpointPruner, NoRetryOnTrialError, ProgressPrinter, TrialTable
+    from .table import NoRetryOnTrialError, ProgressPrinter, TrialTable
     from .tracking import MlflowTrials
 
     tune_environment()
@@ -491,13 +531,14 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
                                   grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched)
+    # Ended trials' older checkpoints and resume state are pruned once their best/ is uploaded.
+    tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched,
+                           sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints)
     # Absolute: the table is pickled into Ray's tuner.pkl and a resume may run from another folder.
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.optuna_storage, plan.name,
                        plan.ended_dir)
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
-    pruner = [] if plan.options.keep_checkpoints else [CheckpointPruner()]  # after the tracker's upload
-    callbacks = [NoRetryOnTrialError(), tracker, table, *pruner, printer, JsonLoggerCallback()]
+    callbacks = [NoRetryOnTrialError(), tracker, table, printer, JsonLoggerCallback()]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
@@ -531,26 +572,51 @@ def finish_sweep(plan: SweepPlan, record: dict, client, parent_id: str, started:
         status = "time_budget_spent"
         prune_unfinished_study_trials(plan)
     wall = time.perf_counter() - started
-    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status=status, counts=counts,
-                  wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
-                  trial_train_seconds=train_seconds, best=best)
-    write_json(plan.sweep_dir / SWEEP_FILE, record)
-
+    failures = read_failures(plan.sweep_dir)
     metrics = {f"trials_{k}": v for k, v in counts.items()}
     metrics.update(wall_seconds=wall, fit_seconds=fit_seconds, trial_train_seconds=train_seconds)
     if best is not None:
         metrics.update(best_val_wf1=best["best_val_wf1"], best_test_wf1_at_best_val=best["test_wf1_at_best_val"])
-        client.set_tag(parent_id, "cmath.best_trial_id", best["trial_id"])
-    client.log_batch(parent_id, metrics=[_metric(k, v) for k, v in metrics.items()])
-    client.log_artifact(parent_id, str(plan.sweep_dir / SWEEP_FILE))
-    client.log_artifact(parent_id, str(plan.sweep_dir / TRIALS_FILE)) if trials is not None else None
-    client.set_terminated(parent_id, "FINISHED" if finished else "KILLED")
+    try:  # the parent run's end: a failing store is counted like the trials' calls, not raised
+        if best is not None:
+            client.set_tag(parent_id, "cmath.best_trial_id", best["trial_id"])
+        client.log_batch(parent_id, metrics=[_metric(k, v) for k, v in metrics.items()])
+        if trials is not None:
+            client.log_artifact(parent_id, str(plan.sweep_dir / TRIALS_FILE))
+    except Exception as exc:  # noqa: BLE001
+        failures["failures"] += 1
+        failures["notes"].append(f"closing the sweep's parent run: {type(exc).__name__}: {str(exc)[:200]}")
+    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status=status, counts=counts,
+                  wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
+                  trial_train_seconds=train_seconds, best=best, mlflow_failures=failures["failures"],
+                  mlflow_failure_notes=failures["notes"])
+    write_json(plan.sweep_dir / SWEEP_FILE, record)
+    try:
+        client.log_artifact(parent_id, str(plan.sweep_dir / SWEEP_FILE))
+        client.set_terminated(parent_id, "FINISHED" if finished and not failures["failures"] else "KILLED")
+    except Exception as exc:  # noqa: BLE001 - sweep.json has the record; the summary says what failed
+        failures["failures"] += 1
+        failures["notes"].append(f"closing the sweep's parent run: {type(exc).__name__}: {str(exc)[:200]}")
+        record.update(mlflow_failures=failures["failures"], mlflow_failure_notes=failures["notes"])
+        write_json(plan.sweep_dir / SWEEP_FILE, record)
 
     outcome = SweepOutcome(name=plan.name, sweep_dir=plan.sweep_dir, status=status, counts=counts, best=best,
                            wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
-                           trial_train_seconds=train_seconds)
+                           trial_train_seconds=train_seconds, mlflow_failures=failures["failures"],
+                           mlflow_failure_notes=failures["notes"])
     log(summary_text(outcome, plan.searched))
     return outcome
+
+
+def read_failures(sweep_dir: Path) -> dict:
+    """The MLflow failures the sweep's tracker counted (hpo.tracking writes them at the sweep's end)."""
+    from .tracking import FAILURES_FILE
+
+    try:
+        found = json.loads((sweep_dir / FAILURES_FILE).read_text())
+        return {"failures": int(found["failures"]), "notes": list(found.get("notes", []))}
+    except (OSError, ValueError, KeyError):
+        return {"failures": 0, "notes": []}
 
 
 def prune_unfinished_study_trials(plan: SweepPlan) -> None:
@@ -590,6 +656,10 @@ def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
         lines.append(f"  {params}")
     else:
         lines.append("no trial produced a result")
+    if outcome.mlflow_failures:
+        lines.append(f"MLflow: {outcome.mlflow_failures} calls failed, so its record of this sweep is incomplete "
+                     f"(first: {outcome.mlflow_failure_notes[0] if outcome.mlflow_failure_notes else '?'}); "
+                     f"trials.parquet and history.parquet have every result; check the tracking store")
     lines.append(str(outcome.sweep_dir))
     return "\n".join(lines)
 

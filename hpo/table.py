@@ -16,7 +16,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from .search import end_state
-from .tracking import LOST, MlflowTrials, error_summary
+from .tracking import LOST, MlflowTrials, checkpoint_uri, error_summary
 from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, final_result, model_metrics, write_ended
 
 TRIALS_FILE = "trials.parquet"
@@ -117,7 +117,8 @@ class TrialTable(Callback):
         if node and node not in (row.get("nodes") or "").split(","):
             row["nodes"] = ",".join(filter(None, [row.get("nodes"), node]))
         # received_at: when the driver had the epoch (benchmarks.overhead reads the sweep's timeline from it)
-        record = {"trial_id": trial.trial_id, "epoch": epoch, **model_metrics(result), "received_at": time.time()}
+        record = {"trial_id": trial.trial_id, "epoch": epoch, **model_metrics(result), "node": node or None,
+                  "received_at": time.time()}
         self.history.setdefault(trial.trial_id, {})[epoch] = record
         with open(self.sweep_dir / JOURNAL_FILE, "a") as journal:
             journal.write(json.dumps(record) + "\n")
@@ -150,11 +151,15 @@ class TrialTable(Callback):
             if row["end_state"] != "running":
                 continue
             if trial_id in known:
-                row.update(end_state="interrupted", checkpoint=_best_path(known[trial_id]))
+                row.update(end_state="interrupted", checkpoint=checkpoint_uri(known[trial_id].checkpoint))
             else:  # started after Ray's last saved state, then the driver was killed: Ray cannot resume it
                 row.update(end_state="interrupted", restore_notes=LOST)
-        if self.tracker is not None:  # killed between opening a trial's MLflow run and recording its row
-            for run in self.tracker.child_runs():
+        try:  # the tracking store may be gone; the tables must still be written
+            lost_runs = self.tracker.child_runs() if self.tracker is not None else []
+        except Exception:  # noqa: BLE001 - the tracker counted and reported its own failures
+            lost_runs = []
+        if lost_runs:  # killed between opening a trial's MLflow run and recording its row
+            for run in lost_runs:
                 trial_id = run.data.tags.get("cmath.trial_id")
                 if trial_id not in self.rows:
                     self.rows[trial_id] = {"trial_id": trial_id, "number": len(self.rows), "end_state": "interrupted",
@@ -165,7 +170,8 @@ class TrialTable(Callback):
     def _finish(self, trial: Trial, state: str, error: str | None = None) -> None:
         row = self.row(trial)
         replayed = bool((trial.last_result or {}).get(REPLAYED)) and row.get("finished_at") is not None
-        row.update(end_state=state, error=error if error else row.get("error"), checkpoint=_best_path(trial))
+        row.update(end_state=state, error=error if error else row.get("error"),
+                   checkpoint=checkpoint_uri(trial.checkpoint))
         if not replayed:  # an ended trial replayed after a resume keeps when it really ended
             row["finished_at"] = time.time()
         # The ended record first: once the table says a trial ended, a resume must replay it,
@@ -205,11 +211,6 @@ def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None) -> N
     """Tell a later resume that this trial is over (Ray's own state can lag behind a killed driver)."""
     write_ended(ended_dir, trial.trial_id, {"end_state": state, "error": error,
                                             "result": final_result(trial.last_result or {})})
-
-
-def _best_path(trial: Trial) -> str | None:
-    checkpoint = trial.checkpoint
-    return f"{checkpoint.path}/best" if checkpoint is not None else None
 
 
 class ProgressPrinter(Callback):
@@ -271,32 +272,3 @@ class NoRetryOnTrialError(Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
             trial.max_failures = 0
-
-
-class CheckpointPruner(Callback):
-    """When a trial has ended, only its best-validation weights can still matter: nothing resumes
-    a finished, stopped or failed trial. Delete its resume state (`trainer/`: model plus Adam
-    state, ~240 MB at d 500) and its older checkpoints; keep the latest `best/`. Runs after the
-    MLflow callback has uploaded that `best/`."""
-
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        prune_checkpoints(trial)
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        prune_checkpoints(trial)
-
-
-def prune_checkpoints(trial: Trial) -> None:
-    import pyarrow.fs as pafs
-
-    latest = trial.checkpoint
-    if latest is None:
-        return
-    fs, path = latest.filesystem, latest.path.rstrip("/")
-    trial_dir = path.rsplit("/", 1)[0]
-    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
-        name = info.path.rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and info.path != path:
-            fs.delete_dir(info.path)
-    if fs.get_file_info(f"{path}/trainer").type == pafs.FileType.Directory:
-        fs.delete_dir(f"{path}/trainer")

@@ -14,15 +14,19 @@ the metrics that piled up meanwhile leave in one `log_batch` per run.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import queue
 import re
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.fs as pafs
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
@@ -32,6 +36,7 @@ from cmath_model.runs import sqlite_file
 
 from .errors import SweepError
 from .search import end_state
+from .storage import full_uri
 from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
 
 MAX_PARAM_CHARS = 500
@@ -53,9 +58,16 @@ def keep_going(hook):
     return guarded
 
 
+MAX_FAILURE_NOTES = 5
+FAILURES_FILE = "mlflow_failures.json"  # in the sweep folder: what failed, for the summary and sweep.json
+
+
 def warn_failure(owner, where: str, exc: Exception) -> None:
     """Count a failed MLflow call on `owner` and say so; the sweep goes on."""
     owner.failures = getattr(owner, "failures", 0) + 1
+    notes = owner.__dict__.setdefault("failure_notes", [])
+    if len(notes) < MAX_FAILURE_NOTES:
+        notes.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     logger.warning("MLflow logging failed in %s (%s: %s); the sweep goes on", where, type(exc).__name__,
                    str(exc)[:200])
 
@@ -73,6 +85,7 @@ class MlflowWriter:
         self.client = client
         self.queue: queue.Queue = queue.Queue()
         self.failures = 0
+        self.failure_notes: list[str] = []
         self.thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self.thread.start()
 
@@ -85,19 +98,29 @@ class MlflowWriter:
     def flush(self) -> None:
         self.queue.join()
 
+    def close(self) -> None:
+        """Make every call handed over so far, then end the thread: a sweep's last uploads and run
+        ends must not die with the process (the thread is a daemon, so a stuck store cannot hang
+        the exit of a sweep that never closes it)."""
+        self.queue.put(("stop", None, None))
+        self.thread.join()
+
     def _run(self) -> None:
         while True:
             items = [self.queue.get()]
-            while True:  # take everything already waiting
+            while items[-1][0] != "stop":  # take everything already waiting
                 try:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
+            stop = items[-1][0] == "stop"
             try:
-                self._do(items)
+                self._do([item for item in items if item[0] != "stop"])
             finally:
                 for _ in items:
                     self.queue.task_done()
+            if stop:
+                return
 
     def _do(self, items: list[tuple]) -> None:
         pending: dict[str, list[Metric]] = {}
@@ -178,7 +201,9 @@ class MlflowTrials(Callback):
     """Child runs for trials under the sweep's parent run."""
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, sweep: str, base: dict,
-                 searched: list[str]):
+                 searched: list[str], sweep_dir: str | Path | None = None, prune: bool = False):
+        self.sweep_dir = Path(sweep_dir) if sweep_dir is not None else None
+        self.prune = prune  # ended trials keep only their latest best/, deleted once it is uploaded
         self.uri = uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -209,6 +234,18 @@ class MlflowTrials(Callback):
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+
+    def close(self) -> None:
+        """Everything handed to the writer is done and its thread has ended."""
+        if self._writer is not None:
+            self._writer.close()
+            self.failures = getattr(self, "failures", 0) + self._writer.failures
+            self.__dict__.setdefault("failure_notes", []).extend(self._writer.failure_notes)
+            self._writer = None
+
+    @property
+    def failure_count(self) -> int:
+        return getattr(self, "failures", 0) + (self._writer.failures if self._writer is not None else 0)
 
     def run_id(self, trial: Trial) -> str:
         """The trial's run: the one already in the store (a resumed trial), else a new child."""
@@ -264,10 +301,17 @@ class MlflowTrials(Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, "failed", "FAILED", error=error_summary(trial))
 
-    @keep_going
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        self.flush()
-        # The time budget and Ctrl-C end running trials without on_trial_complete.
+        try:
+            self._end_runs(trials)
+        finally:
+            self.close()
+            self._write_failures()
+
+    @keep_going
+    def _end_runs(self, trials: list[Trial]) -> None:
+        # The time budget and Ctrl-C end running trials without on_trial_complete: close their
+        # runs (KILLED, with best/ where there is one) in the writer, behind their last metrics.
         for trial in trials:
             if trial.trial_id in self.run_ids and trial.trial_id not in self.ended:
                 self._finish(trial, "interrupted", "KILLED")
@@ -279,6 +323,16 @@ class MlflowTrials(Callback):
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),
                                                              RunTag("cmath.restore_note", LOST)])
                 self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def _write_failures(self) -> None:
+        """What failed, for the sweep's summary and sweep.json (see read_failures)."""
+        if self.sweep_dir is None:
+            return
+        notes = getattr(self, "failure_notes", [])
+        path = self.sweep_dir / FAILURES_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"failures": self.failure_count, "notes": notes[:MAX_FAILURE_NOTES]}))
+        os.replace(tmp, path)
 
     def child_runs(self, condition: str = "") -> list:
         return self.client.search_runs([self.experiment], max_results=10000, filter_string=(
@@ -296,15 +350,44 @@ class MlflowTrials(Callback):
             self.writer.call(self.client.log_text, run_id, error_text(trial), "error.txt")
         replayed = bool((trial.last_result or {}).get(REPLAYED))
         self.writer.call(self.upload_best, trial.checkpoint, run_id, replayed)
+        if self.prune and state != "interrupted":  # an interrupted trial may be resumed from its checkpoints
+            self.writer.call(prune_checkpoints, trial.checkpoint)  # only once its best/ is uploaded
         self.writer.call(self.client.set_terminated, run_id, status)
         self.ended.add(trial.trial_id)
 
     def upload_best(self, checkpoint, run_id: str, replayed: bool = False) -> None:
+        """The checkpoint's best/ folder (only that: not the resume state beside it) as the run's artifact."""
         if checkpoint is None:
             return
         if replayed and self.client.list_artifacts(run_id, "best"):
             return  # uploaded when the trial really ended, before the sweep was resumed
-        with checkpoint.as_directory() as folder:
-            best = Path(folder) / "best"
-            if best.exists():
-                self.client.log_artifacts(run_id, str(best), "best")
+        fs, best = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/best"
+        if fs.get_file_info(best).type != pafs.FileType.Directory:
+            return
+        if isinstance(fs, pafs.LocalFileSystem):
+            self.client.log_artifacts(run_id, best, "best")
+            return
+        with tempfile.TemporaryDirectory(prefix="cmath-best-") as local:
+            pafs.copy_files(best, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            self.client.log_artifacts(run_id, local, "best")
+
+
+def checkpoint_uri(checkpoint) -> str | None:
+    """Where a trial's best/ lies, as a path or a full URI (s3://...), for the tables and exports."""
+    return None if checkpoint is None else full_uri(checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/best")
+
+
+def prune_checkpoints(checkpoint) -> None:
+    """When a trial has ended, only its best-validation weights can still matter: nothing resumes
+    a finished, stopped or failed trial. Delete its resume state (`trainer/`: model plus Adam
+    state, ~240 MB at d 500) and its older checkpoints; keep the latest `best/`."""
+    if checkpoint is None:
+        return
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    trial_dir = path.rsplit("/", 1)[0]
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.path.rstrip("/") != path:
+            fs.delete_dir(info.path)
+    if fs.get_file_info(f"{path}/trainer").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{path}/trainer")

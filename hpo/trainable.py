@@ -18,12 +18,14 @@ matter, with only what can matter:
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
+import torch
 from ray import tune
 from ray.train._internal.checkpoint_manager import _TrainingResult
 
@@ -71,6 +73,7 @@ class CMATHTrial(tune.Trainable):
         self._start(config)
 
     def _start(self, params: dict) -> None:
+        self.drop_trainer()  # a reused worker's previous trial, or a restore that starts over
         self.error: Exception | None = None
         self.reported_error = False
         self.restore_note: str | None = None
@@ -82,6 +85,8 @@ class CMATHTrial(tune.Trainable):
         try:
             self.cmath_config = from_dict({**self.base, **params}, source="trial config")
             self.trainer = Trainer(self.cmath_config, self.dataset, keep_best=True)
+        except torch.cuda.OutOfMemoryError:
+            raise  # says nothing about the config: Ray retries it (see step)
         except Exception as exc:  # raised from step(), after the driver knows
             self.error = exc
         self.setup_seconds = time.perf_counter() - started
@@ -101,6 +106,10 @@ class CMATHTrial(tune.Trainable):
             if self.restore_note:
                 result[RESTORE_NOTE], self.restore_note = self.restore_note, None
             return result
+        except torch.cuda.OutOfMemoryError:
+            # Packed trials ran out of GPU memory: a fault of the placement, not of the config, so
+            # it is not told to Optuna as a failure; Ray retries it from its last checkpoint.
+            raise
         except Exception as exc:
             self.error = exc
             self.reported_error = True
@@ -193,6 +202,14 @@ class CMATHTrial(tune.Trainable):
     def reset_config(self, new_config: dict) -> bool:
         self._start(new_config)
         return True
+
+    def drop_trainer(self) -> None:
+        """Free the previous trial's model and optimiser before the next is built: otherwise a
+        reused worker holds both at once, and on a shared GPU the cache keeps its high-water mark."""
+        self.trainer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def final_result(result: dict) -> dict:

@@ -1,18 +1,28 @@
-"""A real two-node Ray cluster on this machine over loopback (`ray start` head + worker, each with
-its own temp dir), a sweep joining it with --address, and the worker node killed mid-sweep:
-trials ran on both nodes, the worker's trials finish on the head from their checkpoints, and
-MLflow and trials.parquet are complete. Only what this test started is stopped, by PID."""
+"""A real two-node Ray cluster on this machine whose nodes do not share a disk, as two machines
+would not: the head runs in this machine's view; the worker node runs in its own mount namespace
+(`unshare -m`) with an empty tmpfs over `private/`, the folder that holds the driver's --results
+and local storage, while `nfs/` stays visible to both, as an NFS mount would. An S3-compatible
+server (moto) on 127.0.0.1 stands in for object storage.
+
+What a user meets on such a cluster, for real: storage the worker cannot see is refused by the
+preflight before anything starts; shared storage runs a sweep on both nodes; S3 storage runs a
+sweep whose driver is killed and resumed; `ray job submit` runs the sweep on the head; the
+worker node is killed mid-sweep and its trial finishes on the head. Only what this module
+started is stopped, by PID (never `ray stop`)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -21,8 +31,9 @@ from hpo.processes import pids_using, stop
 from hpo.table import TRIALS_FILE, read_trials
 from hpo.tracking import default_tracking_uri
 
-RAY = str(Path(sys.executable).parent / "ray")
-ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+BUCKET = "cmath"
 EPOCHS = 10
 SAMPLES = 6
 SPACE = {
@@ -33,29 +44,82 @@ SPACE = {
 }
 
 
+def _free_port() -> int:
+    import socket
 
-def _ray_start(*args: str) -> None:
-    subprocess.run([RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
-                    *args], env=ENV, check=True, capture_output=True, timeout=120)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-@pytest.fixture
-def cluster(free_port):
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1, and the standard AWS variables pyarrow (and so Ray) reads."""
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-2000:]
+                time.sleep(0.3)
+        request = urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/{BUCKET}", method="PUT")
+        urllib.request.urlopen(request, timeout=10).read()  # create the bucket (anonymous calls work on moto)
+        yield env
+    finally:
+        stop([server.pid])
+
+
+def _ray_start(env: dict, *args: str, namespace: list[str] = ()) -> None:
+    subprocess.run([*namespace, RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                    "--disable-usage-stats", *args], env=env, check=True, capture_output=True, timeout=120)
+
+
+def _private_namespace(private: Path) -> list[str]:
+    """A command prefix: run in a new mount namespace with an empty tmpfs over `private`."""
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"`unshare -m` is not permitted here ({probe.stderr.strip()}); these tests give the worker "
+                    f"node its own view of the disk and need root or CAP_SYS_ADMIN")
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs tmpfs "{private}" && exec "$0" "$@"']
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    root = tmp_path_factory.mktemp("cluster")
+    private, nfs = root / "private", root / "nfs"
+    private.mkdir()
+    nfs.mkdir()
+    (private / "marker").write_text("only the head sees this")
+    env = {**os.environ, **s3, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # so a submitted job finds cmath-hpo
     # Short temp dirs: Ray's unix sockets live inside them and socket paths are limited to 107 bytes.
     head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
-    port = free_port()
+    port, dashboard = _free_port(), _free_port()
     try:
-        _ray_start("--head", "--port", str(port), "--temp-dir", head_dir, "--include-dashboard=false")
-        _ray_start("--address", f"127.0.0.1:{port}", "--temp-dir", worker_dir)
+        _ray_start(env, "--head", "--port", str(port), "--temp-dir", head_dir, "--include-dashboard=true",
+                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard))
+        _ray_start(env, "--address", f"127.0.0.1:{port}", "--temp-dir", worker_dir,
+                   namespace=_private_namespace(private))
         list_nodes = (f"import json, ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
                       "print(json.dumps([[n['NodeID'], n['ObjectStoreSocketName']]"
                       " for n in ray.nodes() if n['Alive']]))")
-        nodes = json.loads(subprocess.run([sys.executable, "-c", list_nodes], env=ENV, capture_output=True, text=True,
+        nodes = json.loads(subprocess.run([sys.executable, "-c", list_nodes], env=env, capture_output=True, text=True,
                                           check=True, timeout=120).stdout.strip().splitlines()[-1])
         assert len(nodes) == 2
-        node_of = {("worker" if socket_name.startswith(worker_dir) else "head"): node_id[:12]
+        node_of = {("worker" if socket_name.startswith(worker_dir) else "head"): node_id
                    for node_id, socket_name in nodes}
-        yield {"address": f"127.0.0.1:{port}", "head_dir": head_dir, "worker_dir": worker_dir, "nodes": node_of}
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+               "head_dir": head_dir, "worker_dir": worker_dir, "nodes": {k: v[:12] for k, v in node_of.items()},
+               "node_ids": node_of, "private": private, "nfs": nfs}
     finally:
         stop(pids_using(worker_dir))
         stop(pids_using(head_dir))
@@ -63,72 +127,216 @@ def cluster(free_port):
         shutil.rmtree(worker_dir, ignore_errors=True)
 
 
-def _worker_trial_running(ray_dir: Path, worker_node: str, running: set):
-    """A running trial's folder whose latest result came from the worker node, past a checkpoint.
-    (result.json is written with a buffer, so only the table says reliably which trials still run.)"""
-    for path in ray_dir.glob("*/result.json"):
-        if not any(trial_id in path.parent.name for trial_id in running):
+def _space(folder: Path, **fixed) -> Path:
+    path = folder / "space.yaml"
+    fixed = {**SPACE["fixed"], **fixed}
+    path.write_text(yaml.safe_dump({**SPACE, "fixed": fixed, "asha": {"grace_period": fixed["epochs"]}}))
+    return path
+
+
+def _sweep_command(space: Path, data: Path, results: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(data),
+            "--results", str(results), "--name", name, *extra]
+
+
+def _trials(sweep_dir: Path):
+    """trials.parquet, or None while it does not exist or is being replaced."""
+    try:
+        return read_trials(sweep_dir) if (sweep_dir / TRIALS_FILE).exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _journal(sweep_dir: Path) -> dict[str, list[dict]]:
+    """The sweep's own per-result journal, by trial: what the driver received, in order."""
+    found: dict[str, list[dict]] = {}
+    path = sweep_dir / "history.jsonl"
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            row = json.loads(line)
+        except ValueError:
             continue
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if lines and str(lines[-1].get("node_id", ""))[:12] == worker_node and lines[-1]["epoch"] >= 3 \
-                and lines[-1]["epoch"] < EPOCHS - 1 and list(path.parent.glob("checkpoint_*")):
-            return path.parent.name
+        found.setdefault(row["trial_id"], []).append(row)
+    return found
+
+
+def _mlflow_trial_runs(results: Path, experiment: str):
+    client = MlflowClient(default_tracking_uri(results))
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              filter_string="tags.`cmath.kind` = 'trial'")
+    return client, runs
+
+
+def test_preflight_refuses_storage_the_worker_node_cannot_see(cluster, tiny_path):
+    """The driver's own folder is not on the worker node: refused before anything is written."""
+    results = cluster["private"] / "results"
+    started = time.monotonic()
+    done = subprocess.run(_sweep_command(_space(cluster["private"]), tiny_path, results, "private",
+                                         "--num-samples", "2", "--address", cluster["address"]),
+                          env=cluster["env"], capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - started
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert f"node {cluster['nodes']['worker']}" in errors[0]
+    assert str((results / "private").resolve()) in errors[0]
+    assert "--storage" in errors[0] and "s3://" in errors[0]
+    assert not (results / "private").exists()  # nothing was written, no trial started
+    print(f"preflight refusal took {seconds:.1f}s from the command's start: {errors[0]}")
+
+
+def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
+    """Ray's trial folders, checkpoints and ended records on S3; the driver is killed mid-sweep
+    and `cmath-hpo resume` finishes it from there."""
+    results, name = cluster["private"] / "results-s3", "on-s3"
+    storage = f"s3://{BUCKET}/sweeps"
+    space = _space(cluster["private"], d=64, epochs=6)
+    started = time.monotonic()
+    driver = subprocess.Popen(_sweep_command(space, tiny_path, results, name, "--num-samples", "4",
+                                             "--address", cluster["address"], "--storage", storage),
+                              env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    sweep_dir = results / name
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            trials = _trials(sweep_dir)
+            journal = _journal(sweep_dir)
+            ended = set() if trials is None else set(trials.loc[trials["end_state"] != "running", "trial_id"])
+            if ended and any(max(r["epoch"] for r in rows) >= 3 for t, rows in journal.items() if t not in ended):
+                break
+            time.sleep(0.1)
+        assert driver.poll() is None, driver.communicate()[0][-3000:]
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    killed_at = dict(ended=ended)
+    resumed = subprocess.run([sys.executable, "-m", "hpo.cli", "resume", str(sweep_dir)], env=cluster["env"],
+                             capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - started
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "finished" in resumed.stdout
+
+    trials = read_trials(sweep_dir)
+    assert len(trials) == 4 and set(trials["end_state"]) == {"completed"}
+    assert all(str(uri).startswith(f"{storage}/{name}/") for uri in trials["checkpoint"])
+    fs = pafs.S3FileSystem(endpoint_override=cluster["env"]["AWS_ENDPOINT_URL"], access_key="testing",
+                           secret_key="testing", region="us-east-1")
+    for uri in trials["checkpoint"]:
+        path = uri.removeprefix("s3://")
+        assert fs.get_file_info(f"{path}/model.pt").type == pafs.FileType.File
+        trial_dir = path.rsplit("/", 2)[0]
+        kept = [i.base_name for i in fs.get_file_info(pafs.FileSelector(trial_dir)) if i.base_name.startswith("checkp")]
+        assert kept == [path.rsplit("/", 2)[1]]  # older checkpoints pruned once best/ was uploaded
+    ended_records = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/{name}/cmath_ended"))
+    assert {info.base_name.removesuffix(".json") for info in ended_records} == set(trials["trial_id"])
+    for trial_id in killed_at["ended"]:  # ended before the kill: replayed, never trained again
+        row = trials[trials["trial_id"] == trial_id].iloc[0]
+        assert row["epochs_redone"] == 0 and row["restarts"] == 0
+
+    client, runs = _mlflow_trial_runs(results, name)
+    assert len(runs) == 4
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_wf1")] == list(range(1, 7))
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "best")} >= {"best/model.pt",
+                                                                                   "best/metrics.json"}
+    export = cluster["private"] / "best-s3.yaml"
+    done = subprocess.run([sys.executable, "-m", "hpo.cli", "export-best", str(sweep_dir), "-o", str(export)],
+                          env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(export.read_text())["provenance"]["checkpoint"].startswith(f"{storage}/{name}/")
+    print(f"S3 sweep with a killed driver and a resume: {wall:.0f}s wall in all")
+
+
+def test_job_submission_runs_the_sweep_on_the_head(cluster, tiny_path):
+    """The README's recipe: `ray job submit` to the head's dashboard; the driver runs on the head."""
+    results = cluster["private"] / "results-job"  # absolute, on the head: where the driver runs
+    storage = cluster["nfs"] / "sweeps"
+    space = _space(cluster["private"], d=64, epochs=3)
+    started = time.monotonic()
+    done = subprocess.run([RAY, "job", "submit", "--address", cluster["dashboard"], "--",
+                           "cmath-hpo", "sweep", "--space", str(space), "--data", str(tiny_path),
+                           "--num-samples", "2", "--results", str(results), "--storage", str(storage),
+                           "--name", "job"], env=cluster["env"], capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"sweep job finished: 2 completed", done.stdout), done.stdout[-3000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+    record = json.loads((results / "job" / "sweep.json").read_text())
+    assert record["status"] == "finished" and record["address"]  # joined the cluster it was submitted to
+    assert record["storage"]["path"] == str(storage)
+    print(f"job submission: {wall:.0f}s from submit to the job's end")
+
+
+def _worker_trial_running(sweep_dir: Path, worker_node: str, running: set) -> str | None:
+    """A running trial whose latest result came from the worker node, past a checkpoint."""
+    for trial_id, rows in _journal(sweep_dir).items():
+        if trial_id in running and 3 <= rows[-1]["epoch"] < EPOCHS - 1 and rows[-1]["node"] == worker_node:
+            return trial_id
     return None
 
 
-def test_sweep_on_two_nodes_survives_losing_the_worker(cluster, tmp_path, tiny_path):
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(SPACE))
-    results = tmp_path / "results"
-    log = open(tmp_path / "sweep.log", "w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(tiny_path),
-         "--num-samples", str(SAMPLES), "--address", cluster["address"], "--results", str(results),
-         "--name", "two-nodes", "--max-retries", "2"],
-        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    sweep_dir = results / "two-nodes"
+def test_sweep_on_shared_storage_survives_losing_the_worker(cluster, tiny_path):
+    """Runs last in this module: it kills the worker node."""
+    results, name = cluster["private"] / "results", "two-nodes"
+    storage = cluster["nfs"] / "sweeps"
+    started = time.monotonic()
+    log = open(cluster["nfs"] / "two-nodes.log", "w")
+    driver = subprocess.Popen(_sweep_command(_space(cluster["private"]), tiny_path, results, name,
+                                             "--num-samples", str(SAMPLES), "--address", cluster["address"],
+                                             "--storage", str(storage), "--max-retries", "2"),
+                              env=cluster["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sweep_dir = results / name
     try:
         # Wait until a trial finished on the worker and another is running there, then kill that node.
         victim, deadline = None, time.monotonic() + 300
         while victim is None and time.monotonic() < deadline and driver.poll() is None:
-            if (sweep_dir / TRIALS_FILE).exists():
-                try:
-                    trials = read_trials(sweep_dir)
-                except Exception:  # noqa: BLE001 - replaced while read
-                    continue
+            trials = _trials(sweep_dir)
+            if trials is not None:
                 ended_on_worker = trials[(trials["end_state"] == "completed")
                                          & (trials["nodes"] == cluster["nodes"]["worker"])]
                 if len(ended_on_worker):
                     running = set(trials.loc[trials["end_state"] == "running", "trial_id"])
-                    victim = _worker_trial_running(sweep_dir / "ray", cluster["nodes"]["worker"], running)
+                    victim = _worker_trial_running(sweep_dir, cluster["nodes"]["worker"], running)
             time.sleep(0.1)
         assert victim, "never saw a finished and a running trial on the worker node"
         for pid in pids_using(cluster["worker_dir"]):
             os.kill(pid, signal.SIGKILL)
-        assert driver.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert driver.wait(timeout=300) == 0, (cluster["nfs"] / "two-nodes.log").read_text()[-3000:]
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    wall = time.monotonic() - started
 
     trials = read_trials(sweep_dir)
     assert len(trials) == SAMPLES and set(trials["end_state"]) == {"completed"}
     used = set(",".join(trials["nodes"]).split(","))
     assert used == {cluster["nodes"]["head"], cluster["nodes"]["worker"]}
-    moved = trials[[t in victim for t in trials["trial_id"]]].iloc[0]
+    moved = trials[trials["trial_id"] == victim].iloc[0]
     assert moved["restarts"] == 1
     assert moved["nodes"].split(",") == [cluster["nodes"]["worker"], cluster["nodes"]["head"]]
-    epochs = [json.loads(line)["epoch"] for line in (sweep_dir / "ray" / victim / "result.json")
-              .read_text().splitlines() if '"epoch"' in line]
-    assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, EPOCHS + 1))
+    epochs = [r["epoch"] for r in _journal(sweep_dir)[victim]]
+    assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)) and epochs.count(1) == 1  # not restarted from 0
 
-    client = MlflowClient(default_tracking_uri(results))
-    runs = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id],
-                              filter_string="tags.`cmath.kind` = 'trial'")
+    client, runs = _mlflow_trial_runs(results, name)
     assert len(runs) == SAMPLES
     for run in runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_wf1")]
         assert steps == list(range(1, EPOCHS + 1)) and run.info.status == "FINISHED"
         assert "best/model.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "best")}
     for path in trials["checkpoint"]:
-        assert (Path(path) / "model.pt").exists()
-    print(f"trial {moved['trial_id']} moved from the worker to the head; epochs redone {moved['epochs_redone']}")
+        assert str(path).startswith(str(storage / name)) and (Path(path) / "model.pt").exists()
+    export = cluster["nfs"] / "best.yaml"
+    exported = subprocess.run([sys.executable, "-m", "hpo.cli", "export-best", str(sweep_dir), "-o", str(export)],
+                              env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    assert yaml.safe_load(export.read_text())["provenance"]["trial_id"] in set(trials["trial_id"])
+    reported = subprocess.run([sys.executable, "-m", "hpo.cli", "report", str(sweep_dir)], env=cluster["env"],
+                              capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    assert (sweep_dir / "report" / "confusion.png").exists()  # drawn from the best trial's best/
+    print(f"trial {victim} moved from the worker to the head; epochs redone {moved['epochs_redone']}; "
+          f"wall {wall:.0f}s")

@@ -108,6 +108,50 @@ def test_sweep_exits_nonzero_only_when_every_trial_failed(tmp_path, tiny_path, c
     assert len(read_trials(tmp_path / "all-nan")) == 2
 
 
+class KillsTheTrackingServer(CMATHTrial):
+    """The first trial to reach epoch 2 kills the sweep's MLflow server (its process group), for real."""
+
+    def _epoch(self) -> dict:
+        import os
+        import signal
+
+        if self.trainer.epoch == 1:
+            try:
+                os.killpg(int(os.environ["CMATH_TEST_MLFLOW_PID"]), signal.SIGKILL)
+            except ProcessLookupError:  # another trial got there first
+                pass
+        return super()._epoch()
+
+
+def test_a_tracking_server_that_dies_mid_sweep_is_reported_and_exits_1(tmp_path, tiny_path, free_port, monkeypatch):
+    """The trials go on and the tables keep everything; the summary and sweep.json say how many
+    MLflow calls failed, and the exit code says the record is incomplete."""
+    from hpo.ui import start_ui, stop_ui
+
+    MlflowClient(default_tracking_uri(tmp_path / "store")).search_experiments()  # an empty store to serve
+    server, url = start_ui(tmp_path / "store", free_port())
+    monkeypatch.setenv("CMATH_TEST_MLFLOW_PID", str(server.pid))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after minutes of retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    space = _write_space(tmp_path / "ok.yaml", warm_start=[], search={"d": {"type": "categorical", "choices": [32]}})
+    lines = []
+    try:
+        outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
+                                         num_cpus=2, results=tmp_path / "results", name="no-store", mlflow_uri=url,
+                                         trainable=KillsTheTrackingServer), log=lines.append)
+    finally:
+        stop_ui(server)
+    assert server.poll() is not None
+    assert outcome.mlflow_failures > 0 and outcome.exit_code == 1
+    assert outcome.counts["completed"] == 3  # the trials did not notice
+    summary = "\n".join(lines)
+    assert f"MLflow: {outcome.mlflow_failures} calls failed" in summary
+    record = json.loads((tmp_path / "results" / "no-store" / "sweep.json").read_text())
+    assert record["mlflow_failures"] == outcome.mlflow_failures and record["mlflow_failure_notes"]
+    history = pq.read_table(tmp_path / "results" / "no-store" / "history.parquet").to_pandas()
+    assert len(history) == 3 * SPACE["fixed"]["epochs"]  # every epoch of every trial is in the tables
+
+
 # ------------------------------------------------------------------ bad input: nothing starts
 def _bad_data(tmp_path, kind, tiny_path):
     path = tmp_path / f"{kind}.parquet"

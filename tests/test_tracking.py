@@ -1,5 +1,6 @@
 """The sweep's MLflow writer on a real sqlite store."""
 
+import json
 import threading
 
 
@@ -29,3 +30,42 @@ def test_mlflow_writer_keeps_order_and_batches_waiting_metrics(tmp_path):
     assert [len(b) for b in batches if b] == [10, 1]
     assert [m.step for m in client.get_metric_history(run_id, "val_wf1")] == [1, 2, 3, 4, 5, 6]
     assert client.get_run(run_id).data.tags["after"] == "metrics" and writer.failures == 1
+
+
+def test_the_end_of_a_sweep_waits_for_every_queued_call_and_ends_the_writer(tmp_path):
+    """What the writer still holds when the sweep ends (uploads, run ends) is done before the
+    driver goes on, and the thread is gone: a daemon thread left running dies with the process."""
+    from mlflow.tracking import MlflowClient
+
+    from hpo.tracking import FAILURES_FILE, MlflowTrials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("end")
+    parent = client.create_run(experiment).info.run_id
+    run_id = client.create_run(experiment).info.run_id
+    tracker = MlflowTrials(uri, experiment, parent, "end", {}, [], sweep_dir=tmp_path)
+    gate = threading.Event()
+    thread = tracker.writer.thread
+    tracker.writer.call(gate.wait)  # the writer is busy when the sweep ends
+    tracker.writer.call(client.set_terminated, run_id, "KILLED")
+    threading.Timer(0.5, gate.set).start()
+    tracker.on_experiment_end(trials=[])
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not thread.is_alive()
+    assert json.loads((tmp_path / FAILURES_FILE).read_text())["failures"] == 0
+
+
+def test_failed_calls_are_counted_with_what_failed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from hpo.tracking import FAILURES_FILE, MlflowTrials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("fail")
+    tracker = MlflowTrials(uri, experiment, "no-parent", "fail", {}, [], sweep_dir=tmp_path)
+    tracker.writer.call(client.set_tag, "no-such-run", "k", "v")
+    tracker.on_experiment_end(trials=[])
+    written = json.loads((tmp_path / FAILURES_FILE).read_text())
+    assert written["failures"] == 1 and written["notes"][0].startswith("set_tag: ")

@@ -1,0 +1,91 @@
+"""Storage paths and the checks a cluster sweep makes before it starts, without Ray:
+where trial folders go, which addresses and GPU requests are refused, and when `resume` may take
+over a sweep whose driver ran on another host."""
+
+import platform
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from hpo.errors import SweepError
+from hpo.resume import check_driver_gone
+from hpo.storage import full_uri, join, resolve_storage
+from hpo.sweep import SweepOptions, plan_sweep
+
+SPACE = {"dataset": "iemocap", "search": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+         "fixed": {"epochs": 2, "batch_size": 4}, "asha": {"grace_period": 1}}
+
+
+@pytest.fixture
+def options(tmp_path, tiny_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+
+    def make(**changes):
+        return SweepOptions(**{"space": space, "data": str(tiny_path), "results": tmp_path / "results",
+                               "name": "s", **changes})
+
+    return make
+
+
+def test_a_relative_storage_folder_is_made_absolute(options, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = plan_sweep(options(storage="shared/sweeps"))
+    assert plan.storage_path == str(tmp_path / "shared" / "sweeps")
+    assert plan.ended_dir == str(tmp_path / "shared" / "sweeps" / "s" / "cmath_ended")
+    assert resolve_storage("s3://bucket/sweeps") == "s3://bucket/sweeps"
+
+
+def test_paths_join_in_front_of_a_uri_query():
+    assert join("s3://b/p?endpoint_override=127.0.0.1:9000&scheme=http", "sweep", "cmath_ended") == \
+        "s3://b/p/sweep/cmath_ended?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert join("/nfs/sweeps/", "s") == "/nfs/sweeps/s"
+
+
+def test_checkpoint_paths_keep_their_scheme():
+    s3 = pafs.S3FileSystem(anonymous=True, region="us-east-1", endpoint_override="127.0.0.1:1")
+    assert full_uri(s3, "bucket/sweeps/t/checkpoint_000002/best") == "s3://bucket/sweeps/t/checkpoint_000002/best"
+    assert full_uri(pafs.LocalFileSystem(), "/nfs/t/best") == "/nfs/t/best"
+
+
+def test_ray_client_addresses_are_refused_with_the_job_submission_route(options):
+    with pytest.raises(SweepError, match="ray job submit"):
+        plan_sweep(options(address="ray://head:10001"))
+
+
+@pytest.mark.parametrize("gpus", [2, 1.5, -1])
+def test_more_than_one_gpu_per_trial_is_refused(options, gpus):
+    with pytest.raises(SweepError, match="one GPU"):
+        plan_sweep(options(gpus_per_trial=gpus))
+
+
+def test_whole_and_fractional_gpus_plan(options):
+    assert plan_sweep(options(gpus_per_trial=0.25)).base.device == "cuda"
+    assert plan_sweep(options(gpus_per_trial=1)).resources == {"cpu": 1.0, "gpu": 1}
+
+
+def _record(host: str, status: str | None) -> dict:
+    return {"name": "s", "status": status, "driver": {"host": host, "pid": 1234, "cmdline": "cmath-hpo sweep"}}
+
+
+def test_resume_refuses_while_a_driver_on_another_host_may_run():
+    with pytest.raises(SweepError, match="host elsewhere.*--driver-gone"):
+        check_driver_gone(_record("elsewhere", "running"))
+    with pytest.raises(SweepError, match="--driver-gone"):
+        check_driver_gone(_record("elsewhere", None))  # killed before its first status change
+    check_driver_gone(_record("elsewhere", "running"), driver_gone=True)
+    check_driver_gone(_record("elsewhere", "incomplete"))  # it ended (Ctrl-C): nothing to wait for
+
+
+def test_resume_checks_a_driver_on_this_host_by_pid():
+    import os
+
+    from hpo.processes import command_line
+
+    here = _record(platform.node(), "running")
+    here["driver"].update(pid=os.getpid(), cmdline=command_line(os.getpid()))
+    with pytest.raises(SweepError, match="still running"):
+        check_driver_gone(here)
+    here["driver"]["pid"] = 2 ** 22 + 1  # above pid_max's default: no such process
+    check_driver_gone(here)

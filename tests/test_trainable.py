@@ -1,0 +1,77 @@
+"""CMATHTrial's own rules, on one process without Ray: what a reused worker frees between trials,
+and which errors Ray retries (a lost GPU's memory) versus which fail the trial once (a bad config)."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from cmath_model.config import paper_defaults
+from hpo import trainable as trainable_module
+from hpo.trainable import TRIAL_ERROR, CMATHTrial
+
+
+@pytest.fixture
+def trial_class(tiny):
+    base = paper_defaults("iemocap").replace(d=16, epochs=2, batch_size=4, num_threads=1).to_dict()
+
+    class Direct(CMATHTrial):  # what tune.with_parameters does, without Ray's object store
+        def setup(self, config):
+            super().setup(config, base=base, dataset=tiny)
+
+    return Direct
+
+
+def test_reset_config_frees_the_previous_trainer_before_building_the_next(trial_class, monkeypatch):
+    trial = trial_class(config={"lr": 1e-3})
+    previous = weakref.ref(trial.trainer)
+    previous_model = weakref.ref(trial.trainer.model)
+    alive_when_building = []
+    real_trainer = trainable_module.Trainer
+
+    def trainer_checking_the_old_one(*args, **kwargs):
+        gc.collect()  # anything still alive now is referenced, not merely uncollected
+        alive_when_building.append(previous() is not None or previous_model() is not None)
+        return real_trainer(*args, **kwargs)
+
+    monkeypatch.setattr(trainable_module, "Trainer", trainer_checking_the_old_one)
+    assert trial.reset_config({"lr": 2e-3})
+    assert alive_when_building == [False]
+    assert trial.trainer.config.lr == 2e-3
+
+
+def test_cuda_out_of_memory_is_raised_for_ray_to_retry(trial_class, monkeypatch):
+    """Out of GPU memory says nothing about the config: not an error result (which ends the trial
+    once and tells Optuna FAIL) but an exception, which Ray retries from the last checkpoint."""
+    trial = trial_class(config={"lr": 1e-3})
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trial.trainer, "step", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        trial.step()
+
+
+def test_out_of_memory_while_building_the_model_is_raised_too(trial_class, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(trainable_module, "Trainer", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        trial_class(config={"lr": 1e-3})
+
+
+def test_a_bad_config_is_an_error_result_then_the_error(trial_class, monkeypatch):
+    """The other side of the rule: an ordinary exception is reported first (so the driver turns
+    retries off for this trial), then raised."""
+    trial = trial_class(config={"lr": 1e-3})
+
+    def broken():
+        raise ValueError("d must be divisible by the number of heads")
+
+    monkeypatch.setattr(trial.trainer, "step", broken)
+    assert trial.step()[TRIAL_ERROR] == "ValueError: d must be divisible by the number of heads"
+    with pytest.raises(ValueError):
+        trial.step()
