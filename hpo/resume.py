@@ -47,8 +47,9 @@ def check_driver_gone(record: dict, driver_gone: bool = False) -> None:
                          f"stop it first (Ctrl-C) or wait for it to end")
 
 
-def stop_leftovers(record: dict, log: Callable[[str], None]) -> list[int]:
-    """Stop what the previous driver's private Ray left behind on this machine."""
+def stop_leftovers(record: dict, log: Callable[[str], None], driver_gone: bool = False) -> list[int]:
+    """Refuse while the previous driver may run; stop what its private Ray left on this machine."""
+    check_driver_gone(record, driver_gone)
     driver = record.get("driver") or {}
     if driver.get("host", platform.node()) != platform.node():
         return []
@@ -82,6 +83,7 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     started = time.perf_counter()
     sweep_dir = find_sweep(sweep, results)
     record = load_sweep_record(sweep_dir)
+    check_driver_gone(record, driver_gone)
     if record.get("status") == "finished":
         raise SweepError(f"sweep '{record['name']}' already finished; export it with "
                          f"`cmath-hpo export-best {sweep_dir}` or start a new one")
@@ -105,8 +107,7 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     if not tune.Tuner.can_restore(experiment_path):
         raise SweepError(f"no Ray Tune state at {experiment_path}: the sweep ended before its first trial; "
                          f"start it again with a new --name")
-    check_driver_gone(record, driver_gone)
-    stop_leftovers(record, log)
+    stop_leftovers(record, log, driver_gone)
 
     import ray
 
