@@ -83,7 +83,6 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     started = time.perf_counter()
     sweep_dir = find_sweep(sweep, results)
     record = load_sweep_record(sweep_dir)
-    check_driver_gone(record, driver_gone)
     if record.get("status") == "finished":
         raise SweepError(f"sweep '{record['name']}' already finished; export it with "
                          f"`cmath-hpo export-best {sweep_dir}` or start a new one")
