@@ -124,6 +124,8 @@ def _train(argv: list[str] | None) -> int:
                                              "best config: its sweep's store)")
     parser.add_argument("--experiment", help="MLflow experiment (default: the sweep's, else cmath-train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    parser.add_argument("--defaults", choices=["recipe", "paper"],
+                        help="without --config: start from this project's recipe (default) or the paper's settings")
     parser.add_argument("--compare", choices=["paper"],
                         help="also train the paper's default config with the same seeds; Welch t-test on test scores")
     parser.add_argument("--quiet", action="store_true")
@@ -132,9 +134,15 @@ def _train(argv: list[str] | None) -> int:
         raise ConfigError("--compare needs --seeds 2 or more (a t-test needs a spread)")
 
     from .config import load_config, load_provenance, paper_defaults
-    from .runs import compare_runs, defaults_for, resolve_data, train_seeds
+    from .runs import compare_runs, defaults_for, describe_config, resolve_data, train_seeds
 
-    config = load_config(args.config) if args.config else defaults_for(args.data)
+    if args.config and args.defaults:
+        raise ConfigError(f"--defaults with --config {args.config}: the file decides; put 'defaults: "
+                          f"{args.defaults}' in it, or drop --config")
+    if args.config:
+        config, chosen = load_config(args.config), f"config: {args.config}"
+    else:
+        config, chosen = defaults_for(args.data, args.defaults or "recipe")
     # An exported best config knows its sweep: the final run lands beside the sweep's trials.
     provenance = load_provenance(args.config) if args.config else {}
     mlflow_uri = args.mlflow_uri or provenance.get("mlflow_uri")
@@ -149,6 +157,9 @@ def _train(argv: list[str] | None) -> int:
     config = config.replace(**changes)
     fit = not args.config and "modalities" not in changes
     config, data = resolve_data(config, args.results, fit_modalities=fit)
+    if not args.quiet:
+        print(chosen)
+        print(f"  {describe_config(config)}")
     out = Path(args.out) if args.out else Path(args.results) / "train" / time.strftime("%Y%m%d-%H%M%S")
     summary = train_seeds(config, data, args.seeds, out, log=None if args.quiet else print,
                           mlflow_uri=mlflow_uri, experiment=experiment, tags=tags)

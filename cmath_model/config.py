@@ -1,8 +1,10 @@
 """One dataclass holds everything a CMATH training run needs, and round-trips through YAML.
 
 The paper (Sec. 5.3, 5.8) fixes the optimiser, learning rate, batch size, gamma1/gamma2 and
-the best d per dataset; `paper_defaults(dataset)` returns exactly those. Everything the paper
-leaves open is a field here with the choice documented next to it.
+the best d per dataset. Everything the paper leaves open is a field here with the choice
+documented next to it; a field's dataclass default is the paper's reading where it has one.
+`paper_defaults(dataset)` is the paper's configuration; `recipe_defaults(dataset)` adds this
+project's departures (RECIPE), and is what training uses unless a config says `defaults: paper`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from .errors import ConfigError
 
 MODALITIES = ("text", "audio", "visual")
 MODALITY_LETTERS = {"t": "text", "a": "audio", "v": "visual"}
+DATASETS = ("iemocap", "meld")
+DEFAULTS = ("recipe", "paper")
 ABLATIONS = ("none", "wo_mr", "wo_cmat", "wo_lld", "wo_hld", "wo_hd")
 MAX_AUTO_HEADS = 8
 
@@ -28,7 +32,8 @@ class CMATHConfig:
     # --- data ---
     data: str | None = None  # Parquet dataset; None = the built-in synthetic IEMOCAP-shaped set
     data_sha256: str | None = None  # filled when the data is first resolved; a mismatch fails
-    dataset: str = "iemocap"  # which paper defaults apply: iemocap | meld
+    dataset: str = "iemocap"  # which defaults apply: iemocap | meld
+    defaults: str = "recipe"  # recipe (this project's, below) | paper (every departure off): default_config
     modalities: str = "tav"  # any non-empty subset of t, a, v (T, A, V, TA, TV, AV, TAV)
     context: str = "dialogue"  # dialogue | none (each utterance alone: a no-context baseline)
 
@@ -41,10 +46,14 @@ class CMATHConfig:
     kernel_size: int = 1  # Conv1D kernel of modality reconstruction (SDT: 1); odd numbers
     gate: str = "softmax"  # softmax: convex per-dimension mix of streams | sigmoid: SDT style
     sigma: str = "softplus"  # how sigma stays positive: softplus | exp
+    sigma_init: float = 0.0  # sigma's start (Eq. 15); 0 = PyTorch's init of its MLP (softplus: ~0.7)
+    input_norm: str = "none"  # standardize (train-split mean/std per dimension) | none (paper: silent)
+    modality_head: str = "linear"  # Eq. 19: linear (paper: one FC layer) | sdt (ReLU -> Dropout -> Linear)
     kl_temperature: float = 1.0  # softmax temperature inside the KL term (paper has none)
     detach_teacher: bool = False  # stop gradients through the fused teacher (SDT: no)
     ablation: str = "none"  # none | wo_mr | wo_cmat | wo_lld | wo_hld | wo_hd (paper Table 4)
-    class_weights: str = "inverse_frequency"  # inverse_frequency | none (SDT: IEMOCAP only)
+    wo_cmat: str = "discard"  # what wo_cmat leaves: discard (paper: H'_m = H_m) | self_attention
+    class_weights: str = "none"  # inverse_frequency | none (paper: plain CE, Eq. 20-21; SDT weights IEMOCAP)
 
     # --- loss weights (paper Eq. 24) ---
     gamma1: float = 1.0
@@ -52,7 +61,9 @@ class CMATHConfig:
 
     # --- optimisation ---
     lr: float = 3.0e-3
-    weight_decay: float = 1.0e-5  # SDT's choice; the paper states none
+    warmup_epochs: float = 0.0  # linear warm-up of lr over this many epochs (paper: none stated)
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last epoch, after the warm-up)
+    weight_decay: float = 0.0  # the paper states none; SDT uses 1e-5
     batch_size: int = 16  # dialogues per batch
     epochs: int = 60
     grad_clip: float = 0.0  # 0 = no clipping
@@ -98,8 +109,8 @@ class CMATHConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"config field '{key}': {why}")
 
-        if self.dataset not in ("iemocap", "meld"):
-            raise bad("dataset", f"'{self.dataset}' is not one of iemocap, meld")
+        if self.dataset not in DATASETS:
+            raise bad("dataset", f"'{self.dataset}' is not one of {', '.join(DATASETS)}")
         letters = set(self.modalities)
         if not self.modalities or not letters <= set("tav") or len(letters) != len(self.modalities):
             raise bad("modalities", f"'{self.modalities}' must be a non-empty subset of 'tav'")
@@ -109,6 +120,11 @@ class CMATHConfig:
             "sigma": ("softplus", "exp"),
             "ablation": ABLATIONS,
             "class_weights": ("inverse_frequency", "none"),
+            "defaults": DEFAULTS,
+            "input_norm": ("standardize", "none"),
+            "modality_head": ("linear", "sdt"),
+            "wo_cmat": ("discard", "self_attention"),
+            "lr_schedule": ("constant", "cosine"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -126,7 +142,7 @@ class CMATHConfig:
             raise bad("epochs", "must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"{self.dropout} must be in [0, 1)")
-        for key in ("gamma1", "gamma2", "weight_decay", "grad_clip"):
+        for key in ("gamma1", "gamma2", "weight_decay", "grad_clip", "sigma_init", "warmup_epochs"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
         if self.lr <= 0:
@@ -196,10 +212,21 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_config(path: str | Path) -> CMATHConfig:
+    """The file's fields over the defaults of its `dataset` and `defaults` (recipe unless it says
+    paper), so a file with only `dataset: meld` trains with MELD's settings, not IEMOCAP's."""
     values = _read_yaml(Path(path))
     # An exported best config carries its provenance beside the training fields.
     values.pop("provenance", None)
-    return from_dict(values, source=str(path))
+    return overlay(values, source=str(path))
+
+
+def overlay(values: dict[str, Any], source: str = "config") -> CMATHConfig:
+    """`values` on top of default_config(values' dataset, values' defaults)."""
+    dataset, defaults = values.get("dataset", "iemocap"), values.get("defaults", "recipe")
+    for key, value, allowed in (("dataset", dataset, DATASETS), ("defaults", defaults, DEFAULTS)):
+        if value not in allowed:
+            raise ConfigError(f"{source}: field '{key}' = {value!r} is not one of {', '.join(allowed)}")
+    return from_dict({**default_config(dataset, defaults).to_dict(), **values}, source=source)
 
 
 def load_provenance(path: str | Path) -> dict:
@@ -210,16 +237,42 @@ def load_provenance(path: str | Path) -> dict:
     return provenance
 
 
+# The paper's settings (Sec. 5.3, 5.8). SDT uses KL temperature 8 for MELD; the paper states
+# none, so both keep 1.
+PAPER = {
+    "iemocap": dict(d=500, lr=3.0e-3, batch_size=16, gamma1=1.0, gamma2=1.8, epochs=60),
+    "meld": dict(d=400, lr=2.0e-4, batch_size=4, gamma1=1.0, gamma2=1.2, epochs=30),
+}
+# What this project's recipe changes from the paper's reading, per dataset; every key is a field
+# whose paper value is the dataclass default (README "Departures from the paper").
+RECIPE = {
+    "iemocap": dict(input_norm="standardize", class_weights="inverse_frequency", weight_decay=1.0e-5,
+                    modality_head="sdt"),
+    "meld": dict(input_norm="standardize", weight_decay=1.0e-5, modality_head="sdt"),
+}
+
+
 def paper_defaults(dataset: str = "iemocap") -> CMATHConfig:
-    """The paper's settings (Sec. 5.3 and 5.8); the rest are this project's documented choices."""
-    if dataset == "iemocap":
-        return CMATHConfig(dataset="iemocap", d=500, lr=3.0e-3, batch_size=16, gamma1=1.0, gamma2=1.8,
-                           class_weights="inverse_frequency", epochs=60)
-    if dataset == "meld":
-        # SDT uses temperature 8 for MELD's KL; the paper states none, so we keep 1.
-        return CMATHConfig(dataset="meld", d=400, lr=2.0e-4, batch_size=4, gamma1=1.0, gamma2=1.2,
-                           class_weights="none", epochs=30)
-    raise ConfigError(f"unknown dataset '{dataset}': use iemocap or meld")
+    """The paper's settings, with every choice it leaves open at this project's neutral default
+    and every departure off (`defaults: paper`)."""
+    return CMATHConfig(dataset=_known(dataset), defaults="paper", **PAPER[dataset])
+
+
+def recipe_defaults(dataset: str = "iemocap") -> CMATHConfig:
+    """What training uses unless told otherwise: the paper's settings plus RECIPE."""
+    return CMATHConfig(dataset=_known(dataset), defaults="recipe", **{**PAPER[dataset], **RECIPE[dataset]})
+
+
+def default_config(dataset: str = "iemocap", defaults: str = "recipe") -> CMATHConfig:
+    if defaults not in DEFAULTS:
+        raise ConfigError(f"config field 'defaults': '{defaults}' is not one of {', '.join(DEFAULTS)}")
+    return recipe_defaults(dataset) if defaults == "recipe" else paper_defaults(dataset)
+
+
+def _known(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{dataset}': use {' or '.join(DATASETS)}")
+    return dataset
 
 
 def file_sha256(path: str | Path) -> str:

@@ -207,6 +207,12 @@ class Dataset:
             raise DataError(f"{self.path}: the run needs the {missing[0]} modality but the file has only "
                             f"{', '.join(self.modality_dims)}; set modalities: {have} or use a file with {missing[0]}")
 
+    def feature_stats(self, modalities: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-dimension (mean, std) of each modality over the training utterances only, so
+        validation and test never inform the model."""
+        train = self.splits["train"]
+        return {m: (train.features[m][:-1].mean(0), train.features[m][:-1].std(0)) for m in modalities}
+
     def class_frequencies(self) -> np.ndarray:
         """Label frequencies over train + valid, as SDT's class weights use."""
         labels = torch.cat([self.splits[s].label[:-1] for s in ("train", "valid")]).numpy()

@@ -32,14 +32,27 @@ from .config import CMATHConfig
 
 # ---------------------------------------------------------------- Eq. 1-4: Modality Reconstruction
 class ModalityReconstruction(nn.Module):
-    """U'_m = Conv1D'(U_m) down to d; U''_m = Conv1D''(U'_m) back up; L_re = ||U_m - U''_m||^2."""
+    """U'_m = Conv1D'(U_m) down to d; U''_m = Conv1D''(U'_m) back up; L_re = ||U_m - U''_m||^2.
+
+    U_m is first standardised with the training split's per-dimension mean and std when
+    `input_norm: standardize` (`set_input_stats`); the buffers are the identity otherwise. Why:
+    sentence embeddings such as MiniLM's have unit norm, so each dimension is about 0.05 and the
+    projected text starts 40 times smaller than the speaker and position embeddings it is added
+    to (Eq. 8); at MELD's lr the model then predicts the majority class for epochs."""
 
     def __init__(self, dim_in: int, d: int, kernel_size: int = 1, reconstruct: bool = True):
         super().__init__()
+        self.register_buffer("input_mean", torch.zeros(dim_in))
+        self.register_buffer("input_std", torch.ones(dim_in))
         self.down = nn.Conv1d(dim_in, d, kernel_size, padding=kernel_size // 2, bias=False)
         self.up = nn.Conv1d(d, dim_in, kernel_size, padding=kernel_size // 2) if reconstruct else None
 
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp_min(1e-6))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (x - self.input_mean) / self.input_std
         x = x * mask.unsqueeze(-1)  # (B, L, D_m); zeroed padding = the conv's own zero padding
         u = conv(self.down, x) * mask.unsqueeze(-1)  # (B, L, d); zeroed again for the up conv
         if self.up is None:
@@ -208,13 +221,16 @@ class CMALayer(nn.Module):
 
 class CMATransformer(nn.Module):
     """Eq. 13/14: H'_c = CMA-Transformer_theta_c(H_c, H_aux1, H_aux2). Without cross-modal
-    attention (the w/o CMA-T ablation, or a single modality) it is a plain self-attention layer."""
+    attention (a single modality, or the w/o CMA-T ablation with `wo_cmat: self_attention`) it is
+    a plain self-attention layer; with `wo_cmat: discard` the ablation has no layers (H'_c = H_c),
+    the paper's reading ("the CMA Transformer is discarded")."""
 
     def __init__(self, d: int, n_aux: int, cfg: CMATHConfig):
         super().__init__()
         ffn_dim = cfg.ffn_dim or d
+        n_layers = 0 if cfg.ablation == "wo_cmat" and cfg.wo_cmat == "discard" else cfg.n_layers
         self.layers = nn.ModuleList(CMALayer(d, n_aux, cfg.heads, ffn_dim, cfg.dropout, cfg.gate)
-                                    for _ in range(cfg.n_layers))
+                                    for _ in range(n_layers))
 
     def forward(self, central: torch.Tensor, auxiliaries: list[torch.Tensor], allowed: torch.Tensor):
         for layer in self.layers:
@@ -231,11 +247,21 @@ class VariationalFusion(nn.Module):
     """mu_m, sigma_m = MLP(H'_m); mu_x, sigma_x = their means over modalities;
     H'_x = mu_x + eps * sigma_x while training (reparameterisation), mu_x at eval."""
 
-    def __init__(self, d: int, modalities: tuple[str, ...], sigma: str = "softplus"):
+    def __init__(self, d: int, modalities: tuple[str, ...], sigma: str = "softplus", sigma_init: float = 0.0):
         super().__init__()
         self.mu = nn.ModuleDict({m: mlp(d) for m in modalities})
         self.log_sigma = nn.ModuleDict({m: mlp(d) for m in modalities})
         self.sigma_kind = sigma
+        if sigma_init > 0:
+            # PyTorch's own init starts sigma near positive(0) (softplus: 0.69) while |mu| is about
+            # 0.1, so the sample that feeds the fused head and both teachers starts as mostly noise.
+            # Setting the output bias starts sigma near sigma_init; the MLP still learns it.
+            for net in self.log_sigma.values():
+                nn.init.constant_(net[-1].bias, self.inverse_positive(sigma_init))
+
+    def inverse_positive(self, sigma: float) -> float:
+        value = max(sigma - 1e-4, 1e-6)
+        return math.log(math.expm1(value)) if self.sigma_kind == "softplus" else math.log(value)
 
     def positive(self, x: torch.Tensor) -> torch.Tensor:
         return (F.softplus(x) if self.sigma_kind == "softplus" else torch.exp(x)) + 1e-4
@@ -268,6 +294,15 @@ def high_level_distillation(logits_x: torch.Tensor, logits_m: dict[str, torch.Te
     return total
 
 
+# ---------------------------------------------------------------- Eq. 19: classifiers
+def modality_head(d: int, num_classes: int, cfg: CMATHConfig) -> nn.Module:
+    """y_m = softmax(W_m H'_m + b_m) (the softmax is inside the losses). `modality_head: linear` is
+    the paper's fully connected layer; `sdt` is SDT's ReLU -> Dropout -> Linear."""
+    if cfg.modality_head == "linear":
+        return nn.Linear(d, num_classes)
+    return nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, num_classes))
+
+
 # ---------------------------------------------------------------- the whole model
 @dataclass
 class Output:
@@ -276,6 +311,8 @@ class Output:
     h_x: torch.Tensor  # (B, L, d) fused representation H'_x
     h_m: dict[str, torch.Tensor]  # CMA-Transformer outputs H'_m
     loss_re: torch.Tensor  # Eq. 4
+    mu_x: torch.Tensor  # (B, L, d) Eq. 16's mean, logged beside sigma: their ratio is the sample's noise
+    sigma_x: torch.Tensor  # (B, L, d)
 
 
 class CMATH(nn.Module):
@@ -291,12 +328,15 @@ class CMATH(nn.Module):
             for m in self.modalities})
         self.embedding = SpeakerPositionEmbedding(d, max_speakers, use_context)
         self.cma = nn.ModuleDict({m: CMATransformer(d, n_aux, cfg) for m in self.modalities})
-        self.fusion = VariationalFusion(d, self.modalities, cfg.sigma)
-        self.heads = nn.ModuleDict({
-            m: nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, num_classes))
-            for m in self.modalities})
+        self.fusion = VariationalFusion(d, self.modalities, cfg.sigma, cfg.sigma_init)
+        self.heads = nn.ModuleDict({m: modality_head(d, num_classes, cfg) for m in self.modalities})
         self.head_x = nn.Linear(d, num_classes)
         self.use_context = use_context
+
+    def set_input_stats(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per-modality (mean, std) of the training features; saved with the weights."""
+        for m, (mean, std) in stats.items():
+            self.reconstruction[m].set_input_stats(mean, std)
 
     def forward(self, features: dict[str, torch.Tensor], speaker: torch.Tensor, mask: torch.Tensor) -> Output:
         extra = self.embedding(speaker)  # (B, L, d)
@@ -310,9 +350,9 @@ class CMATH(nn.Module):
         for m in self.modalities:
             aux = [h[a] for a in self.modalities if a != m] if self.cfg.use_cross_modal else []
             h_prime[m] = self.cma[m](h[m], aux, allowed)
-        h_x, _, _ = self.fusion(h_prime)
+        h_x, mu_x, sigma_x = self.fusion(h_prime)
         return Output(logits_x=self.head_x(h_x), logits_m={m: self.heads[m](x) for m, x in h_prime.items()},
-                      h_x=h_x, h_m=h_prime, loss_re=loss_re)
+                      h_x=h_x, h_m=h_prime, loss_re=loss_re, mu_x=mu_x, sigma_x=sigma_x)
 
 
 def cmath_loss(out: Output, label: torch.Tensor, mask: torch.Tensor, cfg: CMATHConfig,

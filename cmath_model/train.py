@@ -7,6 +7,7 @@ best-epoch checkpoint, per-epoch metrics) lives here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -24,7 +25,8 @@ from .errors import ConfigError, DataError, NonFiniteLossError
 from .metrics import classification_metrics
 from .model import CMATH, cmath_loss
 
-LOSS_KEYS = ("train_loss", "loss_ce", "loss_re", "loss_mse", "loss_kl")
+# Per-epoch means over training utterances: the loss terms, and the fused sample's sigma and |mu|.
+TRAIN_KEYS = ("train_loss", "loss_ce", "loss_re", "loss_mse", "loss_kl", "sigma_mean", "mu_abs_mean")
 MIN_SPEAKER_SLOTS = 9  # MELD's maximum; a model always has room for it
 
 
@@ -58,7 +60,10 @@ class Trainer:
         torch.set_num_threads(config.num_threads or available_cpus())
         _seed_everything(config.seed)
         self.speaker_slots = max(MIN_SPEAKER_SLOTS, data.max_speakers)
-        self.model = CMATH(config, data.modality_dims, data.num_classes, self.speaker_slots).to(self.device)
+        self.model = CMATH(config, data.modality_dims, data.num_classes, self.speaker_slots)
+        if config.input_norm == "standardize":
+            self.model.set_input_stats(data.feature_stats(self.model.modalities))
+        self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.class_weight = self._class_weight()
@@ -115,13 +120,19 @@ class Trainer:
     def _train_epoch(self) -> dict:
         self.model.train()
         cfg = self.config
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        sums = dict.fromkeys(TRAIN_KEYS, 0.0)
         total_utterances = 0
         split = self.data.splits["train"]
+        steps = math.ceil(split.num_dialogues / cfg.batch_size)
         for k, batch in enumerate(split.batches(cfg.batch_size, self.model.modalities, self.shuffle)):
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, self.epoch + (k + 1) / steps)
             batch = batch.to(self.device)
             out = self.model(batch.features, batch.speaker, batch.mask)
             terms = cmath_loss(out, batch.label, batch.mask, cfg, self.class_weight)
+            with torch.no_grad():  # the fused sample's noise against its signal (Eq. 17)
+                terms["sigma_mean"] = out.sigma_x[batch.mask].mean()
+                terms["mu_abs_mean"] = out.mu_x[batch.mask].abs().mean()
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -135,7 +146,7 @@ class Trainer:
             n = int(batch.mask.sum())
             total_utterances += n
             sums["train_loss"] += loss.item() * n
-            for key in LOSS_KEYS[1:]:
+            for key in TRAIN_KEYS[1:]:
                 sums[key] += terms[key].item() * n
         return {key: value / max(total_utterances, 1) for key, value in sums.items()}
 
@@ -222,6 +233,18 @@ class Trainer:
             self.best_test_predictions = {k: preds[k] for k in ("label", "pred", "prob")}
 
 
+def lr_factor(config: CMATHConfig, epoch: float) -> float:
+    """lr / config.lr after `epoch` epochs of steps (> 0). A function of the epoch alone, so a
+    resumed run follows the same schedule without saving one."""
+    warmup = config.warmup_epochs
+    if warmup and epoch < warmup:
+        return epoch / warmup
+    if config.lr_schedule == "cosine" and config.epochs > warmup:
+        done = min(1.0, (epoch - warmup) / (config.epochs - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return 1.0
+
+
 @torch.no_grad()
 def predict(model: CMATH, split: Split, batch_size: int, device: torch.device
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -276,7 +299,13 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     config = load_config(checkpoint / "config.yaml")
     state = load_weights(checkpoint / "model.pt", map_location=device)
     model = CMATH(config, state["modality_dims"], state["num_classes"], state["max_speakers"]).to(device)
-    model.load_state_dict(state["model"])
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    # Checkpoints from before input standardisation lack its buffers, whose default is the identity.
+    missing = [k for k in missing if not k.endswith(("input_mean", "input_std"))]
+    if missing or unexpected:
+        raise DataError(f"{checkpoint / 'model.pt'}: weights do not match the model its config.yaml builds "
+                        f"({(missing or unexpected)[0]} {'missing' if missing else 'unexpected'}); "
+                        "re-create the checkpoint or restore its config.yaml")
     model.eval()
     return model, config
 

@@ -4,7 +4,7 @@ Schema (every key but `search` is optional):
 
     name: iemocap                 # default: the file's stem; the sweep name starts with it
     dataset: iemocap              # paper defaults the fixed values start from: iemocap | meld
-    metric: val_wf1               # maximised: val_wf1 | val_acc
+    metric: val_wf1               # maximised; the only one (best epochs and export-best use it too)
     seed: 0                       # seeds the sampler (TPE and its random start-up)
     startup_trials: auto          # random trials before TPE; auto keeps >= half the budget TPE-guided
     search:                       # any CMATHConfig field; one of these types:
@@ -30,13 +30,15 @@ import optuna
 import optuna.distributions as od
 import yaml
 
-from cmath_model.config import FIELD_NAMES, CMATHConfig, paper_defaults
+from cmath_model.config import DATASETS, DEFAULTS, FIELD_NAMES, CMATHConfig, default_config
 from cmath_model.errors import ConfigError
 
 from .errors import SpaceError
 
-TOP_LEVEL = ("name", "dataset", "metric", "seed", "startup_trials", "search", "fixed", "warm_start", "asha")
-METRICS = ("val_wf1", "val_acc")
+TOP_LEVEL = ("name", "dataset", "defaults", "metric", "seed", "startup_trials", "search", "fixed", "warm_start", "asha")
+# Only val_wf1: a trial's best epoch, its best/ checkpoint, the best trial and export-best are all
+# chosen on validation W-F1, so any other metric would drive TPE and ASHA against them.
+METRICS = ("val_wf1",)
 TYPES = ("int", "float", "uniform", "loguniform", "categorical")
 # The sweep sets these itself: the dataset and its hash, per-trial provenance and placement.
 NOT_SEARCHABLE = ("data", "data_sha256", "extra", "device", "num_threads")
@@ -50,6 +52,7 @@ class SearchSpace:
     path: Path
     name: str
     dataset: str
+    defaults: str  # recipe | paper: what unlisted config fields start from
     metric: str
     seed: int
     startup_trials: int | None  # None = auto
@@ -66,8 +69,8 @@ class SearchSpace:
         return "max"
 
     def base_config(self, **overrides: Any) -> CMATHConfig:
-        """Paper defaults for the dataset, then `fixed`, then the caller's overrides."""
-        return paper_defaults(self.dataset).replace(**{**self.fixed, **overrides})
+        """The dataset's defaults (recipe or paper), then `fixed`, then the caller's overrides."""
+        return default_config(self.dataset, self.defaults).replace(**{**self.fixed, **overrides})
 
     def startup_size(self, num_samples: int, max_concurrent: int) -> int:
         """Random trials before TPE. TPE guides a trial only once this many have finished, and
@@ -112,11 +115,15 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
         if key not in TOP_LEVEL:
             raise fail(key, f"unknown key; known keys: {', '.join(TOP_LEVEL)}")
     dataset = raw.get("dataset", "iemocap")
-    if dataset not in ("iemocap", "meld"):
-        raise fail("dataset", f"'{dataset}' is not one of iemocap, meld")
+    if dataset not in DATASETS:
+        raise fail("dataset", f"'{dataset}' is not one of {', '.join(DATASETS)}")
+    defaults = raw.get("defaults", "recipe")
+    if defaults not in DEFAULTS:
+        raise fail("defaults", f"'{defaults}' is not one of {', '.join(DEFAULTS)}")
     metric = raw.get("metric", "val_wf1")
     if metric not in METRICS:
-        raise fail("metric", f"'{metric}' is not one of {', '.join(METRICS)} (both are maximised)")
+        raise fail("metric", f"'{metric}' is not supported: sweeps maximise val_wf1, on which best epochs, "
+                             "checkpoints and export-best are chosen; remove the metric line")
     seed = _integer(raw.get("seed", 0), "seed", fail, minimum=0)
     startup = raw.get("startup_trials", "auto")
     startup = None if startup == "auto" else _integer(startup, "startup_trials", fail, minimum=0)
@@ -126,7 +133,7 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
         raise fail("fixed", "expected a mapping of config fields to values")
     for key in fixed:
         _check_field(key, "fixed", fail)
-    base = _config(paper_defaults(dataset), fixed, "fixed", fail)
+    base = _config(default_config(dataset, defaults), fixed, "fixed", fail)
 
     search = raw.get("search")
     if not isinstance(search, dict) or not search:
@@ -178,7 +185,8 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
     if "epochs" not in distributions and grace > base.epochs:
         raise fail("asha.grace_period", f"{grace} exceeds the {base.epochs} epochs every trial runs")
 
-    return SearchSpace(path=path, name=str(raw.get("name") or path.stem), dataset=dataset, metric=metric,
+    return SearchSpace(path=path, name=str(raw.get("name") or path.stem), dataset=dataset, defaults=defaults,
+                       metric=metric,
                        seed=seed, startup_trials=startup, distributions=distributions, fixed=dict(fixed),
                        warm_start=warm_start, grace_period=grace, reduction_factor=factor, max_t=max_t, raw=raw)
 

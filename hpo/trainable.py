@@ -31,7 +31,7 @@ from ray.train._internal.checkpoint_manager import _TrainingResult
 
 from cmath_model.config import from_dict
 from cmath_model.data import Dataset
-from cmath_model.train import LOSS_KEYS, Trainer
+from cmath_model.train import TRAIN_KEYS, Trainer
 
 SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
 # setup: building the trial's model and optimiser; checkpoint: its checkpoints so far, Ray's copy to storage included
@@ -42,7 +42,7 @@ PER_CLASS_PREFIXES = ("val_f1_", "test_f1_")
 
 def model_metrics(result: dict) -> dict[str, float]:
     """The model's own per-epoch numbers in a Tune result, without Ray's bookkeeping keys."""
-    keep = set(LOSS_KEYS) | set(SCORE_KEYS) | set(TIMING_KEYS) | set(BEST_KEYS)
+    keep = set(TRAIN_KEYS) | set(SCORE_KEYS) | set(TIMING_KEYS) | set(BEST_KEYS)
     return {k: float(v) for k, v in result.items()
             if (k in keep or k.startswith(PER_CLASS_PREFIXES)) and isinstance(v, (int, float))}
 

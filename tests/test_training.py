@@ -7,9 +7,10 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 
-from cmath_model import CMATHConfig, NonFiniteLossError, Trainer, load_dataset, paper_defaults, train
+from cmath_model import CMATHConfig, NonFiniteLossError, Trainer, load_dataset, recipe_defaults, train
 from cmath_model.data import write_dataset
 from cmath_model.synth import generate
+from cmath_model.train import lr_factor
 
 
 def test_overfits_a_tiny_dataset(tiny):
@@ -36,8 +37,10 @@ def test_epoch_record_has_the_contract_keys(tiny):
     assert np.asarray(record["test_confusion"]).sum() == tiny.splits["test"].num_utterances
 
 
-def test_checkpoint_round_trip_equals_straight_training(tiny, tmp_path):
-    cfg = CMATHConfig(d=32, dropout=0.2, lr=1e-3, batch_size=4, epochs=0)  # dropout: RNG state matters
+@pytest.mark.parametrize("schedule", [{}, {"warmup_epochs": 1.5, "lr_schedule": "cosine"}])
+def test_checkpoint_round_trip_equals_straight_training(tiny, tmp_path, schedule):
+    # dropout: RNG state matters; the schedule: a resumed run must pick up the same learning rates
+    cfg = CMATHConfig(d=32, dropout=0.2, lr=1e-3, batch_size=4, epochs=4, **schedule)
     straight = Trainer(cfg, tiny)
     for _ in range(4):
         straight.step()
@@ -54,6 +57,19 @@ def test_checkpoint_round_trip_equals_straight_training(tiny, tmp_path):
         assert a["train_loss"] == b["train_loss"] and a["val_wf1"] == b["val_wf1"]
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    cfg = CMATHConfig(lr=1e-3, epochs=10, warmup_epochs=2, lr_schedule="cosine")
+    assert lr_factor(cfg, 0.5) == pytest.approx(0.25) and lr_factor(cfg, 2.0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 6.0) == pytest.approx(0.5) and lr_factor(cfg, 10.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(CMATHConfig(epochs=10), 7.3) == 1.0  # the paper's reading: constant
+
+
+def test_the_optimiser_runs_at_the_scheduled_rate(tiny):
+    trainer = Trainer(CMATHConfig(d=16, lr=1e-3, batch_size=4, epochs=10, warmup_epochs=4, num_threads=1), tiny)
+    trainer.step()  # the last step of epoch 1 ran at a quarter of the way through the warm-up
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.25e-3)
 
 
 def test_best_checkpoint_holds_weights_and_test_predictions(tiny, tmp_path):
@@ -85,7 +101,7 @@ def test_full_model_beats_text_only_and_no_context(small):
     def score(**kw) -> float:
         results = []
         for seed in (0, 1):
-            cfg = paper_defaults("iemocap").replace(d=64, epochs=10, dropout=0.1, lr=2e-3, batch_size=4,
+            cfg = recipe_defaults("iemocap").replace(d=64, epochs=10, dropout=0.1, lr=2e-3, batch_size=4,
                                                     seed=seed, **kw)
             results.append(train(cfg, small)["test_wf1_at_best_val"])
         return statistics.fmean(results)
