@@ -20,6 +20,7 @@ field holds feature vectors (COSMIC's roberta1) or labels (MMGCN's).
 from __future__ import annotations
 
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,4 +291,7 @@ def encode_sentences(sentences: list[str], encoder: str, batch_size: int = 64) -
         candidates = [p.parent for p in Path(location).rglob("config_sentence_transformers.json")]
         location = str(candidates[0]) if candidates else location
     model = SentenceTransformer(location, device="cpu")
-    return np.asarray(model.encode(sentences, batch_size=batch_size, normalize_embeddings=True), dtype=np.float32)
+    # 10k utterances take minutes on two cores: say so, and show the encoder's own progress bar.
+    print(f"embedding {len(sentences)} utterances with {location} (batch {batch_size})", file=sys.stderr, flush=True)
+    vectors = model.encode(sentences, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=True)
+    return np.asarray(vectors, dtype=np.float32)
