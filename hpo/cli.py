@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark (python -m benchmarks.NAME): prints a table, writes "
                                          "results/benchmarks/NAME.json", add_help=False)
-    bench.add_argument("name", choices=("overhead", "speed", "search", "packing", "meld", "scaling", "all"))
+    bench.add_argument("name", choices=("overhead", "speed", "search", "packing", "meld", "footing", "scaling", "all"))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the sweep store")

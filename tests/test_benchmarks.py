@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+from benchmarks.footing import rank_correlation
 from benchmarks.search import compare, curve, epochs_to_reach
 from hpo.cli import main as hpo_main
 
@@ -37,6 +38,24 @@ def test_tpe_is_measured_against_random_searchs_final_best(tmp_path):
     # 0.697 is within 0.5 points of random's best 0.70: reached after 5 + 20 epochs
     assert rows["tpe_asha"]["epochs_to_within"] == 25
     assert rows["tpe_asha"]["fraction_of_random_total"] == pytest.approx(25 / 40)
+
+
+def _history(curves: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"trial_id": t, "epoch": e + 1, "val_wf1": v} for t, values in curves.items()
+                         for e, v in enumerate(values)])
+
+
+def test_rank_correlation_compares_the_grace_epoch_with_each_trials_best():
+    # At epoch 2 the order is a < b < c; their bests (epoch 3 or 4) keep it: rho 1.
+    kept = _history({"a": [0.1, 0.2, 0.3, 0.35], "b": [0.1, 0.3, 0.4, 0.2], "c": [0.2, 0.4, 0.5, 0.6]})
+    assert rank_correlation(kept, grace_period=2)[0] == pytest.approx(1.0)
+    # The early leader ends last and the early last ends first: rho -1.
+    flipped = _history({"a": [0.1, 0.1, 0.9], "b": [0.1, 0.5, 0.7], "c": [0.1, 0.6, 0.3]})
+    rho, _, n = rank_correlation(flipped, grace_period=2)
+    assert n == 3 and rho == pytest.approx(-1.0)
+    # A trial that never reached the grace period is left out, not counted as a zero.
+    short = _history({"a": [0.1, 0.2], "b": [0.1, 0.3], "c": [0.4], "d": [0.1, 0.4]})
+    assert rank_correlation(short, grace_period=2)[2] == 3
 
 
 def test_bench_verb_runs_the_speed_benchmark(tmp_path, capsys):
