@@ -82,7 +82,8 @@ class Trainer:
         if self.config.class_weights == "none":
             return None
         freq = self.data.class_frequencies()
-        weight = np.where(freq > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
+        power = 0.5 if self.config.class_weights == "inverse_sqrt_frequency" else 1.0
+        weight = np.where(freq > 0, 1.0 / np.maximum(freq, 1e-12) ** power, 0.0)
         return torch.tensor(weight / weight[freq > 0].mean(), dtype=torch.float32, device=self.device)
 
     @property

@@ -19,9 +19,8 @@ DIMS = {"text": 20, "audio": 12, "visual": 8}
 def test_a_config_with_only_its_dataset_gets_that_datasets_settings(tmp_path):
     (tmp_path / "meld.yaml").write_text("dataset: meld\n")
     config = load_config(tmp_path / "meld.yaml")
-    assert (config.d, config.lr, config.batch_size, config.gamma1, config.gamma2, config.epochs) == \
-        (400, 2e-4, 4, 1.0, 1.2, 30)
-    assert config.class_weights == "none" and config == recipe_defaults("meld")
+    assert (config.d, config.lr, config.batch_size, config.gamma1, config.gamma2) == (400, 2e-4, 4, 1.0, 1.2)
+    assert config.dataset == "meld" and config == recipe_defaults("meld")
 
 
 def test_a_config_can_start_from_the_papers_reading(tmp_path):
@@ -159,3 +158,12 @@ def test_cmath_train_prints_the_defaults_it_chose(tmp_path, capsys):
     assert "lr 0.0002, batch 4" in printed[1]
     written = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert written["dataset"] == "meld" and written["lr"] == 2e-4
+
+
+@pytest.mark.parametrize("kind, power", [("inverse_frequency", 1.0), ("inverse_sqrt_frequency", 0.5)])
+def test_class_weights_follow_the_train_and_valid_frequencies(tiny, kind, power):
+    weight = Trainer(CMATHConfig(d=16, class_weights=kind, num_threads=1), tiny).class_weight.numpy()
+    freq = tiny.class_frequencies()
+    expected = freq ** -power
+    assert np.allclose(weight, expected / expected.mean(), rtol=1e-5)  # mean 1: the loss keeps its scale
+    assert Trainer(CMATHConfig(d=16, num_threads=1), tiny).class_weight is None  # the paper: plain CE
