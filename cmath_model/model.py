@@ -253,8 +253,8 @@ class VariationalFusion(nn.Module):
         self.log_sigma = nn.ModuleDict({m: mlp(d) for m in modalities})
         self.sigma_kind = sigma
         if sigma_init > 0:
-            # PyTorch's own init starts sigma near positive(0) (softplus: 0.69) while |mu| is about
-            # 0.1, so the sample that feeds the fused head and both teachers starts as mostly noise.
+            # PyTorch's own init starts sigma near positive(0) (softplus: 0.69), which can swamp a
+            # small mu, so the sample that feeds the fused head and both teachers starts as noise.
             # Setting the output bias starts sigma near sigma_init; the MLP still learns it.
             for net in self.log_sigma.values():
                 nn.init.constant_(net[-1].bias, self.inverse_positive(sigma_init))

@@ -3,7 +3,8 @@
 Schema (every key but `search` is optional):
 
     name: iemocap                 # default: the file's stem; the sweep name starts with it
-    dataset: iemocap              # paper defaults the fixed values start from: iemocap | meld
+    dataset: iemocap              # whose defaults unlisted fields take: iemocap | meld
+    defaults: recipe              # recipe | paper (README "Departures from the paper")
     metric: val_wf1               # maximised; the only one (best epochs and export-best use it too)
     seed: 0                       # seeds the sampler (TPE and its random start-up)
     startup_trials: auto          # random trials before TPE; auto keeps >= half the budget TPE-guided
