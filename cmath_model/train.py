@@ -193,7 +193,7 @@ class Trainer:
         # On the CPU: RNG states must be CPU tensors; load_state_dict moves weights and Adam's
         # moments to the model's device.
         state = load_weights(Path(directory) / "trainer.pt", map_location="cpu")
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"], Path(directory) / "trainer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]
         self.history = state["history"]
@@ -278,6 +278,17 @@ def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict:
                         "written by torch.save); re-create it with this version of cmath-hpo") from exc
 
 
+def load_model_state(model: CMATH, weights: dict, path: Path) -> None:
+    """load_state_dict that takes checkpoints from before input standardisation (they lack its
+    buffers, whose default is the identity) and names the file when anything else differs."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith(("input_mean", "input_std"))]
+    if missing or unexpected:
+        raise DataError(f"{path}: weights do not match the model its config.yaml builds "
+                        f"({(missing or unexpected)[0]} {'missing' if missing else 'unexpected'}); "
+                        "re-create the checkpoint or restore its config.yaml")
+
+
 def _atomic_torch_save(obj: object, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -300,13 +311,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     config = load_config(checkpoint / "config.yaml")
     state = load_weights(checkpoint / "model.pt", map_location=device)
     model = CMATH(config, state["modality_dims"], state["num_classes"], state["max_speakers"]).to(device)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    # Checkpoints from before input standardisation lack its buffers, whose default is the identity.
-    missing = [k for k in missing if not k.endswith(("input_mean", "input_std"))]
-    if missing or unexpected:
-        raise DataError(f"{checkpoint / 'model.pt'}: weights do not match the model its config.yaml builds "
-                        f"({(missing or unexpected)[0]} {'missing' if missing else 'unexpected'}); "
-                        "re-create the checkpoint or restore its config.yaml")
+    load_model_state(model, state["model"], checkpoint / "model.pt")
     model.eval()
     return model, config
 

@@ -167,3 +167,22 @@ def test_class_weights_follow_the_train_and_valid_frequencies(tiny, kind, power)
     expected = freq ** -power
     assert np.allclose(weight, expected / expected.mean(), rtol=1e-5)  # mean 1: the loss keeps its scale
     assert Trainer(CMATHConfig(d=16, num_threads=1), tiny).class_weight is None  # the paper: plain CE
+
+
+def test_checkpoints_from_before_standardisation_still_load(tiny, tmp_path):
+    from cmath_model.errors import DataError
+
+    config = CMATHConfig(d=16, epochs=1, batch_size=8, num_threads=1)  # input_norm none: identity buffers
+    trainer = Trainer(config, tiny)
+    trainer.step()
+    trainer.save_best(tmp_path / "best")
+    state = torch.load(tmp_path / "best" / "model.pt", weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.endswith(("input_mean", "input_std"))}
+    torch.save(state, tmp_path / "best" / "model.pt")  # what an earlier release wrote
+    model, _ = load_model(tmp_path / "best")
+    theirs = predict(model, tiny.splits["test"], 8, torch.device("cpu"))[2]
+    assert np.allclose(theirs, trainer.predict(tiny.splits["test"])[2], atol=1e-6)
+    state["model"].pop("head_x.weight")
+    torch.save(state, tmp_path / "best" / "model.pt")
+    with pytest.raises(DataError, match=r"model.pt: weights do not match .*head_x.weight missing"):
+        load_model(tmp_path / "best")
