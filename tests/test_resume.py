@@ -107,7 +107,11 @@ def _check_resumed(sweep_dir, results, ended_before, finished_before):
         if not any(t in name for t in ended_before):
             assert epochs.count(1) == 1 and max(epochs) == EPOCHS, f"{name} did not reach its last epoch: {epochs}"
         redone[name] = int(after.loc[name.split("_")[1], "epochs_redone"])
-    assert max(redone.values()) <= 2  # a checkpoint every 2 epochs bounds what is redone
+    # A checkpoint every 2 epochs bounds what is redone, plus the lag of Ray's experiment snapshot
+    # (TUNE_GLOBAL_CHECKPOINT_S=1): a checkpoint written in the last second before the kill may not
+    # be in it yet, so the trial resumes from the one before (3 epochs redone seen in a fresh-clone
+    # run on 2 busy cores, with 0.5 s epochs). Going back to epoch 1 is caught above.
+    assert max(redone.values()) <= 2 * 2
     print(f"epochs redone per trial: {redone}")
     history = pd.read_parquet(sweep_dir / "history.parquet")
     for trial_id in trials.loc[trials["end_state"] == "completed", "trial_id"]:
