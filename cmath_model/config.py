@@ -223,11 +223,11 @@ def load_config(path: str | Path) -> CMATHConfig:
 
 def overlay(values: dict[str, Any], source: str = "config") -> CMATHConfig:
     """`values` on top of default_config(values' dataset, values' defaults)."""
-    dataset, defaults = values.get("dataset", "iemocap"), values.get("defaults", "recipe")
-    for key, value, allowed in (("dataset", dataset, DATASETS), ("defaults", defaults, DEFAULTS)):
-        if value not in allowed:
-            raise ConfigError(f"{source}: field '{key}' = {value!r} is not one of {', '.join(allowed)}")
-    return from_dict({**default_config(dataset, defaults).to_dict(), **values}, source=source)
+    try:
+        base = default_config(values.get("dataset", "iemocap"), values.get("defaults", "recipe"))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return from_dict({**base.to_dict(), **values}, source=source)
 
 
 def load_provenance(path: str | Path) -> dict:
@@ -261,24 +261,20 @@ RECIPE = {
 def paper_defaults(dataset: str = "iemocap") -> CMATHConfig:
     """The paper's settings, with every choice it leaves open at this project's neutral default
     and every departure off (`defaults: paper`)."""
-    return CMATHConfig(dataset=_known(dataset), defaults="paper", **PAPER[dataset])
+    return default_config(dataset, "paper")
 
 
 def recipe_defaults(dataset: str = "iemocap") -> CMATHConfig:
     """What training uses unless told otherwise: the paper's settings plus RECIPE."""
-    return CMATHConfig(dataset=_known(dataset), defaults="recipe", **{**PAPER[dataset], **RECIPE[dataset]})
+    return default_config(dataset, "recipe")
 
 
 def default_config(dataset: str = "iemocap", defaults: str = "recipe") -> CMATHConfig:
-    if defaults not in DEFAULTS:
-        raise ConfigError(f"config field 'defaults': '{defaults}' is not one of {', '.join(DEFAULTS)}")
-    return recipe_defaults(dataset) if defaults == "recipe" else paper_defaults(dataset)
-
-
-def _known(dataset: str) -> str:
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset '{dataset}': use {' or '.join(DATASETS)}")
-    return dataset
+    for key, value, allowed in (("dataset", dataset, DATASETS), ("defaults", defaults, DEFAULTS)):
+        if value not in allowed:
+            raise ConfigError(f"config field '{key}': {value!r} is not one of {', '.join(allowed)}")
+    departures = RECIPE[dataset] if defaults == "recipe" else {}
+    return CMATHConfig(dataset=dataset, defaults=defaults, **{**PAPER[dataset], **departures})
 
 
 def file_sha256(path: str | Path) -> str:

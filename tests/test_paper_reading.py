@@ -186,3 +186,13 @@ def test_checkpoints_from_before_standardisation_still_load(tiny, tmp_path):
     torch.save(state, tmp_path / "best" / "model.pt")
     with pytest.raises(DataError, match=r"model.pt: weights do not match .*head_x.weight missing"):
         load_model(tmp_path / "best")
+
+
+@pytest.mark.parametrize("text, field", [("dataset: mosei\n", "dataset"),
+                                         ("dataset: meld\ndefaults: papr\n", "defaults")])
+def test_a_config_with_unknown_defaults_names_the_file_and_field(tmp_path, text, field):
+    from cmath_model.errors import ConfigError
+
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'bad.yaml'}: config field '{field}': .* is not one of"):
+        load_config(tmp_path / "bad.yaml")
