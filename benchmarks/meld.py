@@ -51,7 +51,8 @@ def gru_baseline(data, epochs: int, seeds: int, hidden: int = 128, lr: float = 1
     from cmath_model.metrics import classification_metrics
 
     train_split = data.splits["train"]
-    mean, std = train_split.features["text"][:-1].mean(0), train_split.features["text"][:-1].std(0) + 1e-6
+    mean, std = data.feature_stats(("text",))["text"]
+    std = std + 1e-6
     speakers = max(9, data.max_speakers)
 
     class GRU(nn.Module):
