@@ -187,8 +187,7 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
         raise fail("asha.grace_period", f"{grace} exceeds the {base.epochs} epochs every trial runs")
 
     return SearchSpace(path=path, name=str(raw.get("name") or path.stem), dataset=dataset, defaults=defaults,
-                       metric=metric,
-                       seed=seed, startup_trials=startup, distributions=distributions, fixed=dict(fixed),
+                       metric=metric, seed=seed, startup_trials=startup, distributions=distributions, fixed=dict(fixed),
                        warm_start=warm_start, grace_period=grace, reduction_factor=factor, max_t=max_t, raw=raw)
 
 
