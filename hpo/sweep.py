@@ -547,7 +547,9 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
                                     time_budget_s=plan.options.time_budget),
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
                                   callbacks=callbacks, verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # The trial asks for its own checkpoints (rungs, every N, its last
+                                  # epoch); Ray's one at the end would be taken of a replay too, empty.
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=False),
                                   failure_config=tune.FailureConfig(max_failures=plan.options.max_retries)),
     )
 

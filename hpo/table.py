@@ -16,7 +16,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from .search import end_state
-from .tracking import LOST, MlflowTrials, checkpoint_uri, error_summary
+from .tracking import LOST, MlflowTrials, checkpoint_uri, error_summary, last_checkpoint
 from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, final_result, model_metrics, write_ended
 
 TRIALS_FILE = "trials.parquet"
@@ -151,7 +151,7 @@ class TrialTable(Callback):
             if row["end_state"] != "running":
                 continue
             if trial_id in known:
-                row.update(end_state="interrupted", checkpoint=checkpoint_uri(known[trial_id].checkpoint))
+                row.update(end_state="interrupted", checkpoint=checkpoint_uri(known[trial_id]))
             else:  # started after Ray's last saved state, then the driver was killed: Ray cannot resume it
                 row.update(end_state="interrupted", restore_notes=LOST)
         try:  # the tracking store may be gone; the tables must still be written
@@ -171,7 +171,7 @@ class TrialTable(Callback):
         row = self.row(trial)
         replayed = bool((trial.last_result or {}).get(REPLAYED)) and row.get("finished_at") is not None
         row.update(end_state=state, error=error if error else row.get("error"),
-                   checkpoint=checkpoint_uri(trial.checkpoint))
+                   checkpoint=checkpoint_uri(trial))
         if not replayed:  # an ended trial replayed after a resume keeps when it really ended
             row["finished_at"] = time.time()
         # The ended record first: once the table says a trial ended, a resume must replay it,
@@ -209,8 +209,10 @@ class TrialTable(Callback):
 
 def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None) -> None:
     """Tell a later resume that this trial is over (Ray's own state can lag behind a killed driver)."""
+    checkpoint = last_checkpoint(trial)
     write_ended(ended_dir, trial.trial_id, {"end_state": state, "error": error,
-                                            "result": final_result(trial.last_result or {})})
+                                            "result": final_result(trial.last_result or {}),
+                                            "checkpoint": checkpoint and checkpoint[1]})
 
 
 class ProgressPrinter(Callback):

@@ -37,7 +37,7 @@ from cmath_model.runs import sqlite_file
 from .errors import SweepError
 from .search import end_state
 from .storage import full_uri
-from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
+from .trainable import ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
 
 MAX_PARAM_CHARS = 500
 logger = logging.getLogger("hpo")
@@ -349,19 +349,23 @@ class MlflowTrials(Callback):
         if error:
             self.writer.call(self.client.log_text, run_id, error_text(trial), "error.txt")
         replayed = bool((trial.last_result or {}).get(REPLAYED))
-        self.writer.call(self.upload_best, trial.checkpoint, run_id, replayed)
-        if self.prune and state != "interrupted":  # an interrupted trial may be resumed from its checkpoints
-            self.writer.call(prune_checkpoints, trial.checkpoint)  # only once its best/ is uploaded
+        checkpoint = last_checkpoint(trial)
+        self.writer.call(self.upload_best, checkpoint, run_id, replayed)
+        # An interrupted trial may be resumed from its checkpoints; a replayed one without a
+        # recorded checkpoint cannot say which one to keep.
+        if self.prune and state != "interrupted" and not (replayed and ENDED_CHECKPOINT not in trial.last_result):
+            self.writer.call(prune_checkpoints, checkpoint)  # only once its best/ is uploaded
         self.writer.call(self.client.set_terminated, run_id, status)
         self.ended.add(trial.trial_id)
 
-    def upload_best(self, checkpoint, run_id: str, replayed: bool = False) -> None:
+    def upload_best(self, checkpoint: tuple[pafs.FileSystem, str] | None, run_id: str,
+                    replayed: bool = False) -> None:
         """The checkpoint's best/ folder (only that: not the resume state beside it) as the run's artifact."""
         if checkpoint is None:
             return
         if replayed and self.client.list_artifacts(run_id, "best"):
             return  # uploaded when the trial really ended, before the sweep was resumed
-        fs, best = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/best"
+        fs, best = checkpoint[0], f"{checkpoint[1]}/best"
         if fs.get_file_info(best).type != pafs.FileType.Directory:
             return
         if isinstance(fs, pafs.LocalFileSystem):
@@ -372,18 +376,31 @@ class MlflowTrials(Callback):
             self.client.log_artifacts(run_id, local, "best")
 
 
-def checkpoint_uri(checkpoint) -> str | None:
-    """Where a trial's best/ lies, as a path or a full URI (s3://...), for the tables and exports."""
-    return None if checkpoint is None else full_uri(checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/best")
+def last_checkpoint(trial: Trial) -> tuple[pafs.FileSystem, str] | None:
+    """The filesystem and path of the trial's latest checkpoint. A replayed trial's is the one
+    recorded when it really ended: the Ray state a resume restores can lag behind a killed
+    driver and name an older checkpoint, which the pruner deleted when the trial ended."""
+    recorded = (trial.last_result or {}).get(ENDED_CHECKPOINT)
+    if recorded:  # a path on the sweep's storage, whose filesystem (endpoint, credentials) the trial holds
+        return trial.storage.storage_filesystem, recorded
+    if trial.checkpoint is None:
+        return None
+    return trial.checkpoint.filesystem, trial.checkpoint.path.rstrip("/")
 
 
-def prune_checkpoints(checkpoint) -> None:
+def checkpoint_uri(trial: Trial) -> str | None:
+    """Where the trial's best/ lies, as a path or a full URI (s3://...), for the tables and exports."""
+    checkpoint = last_checkpoint(trial)
+    return None if checkpoint is None else full_uri(checkpoint[0], f"{checkpoint[1]}/best")
+
+
+def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None) -> None:
     """When a trial has ended, only its best-validation weights can still matter: nothing resumes
     a finished, stopped or failed trial. Delete its resume state (`trainer/`: model plus Adam
     state, ~240 MB at d 500) and its older checkpoints; keep the latest `best/`."""
     if checkpoint is None:
         return
-    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    fs, path = checkpoint
     trial_dir = path.rsplit("/", 1)[0]
     for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \

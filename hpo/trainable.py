@@ -50,6 +50,7 @@ def model_metrics(result: dict) -> dict[str, float]:
 TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
 RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
 REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
+ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
 ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
 CHECKPOINT_FILE = "checkpoint.json"  # in each checkpoint: the epoch it holds
 
@@ -93,7 +94,10 @@ class CMATHTrial(tune.Trainable):
 
     def step(self) -> dict:
         if self.ended is not None and self.ended["end_state"] != "failed":
-            return {**self.ended["result"], "done": True, REPLAYED: True}
+            replay = {**self.ended["result"], "done": True, REPLAYED: True}
+            if self.ended.get("checkpoint"):  # Ray's restored state may name an older one, since pruned
+                replay[ENDED_CHECKPOINT] = self.ended["checkpoint"]
+            return replay
         if self.ended is not None:
             self.error = RuntimeError(self.ended.get("error") or "failed before the sweep was resumed")
         if self.error is not None:
@@ -215,7 +219,8 @@ class CMATHTrial(tune.Trainable):
 def final_result(result: dict) -> dict:
     """What a replay of an ended trial needs of its last result (numbers and text, no Tune flags)."""
     return {k: v for k, v in result.items()
-            if isinstance(v, (int, float, str)) and k not in ("done", "should_checkpoint", REPLAYED, RESTORE_NOTE)}
+            if isinstance(v, (int, float, str))
+            and k not in ("done", "should_checkpoint", REPLAYED, ENDED_CHECKPOINT, RESTORE_NOTE)}
 
 
 def ended_marker(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, str]:

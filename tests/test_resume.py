@@ -211,3 +211,66 @@ def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         table._finish(trial, "completed")
     assert read_ended(str(tmp_path / "ended"), "abc123")["end_state"] == "completed"
+
+
+def test_a_replayed_trial_keeps_the_checkpoint_it_ended_with(tmp_path, tiny_path):
+    """Ray's saved state lags: killed after a trial ended, it can name one of the trial's older
+    checkpoints, which the pruner deleted when the trial ended. The replay must point the table
+    and MLflow at the checkpoint the trial really ended with, and must not prune that one.
+
+    Made deterministic: with snapshots only when Ray forces them (after num_to_keep=2
+    checkpoints of a trial), a trial checkpointing at epochs 3, 6 and 9 ends with its epoch-9
+    checkpoint missing from Ray's state, and the driver is killed before the next trial's second
+    checkpoint forces another snapshot."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "fixed": {"epochs": 9, "batch_size": 4, "checkpoint_every": 3},
+                                     "asha": {"grace_period": 9}}))
+    sweep_dir = tmp_path / "results" / "stale"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(tiny_path),
+         "--num-samples", "2", "--max-concurrent", "1", "--num-cpus", "2",
+         "--results", str(tmp_path / "results"), "--name", "stale"],
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
+        stdout=open(tmp_path / "stale.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "stale.log").read_text()[-3000:]
+            journal = [json.loads(line) for line in (sweep_dir / "history.jsonl").read_text().splitlines()] \
+                if (sweep_dir / "history.jsonl").exists() else []
+            trial_ids = list(dict.fromkeys(row["trial_id"] for row in journal))
+            if len(trial_ids) == 2 and (sweep_dir / "ray").exists() \
+                    and any((sweep_dir / "ray").glob(f"*{trial_ids[0]}*/checkpoint_*/best")):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the second trial never started")
+        session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    first = trial_ids[0]
+    assert [r["epoch"] for r in journal if r["trial_id"] == trial_ids[1]][-1] < 6, "killed too late to show it"
+    assert read_trials(sweep_dir).set_index("trial_id").loc[first, "end_state"] == "completed"
+    try:
+        resume_sweep("stale", tmp_path / "results", log=lambda line: None)
+    finally:
+        stop(pids_using(session))
+
+    trials = read_trials(sweep_dir).set_index("trial_id")
+    lost = trials["restore_notes"].fillna("").str.startswith("lost")  # started after Ray's only snapshot
+    assert set(trials.loc[~lost, "end_state"]) == {"completed"} and (~lost).sum() == 2
+    for trial_id, row in trials[~lost].iterrows():
+        best = row["checkpoint"]
+        assert best and os.path.exists(f"{best}/model.pt"), (trial_id, best)
+        kept = sorted(p.name for p in (sweep_dir / "ray").glob(f"*{trial_id}*/checkpoint_*"))
+        assert kept == [best.rstrip("/").rsplit("/", 2)[1]], (trial_id, kept, best)
+        info = json.loads(open(f"{best.rsplit('/', 1)[0]}/checkpoint.json").read())
+        assert (info["epoch"], info["final"]) == (9, True), info  # not overwritten by the replay
+    client = MlflowClient(default_tracking_uri(tmp_path / "results"))
+    run = client.search_runs([client.get_experiment_by_name("stale").experiment_id],
+                             filter_string=f"tags.`cmath.trial_id` = '{first}'")[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "best")} >= {"best/model.pt"}
