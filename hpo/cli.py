@@ -132,16 +132,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .ui import start_ui, stop_ui
+    from .ui import serve_until_stopped, start_ui
 
     process, url = start_ui(args.results, args.port, args.host, args.mlflow_uri)
     print(f"MLflow UI: {url}  (pid {process.pid}; Ctrl-C stops it)", flush=True)
-    try:
-        process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_ui(process)
+    serve_until_stopped(process)
     return 0
 
 

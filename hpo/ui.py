@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,13 +34,39 @@ def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://{host}:{port}"
     try:
         return process, _wait_until_up(process, url, port, log, timeout)
     except BaseException:  # Ctrl-C included: the server runs in its own session and would outlive us
         stop_ui(process)
         raise
+
+
+def _die_with_parent() -> None:
+    """In the server, before exec: SIGTERM it when the process that started it dies, even by
+    SIGKILL, which leaves no chance to stop it (it runs in a session of its own, so it would
+    otherwise go on serving the port under PID 1)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def serve_until_stopped(process: subprocess.Popen) -> None:
+    """Wait for the server until this process is told to stop (Ctrl-C, SIGTERM, SIGHUP: a closed
+    terminal), then stop the server and its workers."""
+    def stop_waiting(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop_waiting) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_ui(process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _wait_until_up(process: subprocess.Popen, url: str, port: int, log: Path, timeout: float) -> str:
