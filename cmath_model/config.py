@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 MODALITIES = ("text", "audio", "visual")
 MODALITY_LETTERS = {"t": "text", "a": "audio", "v": "visual"}
@@ -168,7 +168,8 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(CMATHConfig))
 def from_dict(values: dict[str, Any], source: str = "config") -> CMATHConfig:
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
-        raise ConfigError(f"{source}: unknown field '{unknown[0]}'; known fields: {', '.join(FIELD_NAMES)}")
+        raise ConfigError(f"{source}: unknown field '{unknown[0]}'{did_you_mean(unknown[0], FIELD_NAMES)}; "
+                          f"known fields: {', '.join(FIELD_NAMES)}")
     types = {f.name: f.type for f in dataclasses.fields(CMATHConfig)}
     coerced = {}
     for key, value in values.items():

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .config import MODALITIES, file_sha256
-from .errors import DataError
+from .errors import DataError, closest
 
 SPLITS = ("train", "valid", "test")
 METADATA_KEY = b"cmath"
@@ -220,11 +220,24 @@ class Dataset:
         return counts / counts.sum()
 
 
+def _nearest_file(path: Path) -> str:
+    """" (did you mean data/meld.parquet?)" for a near miss of a file or folder that exists."""
+    folder = path.parent
+    if not folder.is_dir():
+        above = folder.parent
+        match = closest(folder.name, [p.name for p in above.iterdir() if p.is_dir()]) if above.is_dir() else None
+        return f" (no folder {folder}; did you mean {above / match}?)" if match else f" (no folder {folder})"
+    match = closest(path.name, [p.name for p in folder.iterdir() if p.is_file() and p.suffix == ".parquet"])
+    return f" (did you mean {folder / match}?)" if match else ""
+
+
 def load_dataset(path: str | Path, expected_sha256: str | None = None) -> Dataset:
     """Read and check a canonical Parquet dataset. Every problem is one DataError line."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such dataset file; create one with `cmath-data synth iemocap -o {path}`")
+        raise DataError(f"{path}: no such dataset file{_nearest_file(path)}; make one from transcripts "
+                        f"(`cmath-data from-csv`), a feature pickle (`cmath-data import`) or synthetic data "
+                        f"(`cmath-data synth iemocap -o {path}`)")
     sha = file_sha256(path)
     if expected_sha256 and sha != expected_sha256:
         raise DataError(f"{path}: SHA-256 {sha[:12]}… differs from the config's data_sha256 "

@@ -1,5 +1,10 @@
 """User-facing errors: each message is one line that names the thing and the fix."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class CMATHError(Exception):
     """Base class: the CLI prints these as a single `error: ...` line and exits 2."""
@@ -15,3 +20,15 @@ class ConfigError(CMATHError, ValueError):
 
 class NonFiniteLossError(CMATHError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+def closest(word: str, options: Iterable[str]) -> str | None:
+    """The option `word` is most likely a typo of, if any is close enough."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """" (did you mean 'gamma1'?)" for a typo of one of the options, else ""."""
+    match = closest(word, options)
+    return f" (did you mean '{match}'?)" if match else ""

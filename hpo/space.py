@@ -32,7 +32,7 @@ import optuna.distributions as od
 import yaml
 
 from cmath_model.config import DATASETS, DEFAULTS, FIELD_NAMES, CMATHConfig, default_config
-from cmath_model.errors import ConfigError
+from cmath_model.errors import ConfigError, did_you_mean
 
 from .errors import SpaceError
 
@@ -193,7 +193,8 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
 
 def _check_field(key: str, section: str, fail) -> None:
     if key not in FIELD_NAMES:
-        raise fail(f"{section}.{key}", "is not a CMATHConfig field; see README 'Model choices' for the fields")
+        raise fail(f"{section}.{key}", f"is not a CMATHConfig field{did_you_mean(key, FIELD_NAMES)}; the fields "
+                                       "are in cmath_model/config.py (README 'The model')")
     if key in NOT_SEARCHABLE:
         raise fail(f"{section}.{key}", "is set by the sweep itself (use --data, --gpus-per-trial, --cpus-per-trial)")
 

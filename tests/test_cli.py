@@ -76,6 +76,7 @@ def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path):
     (["--data", "missing.parquet"], "missing.parquet: no such dataset file"),
     (["--config", "nowhere.yaml"], "nowhere.yaml: no such config file"),
     (["--set", "heads=4"], "unknown field 'heads'"),
+    (["--set", "gama1=1.0"], "unknown field 'gama1' (did you mean 'gamma1'?)"),
     (["--set", "d=64", "n_heads=5"], "config field 'n_heads': 5 does not divide d=64"),
 ])
 def test_bad_input_is_one_error_line(argv, needle, tmp_path):

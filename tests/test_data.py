@@ -93,8 +93,22 @@ def write_table(path, table):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.parquet: no such dataset file; create one"):
+    with pytest.raises(DataError, match=r"nope\.parquet: no such dataset file; make one from transcripts"):
         load_dataset(tmp_path / "nope.parquet")
+
+
+def test_a_mistyped_path_suggests_the_file_that_exists(tmp_path, tiny_path):
+    """Someone who mistyped the path to their real data is pointed at it, not at synthetic data."""
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "meld-text.parquet"
+    real.write_bytes(tiny_path.read_bytes())
+    with pytest.raises(DataError, match=f"did you mean {real}\\?"):
+        load_dataset(tmp_path / "data" / "meld_text.parquet")
+    with pytest.raises(DataError, match=f"no folder {tmp_path / 'dta'}; did you mean {tmp_path / 'data'}\\?"):
+        load_dataset(tmp_path / "dta" / "meld-text.parquet")
+    with pytest.raises(DataError) as unrelated:
+        load_dataset(tmp_path / "data" / "iemocap.parquet")
+    assert "did you mean" not in str(unrelated.value)
 
 
 def test_truncated_file(tmp_path, tiny_path):

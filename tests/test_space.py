@@ -65,7 +65,9 @@ def _with(path: str, value):
 
 @pytest.mark.parametrize("path, value, message", [
     ("colour", "blue", "colour: unknown key"),
-    ("search.depth", {"type": "int", "low": 1, "high": 3}, "search.depth: is not a CMATHConfig field"),
+    ("search.depth", {"type": "int", "low": 1, "high": 3}, "search.depth: is not a CMATHConfig field; the fields"),
+    ("search.gama1", {"type": "float", "low": 0, "high": 3},
+     "search.gama1: is not a CMATHConfig field (did you mean 'gamma1'?); the fields are in cmath_model/config.py"),
     ("search.d.type", "gaussian", "search.d.type: unknown type 'gaussian'"),
     ("search.d.low", 700, "search.d: low 700 must be below high 600"),
     ("search.d.low", "many", "search.d.low: 'many' must be a finite number"),
