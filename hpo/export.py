@@ -49,8 +49,10 @@ def export_best(sweep: str | Path, output: str | Path, results: str | Path = "re
     record = load_sweep_record(sweep_dir)
     best = best_trial(sweep_dir)
     config = from_dict(json.loads(best["config"]), source=f"{sweep_dir}/{TRIALS_FILE}")
-    # Retraining runs the best epoch's count; `device: auto` lets the final run use a GPU if there is one.
-    config = config.replace(epochs=int(best["best_epoch"]), device="auto", extra={})
+    # Retraining runs the best epoch's count. Where it runs is the machine's to say, not the
+    # trial's share of the sweep's: `device: auto` takes a GPU if there is one, `num_threads: 0`
+    # every CPU this process may use (a trial had 1 of 2 cores: the retrain ran at 93 % CPU).
+    config = config.replace(epochs=int(best["best_epoch"]), device="auto", num_threads=0, extra={})
     values = config.to_dict()
     values.pop("extra")
     values["provenance"] = {

@@ -205,6 +205,8 @@ def test_export_best_picks_validation_and_retraining_reproduces_it(sweep, tmp_pa
         assert provenance["trial_id"] != trials.loc[trials["best_test_wf1"].idxmax(), "trial_id"]
     config = load_config(out)
     assert config.epochs == best["best_epoch"] and config.d == best["param_d"]
+    assert json.loads(best["config"])["num_threads"] == 1  # a trial's share of the sweep's machine...
+    assert (config.num_threads, config.device) == (0, "auto")  # ...is not the retraining machine's
     assert config.data_sha256 == provenance["data_sha256"]
     result = train(config)
     assert result["epochs"][-1]["val_wf1"] == pytest.approx(best["best_val_wf1"], abs=0.005)
