@@ -26,6 +26,7 @@ from .sweep import (
     driver_record,
     finish_sweep,
     join_cluster,
+    leave_cluster,
     plan_sweep,
     tune_environment,
     write_json,
@@ -108,8 +109,6 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
                          f"start it again with a new --name")
     stop_leftovers(record, log, driver_gone)
 
-    import ray
-
     try:
         ray_seconds, cluster = join_cluster(plan)
         client = MlflowClient(plan.tracking_uri)
@@ -139,6 +138,6 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
             MlflowClient(plan.tracking_uri).set_terminated(parent_id, "FAILED")
         raise
     finally:
-        ray.shutdown()
+        leave_cluster()
     return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
 

@@ -28,7 +28,7 @@ from cmath_model.data import Dataset
 from cmath_model.runs import resolve_data
 
 from .errors import SweepError
-from .processes import command_line
+from .processes import command_line, pids_using, stop
 from .space import SAMPLERS, SearchSpace, load_space, make_sampler
 from .storage import check_storage_on_every_node, join, resolve_storage
 from .table import TRIALS_FILE, read_trials, records
@@ -401,8 +401,6 @@ def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> Swee
     plan = plan_sweep(options)
     check_tracking_uri(plan.tracking_uri)
 
-    import ray
-
     try:
         ray_seconds, cluster = join_cluster(plan)
         # Nothing is written before the cluster can run a trial: a refused sweep leaves no trace.
@@ -419,8 +417,26 @@ def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> Swee
             client.set_terminated(parent_id, "FAILED")
             raise
     finally:
-        ray.shutdown()
+        leave_cluster()
     return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
+
+
+def leave_cluster(timeout: float = 20.0) -> None:
+    """Disconnect; a private Ray is also waited for until none of its processes is left (a trial
+    worker can take seconds to tear down after ray.shutdown), so when a sweep returns nothing it
+    started is still running. Stragglers past `timeout` are stopped, by PID."""
+    import ray
+
+    node = ray._private.worker._global_node
+    private = node is not None and node.head  # this process started it (ray.init without an address)
+    session = node.get_session_dir_path() if private else None
+    ray.shutdown()
+    if session is None:
+        return
+    deadline = time.monotonic() + timeout
+    while pids_using(session) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    stop(pids_using(session))
 
 
 def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:

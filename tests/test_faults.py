@@ -251,3 +251,35 @@ def test_sweep_writes_only_under_results(tmp_path, tiny_path, monkeypatch):
     assert written == {"res", "space.yaml"}
     assert (tmp_path / "res" / "mlartifacts").is_dir()
 
+
+
+class SlowToStopTrial(CMATHTrial):
+    """Leaves behind a process of its Ray session that takes seconds to end, as a trial worker
+    tearing down on a busy machine does (5 s seen): here a child that names the session folder."""
+
+    def setup(self, *args, **kwargs) -> None:
+        import subprocess
+
+        session = ray._private.worker._global_node.get_session_dir_path()
+        outlive_the_worker_by_3s = ("import os, time\nparent = os.getppid()\n"
+                                    "while os.getppid() == parent: time.sleep(0.1)\ntime.sleep(3)")
+        subprocess.Popen([sys.executable, "-c", outlive_the_worker_by_3s, session], start_new_session=True)
+        super().setup(*args, **kwargs)
+
+
+def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, monkeypatch):
+    """Nothing the sweep started outlives it, even a process slow to tear down. Ray itself kills
+    a dead worker's children; that is turned off here so that one outlives its worker for sure."""
+    from hpo.processes import pids_using
+
+    monkeypatch.setenv("RAY_kill_child_processes_on_worker_exit", "false")
+    monkeypatch.setenv("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "false")
+
+    space = _write_space(tmp_path / "one.yaml", warm_start=[],
+                         search={"d": {"type": "categorical", "choices": [32]}}, fixed={"epochs": 1},
+                         asha={"grace_period": 1})
+    outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=1, num_cpus=2,
+                                     results=tmp_path, name="one", trainable=SlowToStopTrial), log=lambda line: None)
+    session = json.loads((outcome.sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
+    assert outcome.counts["completed"] == 1
+    assert not pids_using(session)
