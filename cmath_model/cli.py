@@ -134,7 +134,7 @@ def _train(argv: list[str] | None) -> int:
         raise ConfigError("--compare needs --seeds 2 or more (a t-test needs a spread)")
 
     from .config import load_config, load_provenance, paper_defaults
-    from .runs import compare_runs, defaults_for, describe_config, resolve_data, train_seeds
+    from .runs import compare_runs, defaults_for, describe_config, describe_mlflow_run, resolve_data, train_seeds
 
     if args.config and args.defaults:
         raise ConfigError(f"--defaults with --config {args.config}: the file decides; put 'defaults: "
@@ -183,6 +183,8 @@ def _train(argv: list[str] | None) -> int:
             c = compared[key]
             print(f"test {label}: this config vs paper defaults, Welch t = {c['t']:.2f}, p = {c['p']:.3g}")
     print(f"wrote {out / 'metrics.json'}")
+    if "mlflow" in summary:
+        print(describe_mlflow_run(summary["mlflow"]))
     return 0
 
 

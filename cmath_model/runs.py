@@ -99,6 +99,8 @@ def train_seeds(config: CMATHConfig, data: Dataset, seeds: int, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     config.to_yaml(out / "config.yaml")
     tracker = _MlflowRun(mlflow_uri, experiment, config, out, tags or {}) if mlflow_uri else None
+    if tracker and log:
+        log(tracker.describe())
     per_seed = []
     started = time.time()
     try:
@@ -112,6 +114,8 @@ def train_seeds(config: CMATHConfig, data: Dataset, seeds: int, out_dir: str | P
         summary = aggregate(per_seed)
         summary["wall_seconds"] = time.time() - started
         summary["config"] = config.to_dict()
+        if tracker:
+            summary["mlflow"] = tracker.where()
         (out / "metrics.json").write_text(json.dumps(summary, indent=1))
         if tracker:
             tracker.finish(summary, "FINISHED")
@@ -135,8 +139,16 @@ class _MlflowRun:
         experiment_id = mlflow_experiment(mlflow.MlflowClient(uri), experiment, uri)
         self.run = mlflow.start_run(experiment_id=experiment_id, run_name=out.name,
                                     tags={"cmath.kind": "final_training", **tags})
+        self.uri, self.experiment = uri, experiment
         params = {k: v for k, v in config.to_dict().items() if k != "extra"}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def where(self) -> dict:
+        return {"uri": self.uri, "experiment": self.experiment, "run_id": self.run.info.run_id,
+                "run_name": self.run.info.run_name}
+
+    def describe(self) -> str:
+        return describe_mlflow_run(self.where())
 
     def reporter(self, seed: int) -> Callable[[dict], None]:
         from mlflow.entities import Metric
@@ -157,6 +169,17 @@ class _MlflowRun:
                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
             self.mlflow.log_artifacts(str(self.out))
         self.mlflow.end_run(status=status)
+
+
+def describe_mlflow_run(where: dict) -> str:
+    """Where a cmath-train run is logged and how to look at it."""
+    database = sqlite_file(where["uri"])
+    if database is not None and database.name == "mlflow.db":  # the sweeps' store layout
+        view = f"cmath-hpo ui --results {database.parent}"
+    else:
+        view = f"cmath-hpo ui --mlflow-uri {where['uri']}" if database else f"open {where['uri']}"
+    return (f"mlflow: run '{where['run_name']}' ({where['run_id']}) in experiment '{where['experiment']}' "
+            f"at {where['uri']}; to see it: {view}")
 
 
 def welch(ours: list[float], theirs: list[float]) -> dict:

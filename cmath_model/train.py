@@ -358,5 +358,7 @@ def train(config: CMATHConfig, data: Dataset | None = None, reporter: Callable[[
 
 
 def format_epoch(r: dict) -> str:
-    return (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  val acc {r['val_acc']:.4f} w-f1 {r['val_wf1']:.4f}"
-            f"  test acc {r['test_acc']:.4f} w-f1 {r['test_wf1']:.4f}  ({r['epoch_seconds']:.1f}s)")
+    """One line per epoch; scores in percent, as every line a person reads (files keep fractions)."""
+    return (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  val ACC {100 * r['val_acc']:.2f} "
+            f"W-F1 {100 * r['val_wf1']:.2f}  test ACC {100 * r['test_acc']:.2f} W-F1 {100 * r['test_wf1']:.2f}"
+            f"  ({r['epoch_seconds']:.1f}s)")

@@ -27,6 +27,9 @@ def test_train_with_seeds_writes_mean_std_and_per_seed(tiny_path, tmp_path, caps
     printed = capsys.readouterr().out
     assert printed.count("epoch   1") == 2 and "±" in printed  # per-epoch metrics are printed
     metrics = json.loads((out / "metrics.json").read_text())
+    last = metrics["per_seed"][1]["epochs"][-1]
+    # Scores a person reads are percentages, as cmath-hpo prints them; the files keep fractions.
+    assert f"val ACC {100 * last['val_acc']:.2f} W-F1 {100 * last['val_wf1']:.2f}" in printed
     per_seed = metrics["per_seed"]
     assert [r["seed"] for r in per_seed] == [0, 1]
     for key in ("best_val_wf1", "test_wf1_at_best_val", "test_acc_at_best_val", "best_test_wf1"):
@@ -58,7 +61,7 @@ def test_config_round_trip_through_yaml(tiny_path, tmp_path):
     assert written["lr"] == 1e-3 and written["d"] == 40
 
 
-def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path):
+def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert train_main(["--data", str(tiny_path), "--epochs", "3", "--set", "d=32", "--out", str(tmp_path / "r"),
                        "--mlflow-uri", uri, "--experiment", "t", "--quiet"]) == 0
@@ -66,6 +69,9 @@ def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path):
 
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
+    # Even with --quiet, it says where the run went and how to look at it.
+    assert (f"mlflow: run 'r' ({run.info.run_id}) in experiment 't' at {uri}; to see it: "
+            f"cmath-hpo ui --results {tmp_path}") in capsys.readouterr().out
     assert run.info.status == "FINISHED" and run.data.params["d"] == "32"
     history = client.get_metric_history(run.info.run_id, "val_wf1/seed0")
     assert [m.step for m in history] == [1, 2, 3]
