@@ -224,16 +224,17 @@ class ProgressPrinter(Callback):
         self.num_samples = num_samples
         self.log = log
         self.verbose = verbose
-        self.seen: set[str] = set()
+        self.started: dict[str, int] = {}  # trial id -> its place in start order, 1-based
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "log": print}
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         params = "  ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
-        again = " again, from its last checkpoint" if trial.trial_id in self.seen else ""
-        self.seen.add(trial.trial_id)
-        self.log(f"[{trial.trial_id}] start{again} ({trials.index(trial) + 1}/{self.num_samples})  {params}")
+        again = " again, from its last checkpoint" if trial.trial_id in self.started else ""
+        # Numbered as they start: Ray's list also holds trials created but still waiting for a slot.
+        number = self.started.setdefault(trial.trial_id, len(self.started) + 1)
+        self.log(f"[{trial.trial_id}] start{again} ({number}/{self.num_samples})  {params}")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self.log(f"[{trial.trial_id}] lost its worker: {error_summary(trial)}; retrying from its last checkpoint")
