@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import socket
@@ -27,6 +26,7 @@ from cmath_model.config import CMATHConfig
 from cmath_model.data import Dataset
 from cmath_model.runs import resolve_data
 
+from .checkpoints import asha_rungs
 from .errors import SweepError
 from .processes import command_line, pids_using, stop
 from .space import SAMPLERS, SearchSpace, load_space, make_sampler
@@ -500,14 +500,6 @@ def tune_environment() -> None:
     # Save the experiment state at least every second (default: every 10 s or more), so a killed
     # driver loses as little as possible of which trials exist and where they stand.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-
-
-def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[int, ...]:
-    """The epochs at which ASHA compares a trial with its peers and may stop it: Ray's
-    `_Bracket` rungs for one bracket (grace * rf^k up to max_t). A trial checkpoints there,
-    so a trial that is stopped keeps its best weights."""
-    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
-    return tuple(sorted(int(round(grace_period * reduction_factor ** k)) for k in range(count)))
 
 
 def build_trainable(plan: SweepPlan):

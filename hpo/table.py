@@ -15,8 +15,9 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from .checkpoints import checkpoint_uri, last_checkpoint
 from .search import end_state
-from .tracking import LOST, MlflowTrials, checkpoint_uri, error_summary, last_checkpoint
+from .tracking import LOST, MlflowTrials, error_summary
 from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, final_result, model_metrics, write_ended
 
 TRIALS_FILE = "trials.parquet"

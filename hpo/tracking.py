@@ -34,9 +34,9 @@ from ray.tune.experiment import Trial
 
 from cmath_model.runs import sqlite_file
 
+from .checkpoints import last_checkpoint, prune_checkpoints
 from .errors import SweepError
 from .search import end_state
-from .storage import full_uri
 from .trainable import ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
 
 MAX_PARAM_CHARS = 500
@@ -374,37 +374,3 @@ class MlflowTrials(Callback):
         with tempfile.TemporaryDirectory(prefix="cmath-best-") as local:
             pafs.copy_files(best, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             self.client.log_artifacts(run_id, local, "best")
-
-
-def last_checkpoint(trial: Trial) -> tuple[pafs.FileSystem, str] | None:
-    """The filesystem and path of the trial's latest checkpoint. A replayed trial's is the one
-    recorded when it really ended: the Ray state a resume restores can lag behind a killed
-    driver and name an older checkpoint, which the pruner deleted when the trial ended."""
-    recorded = (trial.last_result or {}).get(ENDED_CHECKPOINT)
-    if recorded:  # a path on the sweep's storage, whose filesystem (endpoint, credentials) the trial holds
-        return trial.storage.storage_filesystem, recorded
-    if trial.checkpoint is None:
-        return None
-    return trial.checkpoint.filesystem, trial.checkpoint.path.rstrip("/")
-
-
-def checkpoint_uri(trial: Trial) -> str | None:
-    """Where the trial's best/ lies, as a path or a full URI (s3://...), for the tables and exports."""
-    checkpoint = last_checkpoint(trial)
-    return None if checkpoint is None else full_uri(checkpoint[0], f"{checkpoint[1]}/best")
-
-
-def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None) -> None:
-    """When a trial has ended, only its best-validation weights can still matter: nothing resumes
-    a finished, stopped or failed trial. Delete its resume state (`trainer/`: model plus Adam
-    state, ~240 MB at d 500) and its older checkpoints; keep the latest `best/`."""
-    if checkpoint is None:
-        return
-    fs, path = checkpoint
-    trial_dir = path.rsplit("/", 1)[0]
-    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
-                and info.path.rstrip("/") != path:
-            fs.delete_dir(info.path)
-    if fs.get_file_info(f"{path}/trainer").type == pafs.FileType.Directory:
-        fs.delete_dir(f"{path}/trainer")

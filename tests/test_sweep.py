@@ -23,7 +23,8 @@ from cmath_model.train import train
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.export import export_best, find_sweep
-from hpo.sweep import SweepOptions, asha_rungs, run_sweep
+from hpo.checkpoints import asha_rungs
+from hpo.sweep import SweepOptions, run_sweep
 from hpo.table import HISTORY_FILE, read_trials
 from hpo.tracking import default_tracking_uri
 from hpo.ui import start_ui, stop_ui

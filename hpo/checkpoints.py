@@ -1,0 +1,56 @@
+"""A trial's checkpoints: where ASHA may stop it (so it checkpoints there), which checkpoint it
+ended with, and what of it is kept once it has ended."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.fs as pafs
+from ray.tune.experiment import Trial
+
+from .storage import full_uri
+from .trainable import ENDED_CHECKPOINT
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[int, ...]:
+    """The epochs at which ASHA compares a trial with its peers and may stop it. Ray's `_Bracket`
+    puts its milestones at grace * rf^k (k while that is within max_t) and decides on the first
+    result at or past one: epoch ceil(grace * rf^k), 13 for 2 * 2.5^2 = 12.5. A trial
+    checkpoints there, so a trial that is stopped keeps its best weights."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    # The tolerance keeps a milestone that is an integer in exact arithmetic (10 * 2 ** 1) on it.
+    return tuple(sorted({math.ceil(grace_period * reduction_factor ** k - 1e-9) for k in range(count)}))
+
+
+def last_checkpoint(trial: Trial) -> tuple[pafs.FileSystem, str] | None:
+    """The filesystem and path of the trial's latest checkpoint. A replayed trial's is the one
+    recorded when it really ended: the Ray state a resume restores can lag behind a killed
+    driver and name an older checkpoint, which the pruner deleted when the trial ended."""
+    recorded = (trial.last_result or {}).get(ENDED_CHECKPOINT)
+    if recorded:  # a path on the sweep's storage, whose filesystem (endpoint, credentials) the trial holds
+        return trial.storage.storage_filesystem, recorded
+    if trial.checkpoint is None:
+        return None
+    return trial.checkpoint.filesystem, trial.checkpoint.path.rstrip("/")
+
+
+def checkpoint_uri(trial: Trial) -> str | None:
+    """Where the trial's best/ lies, as a path or a full URI (s3://...), for the tables and exports."""
+    checkpoint = last_checkpoint(trial)
+    return None if checkpoint is None else full_uri(checkpoint[0], f"{checkpoint[1]}/best")
+
+
+def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None) -> None:
+    """When a trial has ended, only its best-validation weights can still matter: nothing resumes
+    a finished, stopped or failed trial. Delete its resume state (`trainer/`: model plus Adam
+    state, ~240 MB at d 500) and its older checkpoints; keep the latest `best/`."""
+    if checkpoint is None:
+        return
+    fs, path = checkpoint
+    trial_dir = path.rsplit("/", 1)[0]
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.path.rstrip("/") != path:
+            fs.delete_dir(info.path)
+    if fs.get_file_info(f"{path}/trainer").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{path}/trainer")
