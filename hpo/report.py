@@ -20,9 +20,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cmath_model.metrics import accuracy, confusion_matrix, per_class_f1, weighted_f1  # noqa: E402
 
+from .checkpoints import asha_rungs  # noqa: E402
 from .errors import SweepError  # noqa: E402
 from .export import find_sweep, load_sweep_record  # noqa: E402
 from .sweep import OPTUNA_FILE, best_row  # noqa: E402
@@ -55,7 +57,7 @@ def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflo
         figures["asha"] = _asha(trials, history, record, out / "asha.png", data)
     figures["importance"] = _importance(sweep_dir, record, trials, out / "importance.png", data)
     if "d" in searched:
-        figures["d"] = _versus_d(trials, out / "performance_vs_d.png", data)
+        figures["d"] = _versus_d(trials, history, record, out / "performance_vs_d.png", data)
     if {"gamma1", "gamma2"} <= set(searched):
         figures["gamma"] = _gamma_map(trials, out / "gamma1_gamma2.png", data)
     best = best_row(trials)
@@ -91,12 +93,7 @@ def _history(trials: pd.DataFrame, path: Path, data: dict) -> str:
 
 
 def _asha(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: Path, data: dict) -> str:
-    asha = record.get("asha", {})
-    grace, factor, max_t = asha.get("grace_period", 1), asha.get("reduction_factor", 3), asha.get("max_t", 1)
-    rungs, rung = [], float(grace)
-    while rung < max_t:
-        rungs.append(int(rung))
-        rung *= factor
+    rungs = list(_rungs(record))
     fig, ax = plt.subplots(figsize=(7, 4))
     stopped = {}
     for row in trials.itertuples():
@@ -110,11 +107,20 @@ def _asha(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: Path,
             stopped[row.trial_id] = int(curve["epoch"].iloc[-1])
     for r in rungs:
         ax.axvline(r, color="gray", linestyle="--", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="validation W-F1 (%)",
            title=f"Learning curves; ASHA rungs (dashed) at {rungs}, x = stopped there")
     _save(fig, path)
     data["asha"] = {"rungs": rungs, "stopped_at_epoch": stopped}
     return path.name
+
+
+def _rungs(record: dict) -> tuple[int, ...]:
+    """The sweep's ASHA rungs, as the sweep computed them (none without early stopping)."""
+    asha = record.get("asha") or {}
+    if not record.get("early_stopping", True) or not asha.get("max_t"):
+        return ()
+    return asha_rungs(asha["grace_period"], asha["reduction_factor"], asha["max_t"])
 
 
 def _importance(sweep_dir: Path, record: dict, trials: pd.DataFrame, path: Path, data: dict) -> str | None:
@@ -153,18 +159,39 @@ def _importance(sweep_dir: Path, record: dict, trials: pd.DataFrame, path: Path,
     return path.name
 
 
-def _versus_d(trials: pd.DataFrame, path: Path, data: dict) -> str:
+def _versus_d(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: Path, data: dict) -> str:
+    """Best validation W-F1 per d, compared at one budget: a trial ASHA stopped at its first rung
+    had fewer epochs than one that finished, so joining both in one line makes a d look bad for
+    being stopped. The line takes every trial's best up to the first rung (the epochs all of them
+    had); trials are drawn by how they ended, and the finished ones' best beside it."""
     scored = trials[trials["best_val_wf1"].notna()]
-    by_d = scored.groupby("param_d")[["best_val_wf1", "test_wf1_at_best_val"]].max().reset_index()
+    budget = next(iter(_rungs(record)), None)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(scored["param_d"], 100 * scored["best_val_wf1"], color="tab:blue", alpha=0.4, label="trials (val)")
-    ax.plot(by_d["param_d"], 100 * by_d["best_val_wf1"], "o-", color="tab:blue", label="best per d (val)")
-    ax.plot(by_d["param_d"], 100 * by_d["test_wf1_at_best_val"], "s--", color="tab:purple",
-            label="its validation-selected test")
+    for state, marker in (("completed", "o"), ("stopped_by_asha", "x")):
+        some = scored[scored["end_state"] == state]
+        if len(some):
+            ax.scatter(some["param_d"], 100 * some["best_val_wf1"], marker=marker, alpha=0.6,
+                       color=STATE_COLOURS[state], label=f"{state.replace('_', ' ')}: its best (val)")
+    finished = scored[scored["end_state"] == "completed"]
+    by_d = finished.groupby("param_d")[["best_val_wf1", "test_wf1_at_best_val"]].max().reset_index()
+    if len(by_d):
+        ax.plot(by_d["param_d"], 100 * by_d["test_wf1_at_best_val"], "s--", color="tab:purple",
+                label="finished: validation-selected test")
+    same_budget = None
+    if budget is not None and len(history):
+        early = history[(history["epoch"] <= budget) & history["trial_id"].isin(scored["trial_id"])]
+        d_of = scored.set_index("trial_id")["param_d"]
+        per_trial = early.groupby("trial_id")["val_wf1"].max()
+        same_budget = per_trial.groupby(d_of.loc[per_trial.index].to_numpy()).max().sort_index()
+        ax.plot(same_budget.index, 100 * same_budget.to_numpy(), "o-", color="tab:blue",
+                label=f"best per d within {budget} epochs (every trial)")
     ax.set(xlabel="d", ylabel="W-F1 (%)", title="Performance vs d (paper Fig. 4)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     _save(fig, path)
-    data["performance_vs_d"] = by_d.to_dict("list")
+    data["performance_vs_d"] = {
+        "finished": by_d.to_dict("list"),
+        "same_budget": None if same_budget is None else {"epochs": budget, "d": same_budget.index.tolist(),
+                                                         "best_val_wf1": same_budget.tolist()}}
     return path.name
 
 
@@ -244,9 +271,12 @@ def _best_trial_figures(predictions: dict, classes: list[str], dataset: str, out
         counts.append(int(mask.sum()))
         scores.append(weighted_f1(confusion_matrix(y[mask], pred[mask], len(classes))) if mask.any() else None)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(names, [100 * (s or 0) for s in scores], color="tab:blue")
-    for k, n in enumerate(counts):
-        ax.text(k, 1, f"{n} utt.", ha="center", color="white", fontsize=8)
+    heights = [100 * (s or 0) for s in scores]
+    ax.bar(names, heights, color="tab:blue")
+    for k, n in enumerate(counts):  # above the bar: an empty bucket has none to write on
+        ax.annotate(f"{n} utterances", (k, heights[k]), xytext=(0, 3), textcoords="offset points", ha="center",
+                    fontsize=8)
+    ax.set_ylim(0, max(heights + [1]) * 1.15)
     ax.set(xlabel="conversation length (utterances)", ylabel="test W-F1 (%)",
            title="Best trial by conversation length (paper Fig. 5)")
     _save(fig, out / "length_buckets.png")

@@ -20,10 +20,10 @@ from cmath_model.cli import train_main
 from cmath_model.config import load_config
 from cmath_model.runs import evaluate_checkpoint
 from cmath_model.train import train
+from hpo.checkpoints import asha_rungs
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.export import export_best, find_sweep
-from hpo.checkpoints import asha_rungs
 from hpo.sweep import SweepOptions, run_sweep
 from hpo.table import HISTORY_FILE, read_trials
 from hpo.tracking import default_tracking_uri
@@ -344,6 +344,17 @@ def test_report_writes_every_plot_with_the_data_behind_it(sweep):
     stopped = trials[trials["end_state"] == "stopped_by_asha"]
     assert data["asha"]["stopped_at_epoch"] == dict(zip(stopped["trial_id"], stopped["epochs"]))
     assert set(data["asha"]["stopped_at_epoch"].values()) <= set(data["asha"]["rungs"])
+    assert tuple(data["asha"]["rungs"]) == asha_rungs(SPACE["asha"]["grace_period"], SPACE["asha"]["reduction_factor"],
+                                                      EPOCHS)
+    # performance vs d compares trials at one budget: their best within the first rung's epochs
+    history = pd.read_parquet(sweep["dir"] / "history.parquet")
+    first_rung = data["asha"]["rungs"][0]
+    early = history[history["epoch"] <= first_rung].merge(trials[["trial_id", "param_d"]], on="trial_id")
+    expected = early.groupby("param_d")["val_wf1"].max()
+    same_budget = data["performance_vs_d"]["same_budget"]
+    assert same_budget["epochs"] == first_rung
+    assert same_budget["d"] == expected.index.tolist()
+    assert same_budget["best_val_wf1"] == pytest.approx(expected.tolist())
     # importance over the searched parameters sums to 1
     assert set(data["importance"]["values"]) == set(WARM)
     assert sum(data["importance"]["values"].values()) == pytest.approx(1.0)
