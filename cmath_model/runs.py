@@ -4,8 +4,11 @@ aggregate them, write metrics.json, and (optionally) log the run to MLflow."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,8 +170,42 @@ class _MlflowRun:
         if summary is not None:
             self.mlflow.log_metrics({k: float(v) for k, v in summary.items()
                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            self.mlflow.log_artifacts(str(self.out))
+            log_artifacts_once(self.mlflow.MlflowClient(), self.run.info.run_id, self.out)
         self.mlflow.end_run(status=status)
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when the store keeps them on this machine's disk, else None."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path))
+    return Path(artifact_uri) if parsed.scheme == "" else None
+
+
+def log_artifacts_once(client, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """`log_artifacts`, keeping one copy on disk. With a local store (the default beside a sweep's
+    results) a copy would double every checkpoint on the same disk; large files are hard-linked
+    into the run's artifact folder instead, so each name stays valid when the other is deleted.
+    Only weights (*.pt, written once) are linked: a small file such as metrics.json can be
+    rewritten in place later, which would change both. A remote store (a tracking server, an
+    object store) gets a real upload."""
+    root = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if root is None:
+        client.log_artifacts(run_id, str(local_dir), artifact_path)
+        return
+    local_dir = Path(local_dir)
+    destination = root / artifact_path if artifact_path else root
+    for source in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        target = destination / source.relative_to(local_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        if source.suffix == ".pt":
+            try:
+                os.link(source, target)
+                continue
+            except OSError:  # another filesystem, or one without hard links: copy
+                pass
+        shutil.copy2(source, target)
 
 
 def describe_mlflow_run(where: dict) -> str:

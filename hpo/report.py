@@ -226,11 +226,15 @@ def _download_best(best: dict, record: dict, out: Path) -> Path | None:
         return None
     from mlflow.tracking import MlflowClient
 
-    try:
-        local = MlflowClient(record["mlflow"]["uri"]).download_artifacts(best["mlflow_run_id"], "best", str(out))
+    client = MlflowClient(record["mlflow"]["uri"])
+    folder = out / "best"
+    folder.mkdir(exist_ok=True)
+    try:  # what the plots need, not the weights (tens of MB)
+        for name in ("test_predictions.npz", "metrics.json"):
+            client.download_artifacts(best["mlflow_run_id"], f"best/{name}", str(out))
     except Exception:  # noqa: BLE001 - no artifact: the report goes on without the best-trial plots
         return None
-    return Path(local)
+    return folder
 
 
 def length_buckets(dialogue_lengths: np.ndarray, dataset: str) -> tuple[np.ndarray, list[str]]:

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from cmath_model.runs import sqlite_file
+from cmath_model.runs import log_artifacts_once, sqlite_file
 
 from .checkpoints import last_checkpoint, prune_checkpoints
 from .errors import SweepError
@@ -369,7 +369,7 @@ class MlflowTrials(Callback):
         if fs.get_file_info(best).type != pafs.FileType.Directory:
             return
         if isinstance(fs, pafs.LocalFileSystem):
-            self.client.log_artifacts(run_id, best, "best")
+            log_artifacts_once(self.client, run_id, best, "best")
             return
         with tempfile.TemporaryDirectory(prefix="cmath-best-") as local:
             pafs.copy_files(best, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

@@ -157,6 +157,19 @@ def test_ended_trials_keep_only_their_latest_best_checkpoint(sweep):
         assert (best / "model.pt").exists() and not (best.parent / "trainer").exists()
 
 
+def test_each_checkpoint_is_on_disk_once(sweep):
+    """The local MLflow store's copy of a trial's weights is the sweep folder's file under a
+    second name (a hard link), not a second copy on the same disk."""
+    from cmath_model.runs import local_artifact_dir
+
+    for row in sweep["trials"].itertuples():
+        in_sweep = sweep["dir"] / "ray" / row.checkpoint.split("/ray/", 1)[1] / "model.pt"
+        artifacts = local_artifact_dir(sweep["client"].get_run(row.mlflow_run_id).info.artifact_uri)
+        in_mlflow = artifacts / "best" / "model.pt"
+        assert in_mlflow.stat().st_ino == in_sweep.stat().st_ino, row.trial_id
+        assert in_mlflow.read_bytes() == in_sweep.read_bytes()
+
+
 def test_trials_checkpoint_where_asha_may_stop_them_and_at_their_end(sweep):
     """Checkpoints are written at ASHA's rungs and the last epoch (and every checkpoint_every),
     not at every improvement; a finished trial's last one records its result, not resume state."""
