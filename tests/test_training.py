@@ -77,7 +77,7 @@ def test_best_checkpoint_holds_weights_and_test_predictions(tiny, tmp_path):
     result = train(cfg, tiny, out_dir=tmp_path)
     best = tmp_path / "best"
     assert (best / "model.pt").exists() and (best / "config.yaml").exists()
-    assert (tmp_path / "last" / "trainer.pt").exists()  # optimizer state only where resuming needs it
+    assert not (tmp_path / "last").exists()  # resume state is gone once the run has finished
     assert not (best / "trainer.pt").exists()
     preds = np.load(best / "test_predictions.npz")
     assert len(preds["label"]) == tiny.splits["test"].num_utterances
