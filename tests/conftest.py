@@ -7,6 +7,18 @@ from cmath_model import load_dataset
 from cmath_model.synth import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Fixtures that start a Ray cluster (and usually a sweep on it): a test that uses one is `slow`,
+# and the two-node cluster's are `cluster` too. `pytest -m "not slow"` is the quick loop.
+RAY_FIXTURES = {"sweep": (), "failing_sweep": (), "launch": (), "cluster": ("cluster",)}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marks in RAY_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for mark in ("slow", *marks):
+                    item.add_marker(mark)
 SHARED_MELD = REPO.parent / "shared" / "data" / "meld"
 
 

@@ -58,6 +58,7 @@ def test_rank_correlation_compares_the_grace_epoch_with_each_trials_best():
     assert rank_correlation(short, grace_period=2)[2] == 3
 
 
+@pytest.mark.slow
 def test_bench_verb_runs_the_speed_benchmark(tmp_path, capsys):
     assert hpo_main(["bench", "speed", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]) == 0
     result = json.loads((tmp_path / "speed-quick.json").read_text())

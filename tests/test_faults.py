@@ -97,6 +97,7 @@ def test_failed_trials_are_failed_mlflow_runs_with_the_error(failing_sweep, tmp_
             assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_sweep_exits_nonzero_only_when_every_trial_failed(tmp_path, tiny_path, capsys):
     space = _write_space(tmp_path / "all-nan.yaml", warm_start=[],
                          search={"lr": {"type": "categorical", "choices": [1.0e6, 2.0e6]}})
@@ -123,6 +124,7 @@ class KillsTheTrackingServer(CMATHTrial):
         return super()._epoch()
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_dies_mid_sweep_is_reported_and_exits_1(tmp_path, tiny_path, free_port, monkeypatch):
     """The trials go on and the tables keep everything; the summary and sweep.json say how many
     MLflow calls failed, and the exit code says the record is incomplete."""
@@ -234,6 +236,7 @@ def test_pickle_import_without_trust_is_refused_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "out.parquet").exists()
 
 
+@pytest.mark.slow
 def test_sweep_writes_only_under_results(tmp_path, tiny_path, monkeypatch):
     """Nothing lands in the working directory: MLflow's store, its artifacts and Optuna's
     study all live under --results; Ray's own files under its temp dir."""
@@ -267,6 +270,7 @@ class SlowToStopTrial(CMATHTrial):
         super().setup(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, monkeypatch):
     """Nothing the sweep started outlives it, even a process slow to tear down. Ray itself kills
     a dead worker's children; that is turned off here so that one outlives its worker for sure."""

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
@@ -77,6 +78,7 @@ def _inject(ray_dir, done, events):
     events.update(victims)
 
 
+@pytest.mark.slow
 def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))

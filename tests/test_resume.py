@@ -215,6 +215,7 @@ def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatc
     assert read_ended(str(tmp_path / "ended"), "abc123")["end_state"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_replayed_trial_keeps_the_checkpoint_it_ended_with(tmp_path, tiny_path):
     """Ray's saved state lags: killed after a trial ended, it can name one of the trial's older
     checkpoints, which the pruner deleted when the trial ended. The replay must point the table

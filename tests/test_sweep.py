@@ -193,6 +193,7 @@ def test_trials_checkpoint_where_asha_may_stop_them_and_at_their_end(sweep):
         assert metrics["epoch"] == row.best_epoch and metrics["val_wf1"] == pytest.approx(row.best_val_wf1)
 
 
+@pytest.mark.slow
 def test_random_search_without_early_stopping(space_path, tiny_path, tmp_path):
     """The baseline benchmarks.search measures TPE + ASHA against: every trial runs all its epochs."""
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=4, max_concurrent=2, num_cpus=2,
@@ -294,6 +295,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(space_path, tiny_path, tmp_p
     assert not (tmp_path / "dry").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_impossible_gpu_request_fails_at_once(space_path, tiny_path, tmp_path):
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=1, gpus_per_trial=1, num_cpus=1,
                            results=tmp_path, name="gpu")
@@ -302,6 +304,7 @@ def test_impossible_gpu_request_fails_at_once(space_path, tiny_path, tmp_path):
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path, tmp_path):
     """--storage puts Ray's folders elsewhere; a time budget ends the sweep early and the tables
     and MLflow still account for every trial that started; its report says it is incomplete."""
@@ -449,6 +452,7 @@ def _wait_for_text(page, texts, timeout=60):
     raise AssertionError(f"the MLflow UI never showed {missing}")
 
 
+@pytest.mark.browser
 def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_charts_metrics(sweep, tmp_path, free_port):
     trials = sweep["trials"]
     page = _browser()  # first: without a browser the test fails before any server is started

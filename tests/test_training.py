@@ -96,6 +96,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
         train(CMATHConfig(d=16, epochs=1), load_dataset(path))
 
 
+@pytest.mark.slow
 def test_full_model_beats_text_only_and_no_context(small):
     """The synthetic data rewards context and all modalities; the model must find both."""
     def score(**kw) -> float:

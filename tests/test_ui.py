@@ -24,6 +24,7 @@ def _answers(url: str) -> bool:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+@pytest.mark.slow
 def test_a_stopped_ui_command_stops_its_server(signum, tmp_path, free_port):
     MlflowClient(default_tracking_uri(tmp_path)).search_experiments()  # an empty store to serve
     port = free_port()
