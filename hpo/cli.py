@@ -1,4 +1,4 @@
-"""`cmath-hpo`: sweep, export-best, ui. Thin argument parsing over hpo's library functions."""
+"""`cmath-hpo`: sweep, resume, export-best, report, ui, bench. Thin argument parsing over hpo's library functions."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from cmath_model.cli import _parse_set, _run
+
+from .errors import SweepError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,9 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--results", default="results")
     report.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's parent run")
 
-    bench = sub.add_parser("bench", help="run a benchmark (python -m benchmarks.NAME): prints a table, writes "
-                                         "results/benchmarks/NAME.json", add_help=False)
-    bench.add_argument("name", choices=("overhead", "speed", "search", "packing", "meld", "footing", "scaling", "all"))
+    bench = sub.add_parser("bench", help="run a benchmark of this source checkout (python -m benchmarks NAME): "
+                                         "prints a table, writes results/benchmarks/NAME.json", add_help=False)
+    bench.add_argument("name", help="overhead, speed, search, packing, meld, footing, scaling or all")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the sweep store")
@@ -121,14 +124,17 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import importlib
+    """`python -m benchmarks` in a child process: the benchmarks import hpo, never the reverse, and
+    live in the source checkout beside this package, not in the installed one."""
+    import os
+    import subprocess
 
-    from benchmarks import NAMES
-
-    for name in NAMES if args.name == "all" else [args.name]:
-        print(f"== benchmarks.{name} {' '.join(args.rest)}", flush=True)
-        importlib.import_module(f"benchmarks.{name}").main(args.rest)
-    return 0
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "__main__.py").exists():
+        raise SweepError(f"bench: no benchmarks/ beside {checkout / 'hpo'}; the benchmarks run from a source "
+                         f"checkout of cmath-hpo (pip install -e . there, then cmath-hpo bench NAME)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+    return subprocess.call([sys.executable, "-m", "benchmarks", args.name, *args.rest], env=env)
 
 
 def _ui(args: argparse.Namespace) -> int:

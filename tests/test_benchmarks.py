@@ -59,7 +59,7 @@ def test_rank_correlation_compares_the_grace_epoch_with_each_trials_best():
 
 
 @pytest.mark.slow
-def test_bench_verb_runs_the_speed_benchmark(tmp_path, capsys):
+def test_bench_verb_runs_the_speed_benchmark(tmp_path, capfd):
     assert hpo_main(["bench", "speed", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]) == 0
     result = json.loads((tmp_path / "speed-quick.json").read_text())
     batched, loop = result["rows"]
@@ -67,5 +67,5 @@ def test_bench_verb_runs_the_speed_benchmark(tmp_path, capsys):
     assert batched["ms_per_epoch"] > 0 and loop["ms_per_epoch"] > 0 and batched["peak_mem_mb"] > 0
     assert batched["max_logit_diff"] < 1e-4  # padding and batching change no logit
     assert batched["speedup"] == pytest.approx(loop["ms_per_epoch"] / batched["ms_per_epoch"])
-    assert "ms_per_epoch" in capsys.readouterr().out
+    assert "ms_per_epoch" in capfd.readouterr().out
     assert (tmp_path / "data" / "synthetic-iemocap-tiny.parquet").exists()
