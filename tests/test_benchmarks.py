@@ -66,6 +66,6 @@ def test_bench_verb_runs_the_speed_benchmark(tmp_path, capfd):
     assert (batched["implementation"], loop["implementation"]) == ("batched", "per_dialogue")
     assert batched["ms_per_epoch"] > 0 and loop["ms_per_epoch"] > 0 and batched["peak_mem_mb"] > 0
     assert batched["max_logit_diff"] < 1e-4  # padding and batching change no logit
-    assert batched["speedup"] == pytest.approx(loop["ms_per_epoch"] / batched["ms_per_epoch"])
+    assert result["machine"]["cpus"] > 0 and "speed" in result["command"]  # what it ran on, and how
     assert "ms_per_epoch" in capfd.readouterr().out
     assert (tmp_path / "data" / "synthetic-iemocap-tiny.parquet").exists()

@@ -81,7 +81,7 @@ def test_failed_trials_are_ray_errors_and_never_retried(failing_sweep):
         assert trial.status == ("ERROR" if row.end_state == "failed" else "TERMINATED")
         # retries stay for lost workers: a trial that raised ran once and failed once
         assert trial.run_metadata.num_failures == (1 if row.end_state == "failed" else 0)
-    assert SweepOptions(space="x").max_retries > 0
+    # (that lost workers are retried is test_recovery's: killed workers resume from checkpoints)
 
 
 def test_failed_trials_are_failed_mlflow_runs_with_the_error(failing_sweep, tmp_path):

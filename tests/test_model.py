@@ -11,6 +11,7 @@ from cmath_model.model import (
     CMATH,
     Gate,
     ModalityReconstruction,
+    MultiHeadAttention,
     SpeakerPositionEmbedding,
     VariationalFusion,
     attention_mask,
@@ -124,10 +125,18 @@ def test_softmax_gate_weights_sum_to_one_and_mix_convexly():
 
 
 def test_sigmoid_gate_is_sdt_style():
+    """Each stream passes through its own sigmoid gate, then one linear layer mixes them (SDT):
+    a gate held open passes its stream whole, a closed one passes nothing."""
     gate = Gate(6, 2, "sigmoid")
     a, b = torch.randn(1, 3, 6), torch.randn(1, 3, 6)
-    expected = gate.mix(torch.cat([torch.sigmoid(gate.gates[0](a)) * a, torch.sigmoid(gate.gates[1](b)) * b], -1))
-    assert torch.allclose(gate([a, b]), expected)
+    with torch.no_grad():
+        for g in gate.gates:
+            g.weight.zero_()
+        gate.gates[0].bias.fill_(50.0)  # open
+        gate.gates[1].bias.fill_(-50.0)  # closed
+        only_a = gate.mix(torch.cat([a, torch.zeros_like(b)], -1))
+        assert torch.allclose(gate([a, b]), only_a, atol=1e-6)
+        assert torch.allclose(gate([a, torch.randn_like(b)]), only_a, atol=1e-6)  # b cannot get through
 
 
 def test_variational_fusion_uses_the_mean_at_eval_and_samples_in_training():
@@ -181,16 +190,18 @@ def test_attention_mask_never_allows_padded_keys():
 @pytest.mark.parametrize("d", [100, 101, 127, 250, 333, 499, 500, 600])
 def test_any_d_from_100_to_600_builds(d):
     cfg = CMATHConfig(d=d, dropout=0.0)
-    assert d % cfg.heads == 0
     model = CMATH(cfg, DIMS, num_classes=6, max_speakers=9)
+    attention = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert attention and {m.n_heads for m in attention} == {cfg.heads}
     feats, speaker, mask = inputs()
     out = model(feats, speaker, mask)
     assert out.logits_x.shape == (2, 5, 6) and out.h_x.shape == (2, 5, d)
 
 
-def test_heads_are_valid_for_every_d():
-    for d in range(100, 601):
-        assert d % CMATHConfig(d=d).heads == 0
+@pytest.mark.parametrize("d, heads", [(100, 5), (101, 1), (127, 1), (250, 5), (333, 3), (400, 8), (500, 5),
+                                      (600, 8), (210, 7)])
+def test_heads_are_the_largest_divisor_of_d_up_to_8(d, heads):
+    assert CMATHConfig(d=d).heads == heads
 
 
 @pytest.mark.parametrize("modalities", ["t", "a", "v", "ta", "tv", "av", "tav"])

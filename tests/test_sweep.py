@@ -216,10 +216,10 @@ def test_export_best_picks_validation_and_retraining_reproduces_it(sweep, tmp_pa
     provenance = exported["provenance"]
     assert provenance["trial_id"] == best["trial_id"] and provenance["mlflow_run_id"] == best["mlflow_run_id"]
     assert provenance["best_val_wf1"] == pytest.approx(best["best_val_wf1"])
-    if trials["best_test_wf1"].idxmax() != trials["best_val_wf1"].idxmax():
-        assert provenance["trial_id"] != trials.loc[trials["best_test_wf1"].idxmax(), "trial_id"]
     config = load_config(out)
-    assert config.epochs == best["best_epoch"] and config.d == best["param_d"]
+    assert config.epochs == best["best_epoch"]
+    for name in ("d", "gamma1", "gamma2", "lr"):  # every searched value is the best trial's
+        assert getattr(config, name) == pytest.approx(best[f"param_{name}"])
     assert json.loads(best["config"])["num_threads"] == 1  # a trial's share of the sweep's machine...
     assert (config.num_threads, config.device) == (0, "auto")  # ...is not the retraining machine's
     assert config.data_sha256 == provenance["data_sha256"]
@@ -401,8 +401,6 @@ def test_length_buckets_follow_the_paper():
 
 
 def test_final_training_compared_with_the_paper_defaults(sweep, tmp_path, capsys):
-    from scipy.stats import ttest_ind
-
     out = tmp_path / "best.yaml"
     export_best(sweep["dir"], out)
     args = ["--config", str(out), "--seeds", "2", "--epochs", "2", "--compare", "paper", "--out", str(tmp_path / "c"),
@@ -416,7 +414,10 @@ def test_final_training_compared_with_the_paper_defaults(sweep, tmp_path, capsys
     paper = json.loads((tmp_path / "c" / "paper" / "metrics.json").read_text())
     theirs = [r["test_wf1_at_best_val"] for r in paper["per_seed"]]
     assert welch["ours"] == ours and welch["paper"] == theirs
-    assert welch["p"] == pytest.approx(ttest_ind(ours, theirs, equal_var=False).pvalue, nan_ok=True)
+    spread = np.var(ours, ddof=1) / len(ours) + np.var(theirs, ddof=1) / len(theirs)
+    assert spread > 0  # d 32-96 against the paper's d 500: the two configs score differently
+    assert welch["t"] == pytest.approx((np.mean(ours) - np.mean(theirs)) / np.sqrt(spread))
+    assert 0 < welch["p"] <= 1
     assert paper["config"]["d"] == 500 and paper["config"]["lr"] == 3.0e-3 and paper["seeds"] == summary["seeds"]
     baselines = sweep["client"].search_runs([sweep["runs"][0].info.experiment_id],
                                             filter_string="tags.`cmath.kind` = 'paper_baseline'")
