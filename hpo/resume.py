@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ._compat import set_stored_user_attr
 from .errors import SweepError
 from .export import find_sweep, load_sweep_record
 from .processes import is_running, pids_using, stop
@@ -73,8 +74,8 @@ def fail_orphaned_study_trials(plan, ray_trial_ids: set) -> list[int]:
     orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                if t.user_attrs.get("ray_trial_id") not in ray_trial_ids]
     for trial in orphans:
-        study._storage.set_trial_user_attr(trial._trial_id, "note", "orphaned by a killed driver")
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        set_stored_user_attr(study, trial, "note", "orphaned by a killed driver")
+        study.tell(trial.number, state=TrialState.FAIL)
     return [t.number for t in orphans]
 
 
@@ -138,6 +139,6 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
             MlflowClient(plan.tracking_uri).set_terminated(parent_id, "FAILED")
         raise
     finally:
-        leave_cluster()
+        leave_cluster(plan)
     return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
 

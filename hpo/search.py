@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from ._compat import is_enqueued, searcher_study, searcher_told, searcher_trials, stored_trial
 from .space import SearchSpace, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -47,10 +48,11 @@ class SweepSearch(OptunaSearch):
         self._values: dict[str, dict[int, float]] = {}  # per trial: epoch -> metric, written when it ends
 
     def suggest(self, trial_id: str) -> dict | None:
-        finished = len(self._ot_study.get_trials(deepcopy=False, states=FINISHED))
+        study = searcher_study(self)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
         config = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
-        if "fixed_params" in self._ot_study._storage.get_trial_system_attrs(ot_trial._trial_id):
+        ot_trial = searcher_trials(self)[trial_id]
+        if is_enqueued(study, ot_trial):
             origin = "warm_start"
         else:
             origin = "tpe" if self.sampler_kind == "tpe" and finished >= self.n_startup_trials else "random"
@@ -73,33 +75,34 @@ class SweepSearch(OptunaSearch):
             self._values.setdefault(trial_id, {})[int(result.get("epoch", result.get("training_iteration", 0)))] = value
 
     def _report_values(self, trial_id: str, ot_trial) -> None:
-        reported = set(self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values)
+        reported = set(stored_trial(searcher_study(self), ot_trial).intermediate_values)
         for step, value in sorted(self._values.pop(trial_id, {}).items()):
             if step not in reported:
                 ot_trial.report(value, step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        study, told = searcher_study(self), searcher_told(self)
+        if trial_id in told or trial_id not in searcher_trials(self):
             return
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = searcher_trials(self)[trial_id]
         state = end_state(result, error)
         if state == "interrupted":
             return  # stays RUNNING in the study: `cmath-hpo resume` finishes it and tells the outcome
-        finished = self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+        finished = stored_trial(study, ot_trial).state.is_finished()
         if state != "failed" and not finished:
             # The final result never reaches on_trial_result: Tune skips it for stopped trials.
             self._track(trial_id, result)
             self._report_values(trial_id, ot_trial)
         if finished:
             # told before a driver was killed; the restored searcher state predates it
-            self._completed_trials.add(trial_id)
+            told.add(trial_id)
             return
         try:
             if state == "failed":
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+                study.tell(ot_trial, state=TrialState.FAIL)
             elif state == "stopped_by_asha":
-                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                study.tell(ot_trial, state=TrialState.PRUNED)
             else:
-                self._ot_study.tell(ot_trial, self._best.get(trial_id, result[self.metric]))
+                study.tell(ot_trial, self._best.get(trial_id, result[self.metric]))
         finally:
-            self._completed_trials.add(trial_id)
+            told.add(trial_id)

@@ -34,6 +34,7 @@ import yaml
 from cmath_model.config import DATASETS, DEFAULTS, FIELD_NAMES, CMATHConfig, default_config
 from cmath_model.errors import ConfigError, did_you_mean
 
+from ._compat import distribution_contains
 from .errors import SpaceError
 
 TOP_LEVEL = ("name", "dataset", "defaults", "metric", "seed", "startup_trials", "search", "fixed", "warm_start", "asha")
@@ -158,11 +159,7 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
             where = f"warm_start[{i}].{key}"
             if key not in distributions:
                 raise fail(where, f"is not a searched field; searched: {', '.join(distributions)}")
-            try:
-                inside = distributions[key]._contains(distributions[key].to_internal_repr(_as_field(key, value)))
-            except (TypeError, ValueError):
-                inside = False
-            if not inside:
+            if not distribution_contains(distributions[key], _as_field(key, value)):
                 raise fail(where, f"{value!r} lies outside the search range of {key}")
         _config(base, point, f"warm_start[{i}]", fail)
     warm_start = [{k: _as_field(k, v) for k, v in p.items()} for p in warm_start]

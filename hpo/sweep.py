@@ -82,6 +82,7 @@ class SweepPlan:
     max_t: int
     storage_path: str
     storage_name: str
+    ray_session_dir: str | None = None  # the Ray session this driver joined or started (set by start_ray)
 
     @property
     def searched(self) -> list[str]:
@@ -326,7 +327,8 @@ def check_address(address: str, timeout: float = 3.0) -> None:
 
 
 def start_ray(plan: SweepPlan) -> float:
-    """Join the given cluster, or start a private local Ray (never one that happens to be running)."""
+    """Join the given cluster, or start a private local Ray (never one that happens to be running).
+    Records the Ray session's folder in the plan: a resume finds what a killed driver left by it."""
     import logging
 
     import ray
@@ -336,13 +338,14 @@ def start_ray(plan: SweepPlan) -> float:
     if plan.address:
         check_address(plan.address)
         try:
-            ray.init(address=plan.address, **quiet)
+            context = ray.init(address=plan.address, **quiet)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
             raise SweepError(f"could not join the Ray cluster at {plan.address} ({str(exc).splitlines()[0][:160]}); "
                              f"with token authentication (Ray's default) set RAY_AUTH_MODE=token and give this "
                              f"machine the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     else:
-        ray.init(address="local", num_cpus=plan.options.num_cpus, include_dashboard=False, **quiet)
+        context = ray.init(address="local", num_cpus=plan.options.num_cpus, include_dashboard=False, **quiet)
+    plan.ray_session_dir = context.address_info.get("session_dir")
     return time.perf_counter() - started
 
 
@@ -417,20 +420,18 @@ def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> Swee
             client.set_terminated(parent_id, "FAILED")
             raise
     finally:
-        leave_cluster()
+        leave_cluster(plan)
     return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
 
 
-def leave_cluster(timeout: float = 20.0) -> None:
+def leave_cluster(plan: SweepPlan, timeout: float = 20.0) -> None:
     """Disconnect; a private Ray is also waited for until none of its processes is left (a trial
     worker can take seconds to tear down after ray.shutdown), so when a sweep returns nothing it
     started is still running. Stragglers past `timeout` are stopped, by PID."""
     import ray
 
-    node = ray._private.worker._global_node
-    private = node is not None and node.head  # this process started it (ray.init without an address)
-    session = node.get_session_dir_path() if private else None
     ray.shutdown()
+    session = plan.ray_session_dir if plan.address is None else None  # a private Ray: this process started it
     if session is None:
         return
     deadline = time.monotonic() + timeout
@@ -467,12 +468,8 @@ def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
 
 def driver_record(plan: SweepPlan) -> dict:
     """Who runs the sweep: a resume checks this driver is gone and stops what its private Ray left."""
-    import ray
-
-    node = ray._private.worker._global_node  # None for a Ray Client (ray://) connection
     return {"host": platform.node(), "pid": os.getpid(), "cmdline": command_line(os.getpid()),
-            "private_ray": plan.address is None,
-            "ray_session_dir": node.get_session_dir_path() if node is not None else None}
+            "private_ray": plan.address is None, "ray_session_dir": plan.ray_session_dir}
 
 
 def _parent_params(plan: SweepPlan) -> dict:
@@ -634,7 +631,7 @@ def prune_unfinished_study_trials(plan: SweepPlan) -> None:
 
     study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED)
+        study.tell(trial.number, state=TrialState.PRUNED)
 
 
 def _metric(key: str, value: float):

@@ -15,6 +15,7 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from ._compat import never_retry
 from .checkpoints import checkpoint_uri, last_checkpoint
 from .search import end_state
 from .tracking import LOST, MlflowTrials, error_summary
@@ -275,4 +276,4 @@ class NoRetryOnTrialError(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
-            trial.max_failures = 0
+            never_retry(trial)

@@ -27,11 +27,12 @@ import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
-from ray.train._internal.checkpoint_manager import _TrainingResult
 
 from cmath_model.config import from_dict
 from cmath_model.data import Dataset
 from cmath_model.train import TRAIN_KEYS, Trainer
+
+from ._compat import TrainingResult, restart_iteration_count
 
 SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
 # setup: building the trial's model and optimiser; checkpoint: its checkpoints so far, Ray's copy to storage included
@@ -178,7 +179,7 @@ class CMATHTrial(tune.Trainable):
         checkpoints newest first (a stale experiment state can name one that was since deleted;
         a checkpoint can be corrupt), and with none usable the trial starts over. How it came
         back is reported with the next result (RESTORE_NOTE)."""
-        if not isinstance(checkpoint_path, _TrainingResult):
+        if not isinstance(checkpoint_path, TrainingResult):
             return super().restore(checkpoint_path)
         if self.ended is not None:
             return None
@@ -190,7 +191,7 @@ class CMATHTrial(tune.Trainable):
             try:
                 epoch = (_read_json(fs, f"{path}/{CHECKPOINT_FILE}") or {})["epoch"]
                 candidate = tune.Checkpoint(path, filesystem=fs)
-                super().restore(_TrainingResult(checkpoint=candidate,
+                super().restore(TrainingResult(checkpoint=candidate,
                                                 metrics={**checkpoint_path.metrics, "training_iteration": epoch}))
             except Exception as exc:  # missing, unreadable or corrupt: try the next one
                 problems.append(f"{name} unusable ({type(exc).__name__}: {str(exc)[:120]})")
@@ -199,7 +200,7 @@ class CMATHTrial(tune.Trainable):
                 self.restore_note = f"{'; '.join(problems)}; resumed from {name} (epoch {epoch})"
             return None
         self._start(self.config)
-        self._iteration = 0  # Tune's own epoch counter, set from the failed attempts above
+        restart_iteration_count(self)
         self.restore_note = f"{'; '.join(problems) or 'no checkpoint found'}; restarted from epoch 1"
         return None
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from hpo._compat import searcher_study
 from hpo.errors import SpaceError
 from hpo.search import SweepSearch, end_state
 from hpo.space import load_space, parse_space
@@ -144,7 +145,7 @@ def test_searcher_tells_pruned_completed_and_failed():
     search.on_trial_result("finished", _result(1, 2, 0.40, done=False))
     search.on_trial_complete("finished", _result(2, 2, 0.35))
     search.on_trial_complete("broken", None, error=True)
-    trials = {t.user_attrs["ray_trial_id"]: t for t in search._ot_study.get_trials()}
+    trials = {t.user_attrs["ray_trial_id"]: t for t in searcher_study(search).get_trials()}
     assert trials["stopped"].state == TrialState.PRUNED
     assert trials["stopped"].intermediate_values == {1: 0.30, 2: 0.25}
     assert trials["finished"].state == TrialState.COMPLETE
@@ -160,7 +161,7 @@ def test_searcher_labels_where_each_trial_came_from():
     search.suggest("second")
     search.on_trial_complete("first", _result(10, 10, 0.5))
     search.suggest("third")
-    origin = {t.user_attrs["ray_trial_id"]: t.user_attrs["suggested_by"] for t in search._ot_study.get_trials()}
+    origin = {t.user_attrs["ray_trial_id"]: t.user_attrs["suggested_by"] for t in searcher_study(search).get_trials()}
     assert origin == {"first": "warm_start", "second": "random", "third": "tpe"}
-    assert search._ot_study.get_trials()[0].params == {"d": 500, "lr": 3e-3, "modalities": "tav"}
+    assert searcher_study(search).get_trials()[0].params == {"d": 500, "lr": 3e-3, "modalities": "tav"}
 

@@ -1,0 +1,81 @@
+"""Every private name of Ray Tune and Optuna that hpo relies on, in one place.
+
+Each exists because the public API has no route to it (said per name). pyproject pins Ray and
+Optuna exactly, and tests/test_compat.py exercises each name against the installed libraries, so
+an upgrade that moves or renames one fails there, not in the middle of a sweep.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial
+
+
+def __getattr__(name: str):
+    # TrainingResult: what Tune's controller hands Trainable.restore, a checkpoint with the metrics
+    # it was saved with. CMATHTrial.restore overrides restore to fall back to older checkpoints;
+    # Ray exports no public name for it. Imported on first use: the planning modules import this
+    # file and need no Ray.
+    if name == "TrainingResult":
+        from ray.train._internal.checkpoint_manager import _TrainingResult
+
+        return _TrainingResult
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------- Ray Tune's OptunaSearch
+# SweepSearch extends Ray's OptunaSearch, which keeps its study and the Optuna trial behind each
+# Tune trial in private attributes with no accessor.
+def searcher_study(searcher) -> optuna.Study:
+    return searcher._ot_study
+
+
+def searcher_trials(searcher) -> dict[str, optuna.Trial]:
+    """Tune trial id -> the Optuna trial asked for it."""
+    return searcher._ot_trials
+
+
+def searcher_told(searcher) -> set[str]:
+    """Tune trial ids whose outcome the searcher has told the study (OptunaSearch's own record)."""
+    return searcher._completed_trials
+
+
+# ---------------------------------------------------------------------------- Ray Tune's trials
+def never_retry(trial) -> None:
+    """A trial that raised its own error is not retried: Tune's FailureConfig is one number for the
+    whole experiment, so the trial's own copy of it is lowered."""
+    trial.max_failures = 0
+
+
+def restart_iteration_count(trainable) -> None:
+    """A trainable that gave up on every checkpoint starts over: Tune's epoch counter, which the
+    failed restore attempts had set, goes back to 0 (Trainable has no setter)."""
+    trainable._iteration = 0
+
+
+# ---------------------------------------------------------------------------- Optuna
+def stored_trial(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """One trial as the storage has it now, without reading every trial of the study
+    (`study.get_trials()[number]` would, at every call)."""
+    return study._storage.get_trial(trial._trial_id)
+
+
+def is_enqueued(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether the trial came from `enqueue_trial` (the warm start): Optuna marks it with a
+    system attribute, which the public Trial no longer exposes."""
+    return "fixed_params" in study._storage.get_trial_system_attrs(trial._trial_id)
+
+
+def set_stored_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, value) -> None:
+    """A user attribute on a trial that no Trial object is held for (a frozen one from get_trials)."""
+    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+
+
+def distribution_contains(distribution: BaseDistribution, value) -> bool:
+    """Whether a value lies in a distribution, by Optuna's own rule (bounds, step grid, choices);
+    a value of the wrong kind (a string for a number, a choice not listed) does not."""
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,93 @@
+"""Each private Ray Tune / Optuna name in hpo/_compat.py, exercised against the installed
+libraries: an upgrade that moves, renames or changes one fails here."""
+
+import optuna
+import optuna.distributions as od
+import pytest
+from optuna.trial import TrialState
+
+from hpo import _compat
+from hpo.search import SweepSearch
+from hpo.space import parse_space
+
+SPACE = {"name": "compat", "dataset": "iemocap", "seed": 0,
+         "search": {"d": {"type": "int", "low": 32, "high": 96, "step": 16}},
+         "warm_start": [{"d": 64}]}
+
+
+def test_training_result_is_what_tune_hands_a_trainables_restore():
+    import inspect
+
+    from ray import tune
+    from ray.tune.trainable import Trainable
+
+    result = _compat.TrainingResult(checkpoint=tune.Checkpoint("/nowhere"), metrics={"training_iteration": 3})
+    assert result.checkpoint.path == "/nowhere" and result.metrics == {"training_iteration": 3}
+    assert "_TrainingResult" in inspect.getsource(Trainable.restore)
+    with pytest.raises(AttributeError):
+        _compat.NoSuchName  # noqa: B018
+
+
+def test_optuna_search_keeps_its_study_trials_and_told_set_where_we_read_them():
+    search = SweepSearch(parse_space(SPACE), n_startup_trials=1)
+    assert search.suggest("first") == {"d": 64}
+    study, trials = _compat.searcher_study(search), _compat.searcher_trials(search)
+    assert isinstance(study, optuna.Study) and isinstance(trials["first"], optuna.Trial)
+    assert trials["first"].number == 0 and "first" not in _compat.searcher_told(search)
+    search.on_trial_complete("first", {"val_wf1": 0.5, "epoch": 3, "epochs_planned": 3})
+    assert "first" in _compat.searcher_told(search)
+    assert study.get_trials()[0].state == TrialState.COMPLETE
+
+
+def test_a_tune_trial_told_never_to_retry_does_not_recover():
+    from ray.tune.experiment import Trial
+
+    trial = Trial("compat_trainable", config={}, stub=True, max_failures=3)
+    trial.run_metadata.num_failures = 1
+    assert trial.should_recover()
+    _compat.never_retry(trial)
+    assert not trial.should_recover()
+
+
+def test_a_trainables_iteration_count_restarts_at_zero():
+    from ray.tune.trainable import Trainable
+
+    class Counts(Trainable):
+        def step(self):
+            return {"score": 1.0}
+
+    trainable = Counts(config={})
+    try:
+        trainable.train()
+        trainable.train()
+        assert trainable.training_iteration == 2
+        _compat.restart_iteration_count(trainable)
+        assert trainable.training_iteration == 0
+        assert trainable.train()["training_iteration"] == 1
+    finally:
+        trainable.stop()
+
+
+def test_optuna_storage_reads_and_writes_one_trial():
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 1.0})
+    queued = study.ask({"x": od.FloatDistribution(0.0, 2.0)})
+    asked = study.ask({"x": od.FloatDistribution(0.0, 2.0)})
+    assert _compat.is_enqueued(study, queued) and not _compat.is_enqueued(study, asked)
+    queued.report(0.25, 1)
+    stored = _compat.stored_trial(study, queued)
+    assert stored.number == queued.number and stored.intermediate_values == {1: 0.25}
+    assert stored.state == TrialState.RUNNING
+    _compat.set_stored_user_attr(study, study.get_trials()[1], "note", "orphaned")
+    assert study.get_trials()[1].user_attrs == {"note": "orphaned"}
+
+
+@pytest.mark.parametrize("distribution, inside, outside", [
+    (od.IntDistribution(32, 96, step=16), [32, 48, 96], [40, 112, 16]),
+    (od.FloatDistribution(1e-4, 1e-2, log=True), [1e-4, 3e-3], [1e-5, 0.1]),
+    (od.FloatDistribution(0.0, 1.0, step=0.25), [0.0, 0.75], [0.3, 1.25]),
+    (od.CategoricalDistribution(["t", "tav"]), ["t", "tav"], ["av"]),
+])
+def test_distribution_contains_follows_optunas_bounds_steps_and_choices(distribution, inside, outside):
+    assert all(_compat.distribution_contains(distribution, v) for v in inside)
+    assert not any(_compat.distribution_contains(distribution, v) for v in outside)
