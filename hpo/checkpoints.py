@@ -8,8 +8,8 @@ import math
 import pyarrow.fs as pafs
 from ray.tune.experiment import Trial
 
+from .recovery import ENDED_CHECKPOINT
 from .storage import full_uri
-from .trainable import ENDED_CHECKPOINT
 
 
 def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[int, ...]:

@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import SweepOptions, describe_plan, plan_sweep, run_sweep
+    from .plan import SweepOptions, describe_plan, plan_sweep
+    from .sweep import run_sweep
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store set-up chatter, not our progress
 

@@ -27,7 +27,8 @@ from cmath_model.metrics import accuracy, confusion_matrix, per_class_f1, weight
 from .checkpoints import asha_rungs  # noqa: E402
 from .errors import SweepError  # noqa: E402
 from .export import find_sweep, load_sweep_record  # noqa: E402
-from .sweep import OPTUNA_FILE, best_row  # noqa: E402
+from .plan import OPTUNA_FILE  # noqa: E402
+from .sweep import best_row  # noqa: E402
 from .table import HISTORY_FILE, TRIALS_FILE, read_trials  # noqa: E402
 
 # Conversation-length buckets of the paper's Fig. 5 (utterances per dialogue).

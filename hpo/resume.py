@@ -13,25 +13,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ._compat import set_stored_user_attr
 from .errors import SweepError
 from .export import find_sweep, load_sweep_record
+from .plan import SWEEP_FILE, SweepOptions, plan_sweep
 from .processes import is_running, pids_using, stop
+from .provenance import driver_record, write_json
+from .recovery import fail_orphaned_study_trials
 from .space import parse_space
-from .sweep import (
-    SWEEP_FILE,
-    SweepOptions,
-    SweepOutcome,
-    build_trainable,
-    describe_cluster,
-    driver_record,
-    finish_sweep,
-    join_cluster,
-    leave_cluster,
-    plan_sweep,
-    tune_environment,
-    write_json,
-)
+from .sweep import SweepOutcome, fit_sweep
 
 
 def check_driver_gone(record: dict, driver_gone: bool = False) -> None:
@@ -65,20 +54,6 @@ def stop_leftovers(record: dict, log: Callable[[str], None], driver_gone: bool =
     return leftovers
 
 
-def fail_orphaned_study_trials(plan, ray_trial_ids: set) -> list[int]:
-    """Optuna trials still RUNNING for Ray trials that Ray's restored state does not have."""
-    import optuna
-    from optuna.trial import TrialState
-
-    study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
-    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if t.user_attrs.get("ray_trial_id") not in ray_trial_ids]
-    for trial in orphans:
-        set_stored_user_attr(study, trial, "note", "orphaned by a killed driver")
-        study.tell(trial.number, state=TrialState.FAIL)
-    return [t.number for t in orphans]
-
-
 def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
                  address: str | None = None, trainable: type | None = None,
                  driver_gone: bool = False) -> SweepOutcome:
@@ -110,8 +85,7 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
                          f"start it again with a new --name")
     stop_leftovers(record, log, driver_gone)
 
-    try:
-        ray_seconds, cluster = join_cluster(plan)
+    def reopen_record():
         client = MlflowClient(plan.tracking_uri)
         parent_id = record["mlflow"]["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
@@ -122,23 +96,20 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
         write_json(sweep_dir / SWEEP_FILE, record)
         client.set_tag(parent_id, "cmath.resumes", str(len(record["resumes"])))
         log(f"resuming sweep {plan.name} from {experiment_path}")
-        log(describe_cluster(plan, ray_seconds, cluster))
+        return record, client, parent_id, record["mlflow"].get("experiment_id")
+
+    def restore_tuner(experiment, parent_id):
+        from .tuner import build_trainable, tune_environment
+
         tune_environment()
         # The trainable's parameters (base config, dataset) are not part of Ray's saved state.
-        tuner = tune.Tuner.restore(experiment_path, trainable=build_trainable(plan), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
-        fit_started = time.perf_counter()
-        grid = tuner.fit()
-        fit_seconds = time.perf_counter() - fit_started
+        return tune.Tuner.restore(experiment_path, trainable=build_trainable(plan), resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+
+    def fail_orphans(grid):
         orphans = fail_orphaned_study_trials(plan, {r.metrics.get("trial_id") for r in grid})
         if orphans:
             record["resumes"][-1]["optuna_trials_orphaned"] = orphans
             log(f"{len(orphans)} Optuna trials were asked for trials Ray never saved; marked FAIL: {orphans}")
-    except BaseException:
-        if "parent_id" in locals():
-            MlflowClient(plan.tracking_uri).set_terminated(parent_id, "FAILED")
-        raise
-    finally:
-        leave_cluster(plan)
-    return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
 
+    return fit_sweep(plan, reopen_record, restore_tuner, started, log, after_fit=fail_orphans)

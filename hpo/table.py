@@ -1,6 +1,6 @@
 """The sweep's own tables, rewritten atomically whenever a trial ends, so an interrupted sweep
 still has them: `trials.parquet` (one row per trial) and `history.parquet` (one row per trial
-and epoch). Also the progress lines the driver prints while the sweep runs."""
+and epoch)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from ._compat import never_retry
 from .checkpoints import checkpoint_uri, last_checkpoint
+from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, write_ended
 from .search import end_state
 from .tracking import LOST, MlflowTrials, error_summary
-from .trainable import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, final_result, model_metrics, write_ended
+from .trainable import final_result, model_metrics
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
@@ -217,63 +216,3 @@ def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None) -> N
                                             "checkpoint": checkpoint and checkpoint[1]})
 
 
-class ProgressPrinter(Callback):
-    """One line when a trial starts and one when it ends; with verbose, one per epoch."""
-
-    def __init__(self, searched: list[str], num_samples: int, log: Callable[[str], None] = print,
-                 verbose: bool = False):
-        self.searched = searched
-        self.num_samples = num_samples
-        self.log = log
-        self.verbose = verbose
-        self.started: dict[str, int] = {}  # trial id -> its place in start order, 1-based
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "log": print}
-
-    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        params = "  ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
-        again = " again, from its last checkpoint" if trial.trial_id in self.started else ""
-        # Numbered as they start: Ray's list also holds trials created but still waiting for a slot.
-        number = self.started.setdefault(trial.trial_id, len(self.started) + 1)
-        self.log(f"[{trial.trial_id}] start{again} ({number}/{self.num_samples})  {params}")
-
-    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self.log(f"[{trial.trial_id}] lost its worker: {error_summary(trial)}; retrying from its last checkpoint")
-
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if RESTORE_NOTE in result:
-            self.log(f"[{trial.trial_id}] {result[RESTORE_NOTE]}")
-        if self.verbose and TRIAL_ERROR not in result and REPLAYED not in result:
-            self.log(f"[{trial.trial_id}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
-                     f"  ({result.get('epoch_seconds', 0):.1f}s)")
-
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        r = trial.last_result
-        state = end_state(r).replace("_", " ").replace("interrupted", "interrupted (time budget or Ctrl-C)")
-        if r.get(REPLAYED):
-            state = f"had already {state.replace('stopped', 'been stopped')} before the resume:"
-        self.log(f"[{trial.trial_id}] {state} at epoch {r['epoch']}/{r['epochs_planned']}  best val W-F1 "
-                 f"{100 * r['best_val_wf1']:.2f} (epoch {r['best_epoch']})  "
-                 f"[{_ended(trials) + 1}/{self.num_samples} done]")
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        # Ray has marked the trial ERROR already (a completed one is marked after on_trial_complete).
-        self.log(f"[{trial.trial_id}] failed: {error_summary(trial)}  [{_ended(trials)}/{self.num_samples} done]")
-
-
-def _ended(trials: list[Trial]) -> int:
-    return sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
-
-
-def _short(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-class NoRetryOnTrialError(Callback):
-    """Retries are for lost workers and nodes. A trial that reported TRIAL_ERROR raises on its
-    next step; with no retries left, Ray records it as ERROR once instead of re-running it."""
-
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if TRIAL_ERROR in result:
-            never_retry(trial)

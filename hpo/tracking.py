@@ -36,8 +36,9 @@ from cmath_model.runs import log_artifacts_once, sqlite_file
 
 from .checkpoints import last_checkpoint, prune_checkpoints
 from .errors import SweepError
+from .recovery import ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR
 from .search import end_state
-from .trainable import ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, model_metrics
+from .trainable import model_metrics
 
 MAX_PARAM_CHARS = 500
 logger = logging.getLogger("hpo")

@@ -33,6 +33,7 @@ from cmath_model.data import Dataset
 from cmath_model.train import TRAIN_KEYS, Trainer
 
 from ._compat import TrainingResult, restart_iteration_count
+from .recovery import ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, read_ended, read_json
 
 SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
 # setup: building the trial's model and optimiser; checkpoint: its checkpoints so far, Ray's copy to storage included
@@ -48,11 +49,6 @@ def model_metrics(result: dict) -> dict[str, float]:
             if (k in keep or k.startswith(PER_CLASS_PREFIXES)) and isinstance(v, (int, float))}
 
 
-TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
-RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
-REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
-ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
-ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
 CHECKPOINT_FILE = "checkpoint.json"  # in each checkpoint: the epoch it holds
 
 
@@ -63,7 +59,7 @@ class CMATHTrial(tune.Trainable):
     Ray retries every failed trial alike, but only a lost worker deserves a retry: a trial that
     raised (a bad config, a NaN loss) would fail again. So an error is first reported as a
     result carrying TRIAL_ERROR, on which the driver turns retries off for this trial
-    (hpo.table.NoRetryOnTrialError), and then raised on the next step, so Ray records the
+    (hpo.recovery.NoRetryOnTrialError), and then raised on the next step, so Ray records the
     trial as ERROR with the real exception."""
 
     def setup(self, config: dict, base: dict | None = None, dataset: Dataset | None = None,
@@ -189,7 +185,7 @@ class CMATHTrial(tune.Trainable):
         for path in _checkpoints_newest_first(fs, trial_dir, first=wanted.path):
             name = path.rsplit("/", 1)[-1]
             try:
-                epoch = (_read_json(fs, f"{path}/{CHECKPOINT_FILE}") or {})["epoch"]
+                epoch = (read_json(fs, f"{path}/{CHECKPOINT_FILE}") or {})["epoch"]
                 candidate = tune.Checkpoint(path, filesystem=fs)
                 super().restore(TrainingResult(checkpoint=candidate,
                                                 metrics={**checkpoint_path.metrics, "training_iteration": epoch}))
@@ -222,30 +218,6 @@ def final_result(result: dict) -> dict:
     return {k: v for k, v in result.items()
             if isinstance(v, (int, float, str))
             and k not in ("done", "should_checkpoint", REPLAYED, ENDED_CHECKPOINT, RESTORE_NOTE)}
-
-
-def ended_marker(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, str]:
-    fs, root = pafs.FileSystem.from_uri(ended_dir)
-    return fs, f"{root.rstrip('/')}/{trial_id}.json"
-
-
-def read_ended(ended_dir: str, trial_id: str) -> dict | None:
-    return _read_json(*ended_marker(ended_dir, trial_id))
-
-
-def write_ended(ended_dir: str, trial_id: str, record: dict) -> None:
-    fs, path = ended_marker(ended_dir, trial_id)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(json.dumps(record).encode())
-
-
-def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
-    try:
-        with fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
 
 
 def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 from ray.tune.experiment import Trial
 
-from hpo.table import ProgressPrinter
+from hpo.progress import ProgressPrinter
 
 
 def test_trials_are_numbered_in_the_order_they_start():

@@ -202,8 +202,8 @@ def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatc
     finished but a resume would train again: the ended record is written first."""
     from ray.tune.experiment import Trial
 
+    from hpo.recovery import read_ended
     from hpo.table import TrialTable
-    from hpo.trainable import read_ended
 
     table = TrialTable(tmp_path / "sweep", base={"epochs": 2}, searched=["lr"], ended_dir=str(tmp_path / "ended"))
     trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id="abc123", stub=True)

@@ -9,7 +9,8 @@ import torch
 
 from cmath_model.config import paper_defaults
 from hpo import trainable as trainable_module
-from hpo.trainable import TRIAL_ERROR, CMATHTrial
+from hpo.recovery import TRIAL_ERROR
+from hpo.trainable import CMATHTrial
 
 
 @pytest.fixture

@@ -1,0 +1,113 @@
+"""Ray for a sweep: start a private one or join a cluster, check it can run the sweep, size the
+concurrency from it, and leave it with nothing of a private Ray left running."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from .errors import SweepError
+from .plan import SweepPlan
+from .processes import pids_using, stop
+from .storage import check_storage_on_every_node
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """An unreachable host:port fails here in seconds instead of hanging inside ray.init."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"Ray cluster at {address} is unreachable ({exc}); check the head's address and "
+                         f"port (ray start --head prints it) or leave out --address for a local Ray") from None
+
+
+def start_ray(plan: SweepPlan) -> float:
+    """Join the given cluster, or start a private local Ray (never one that happens to be running).
+    Records the Ray session's folder in the plan: a resume finds what a killed driver left by it."""
+    import logging
+
+    import ray
+
+    started = time.perf_counter()
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": plan.options.verbose}
+    if plan.address:
+        check_address(plan.address)
+        try:
+            context = ray.init(address=plan.address, **quiet)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            raise SweepError(f"could not join the Ray cluster at {plan.address} ({str(exc).splitlines()[0][:160]}); "
+                             f"with token authentication (Ray's default) set RAY_AUTH_MODE=token and give this "
+                             f"machine the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+    else:
+        context = ray.init(address="local", num_cpus=plan.options.num_cpus, include_dashboard=False, **quiet)
+    plan.ray_session_dir = context.address_info.get("session_dir")
+    return time.perf_counter() - started
+
+
+def check_cluster(plan: SweepPlan) -> None:
+    """Ray queues a request no node can satisfy forever; refuse it instead."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = plan.options.cpus_per_trial, plan.options.gpus_per_trial
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for one trial (largest node: "
+                     f"{biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU); lower --cpus-per-trial/"
+                     f"--gpus-per-trial or add a node that has them")
+
+
+def size_concurrency(plan: SweepPlan, resources: dict) -> None:
+    """Without --max-concurrent: as many trials as the cluster's CPUs (and GPUs) hold at once.
+    The random start-up is sized for that concurrency (see SearchSpace.startup_size)."""
+    if not plan.max_concurrent:
+        fits = resources.get("CPU", 0) / plan.options.cpus_per_trial
+        if plan.options.gpus_per_trial:
+            fits = min(fits, resources.get("GPU", 0) / plan.options.gpus_per_trial)
+        plan.max_concurrent = max(1, int(fits + 1e-9))
+    plan.n_startup = plan.space.startup_size(plan.options.num_samples, plan.max_concurrent)
+
+
+def join_cluster(plan: SweepPlan) -> tuple[float, dict]:
+    """Start or join Ray, then check it can run this sweep: a node with a trial's resources, and
+    storage that every node reads and writes (on a private local Ray there is only this machine).
+    Sizes the concurrency from the cluster. Returns Ray's start-up seconds and what was checked."""
+    import ray
+
+    ray_seconds = start_ray(plan)
+    check_cluster(plan)
+    preflight = check_storage_on_every_node(plan.storage_path) if plan.address else None
+    resources = ray.cluster_resources()
+    size_concurrency(plan, resources)
+    return ray_seconds, {"resources": resources, "preflight_seconds": preflight,
+                         "nodes": sum(1 for n in ray.nodes() if n.get("Alive"))}
+
+
+def describe_cluster(plan: SweepPlan, ray_seconds: float, cluster: dict) -> str:
+    r = cluster["resources"]
+    where = f"joined {plan.address}" if plan.address else "local"
+    checked = (f"; storage {plan.storage_path} checked on {cluster['nodes']} nodes in "
+               f"{cluster['preflight_seconds']:.1f}s" if cluster["preflight_seconds"] is not None else "")
+    return (f"ray: {where} in {ray_seconds:.1f}s; cluster {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU{checked}; "
+            f"mlflow {plan.tracking_uri}")
+
+
+def leave_cluster(plan: SweepPlan, timeout: float = 20.0) -> None:
+    """Disconnect; a private Ray is also waited for until none of its processes is left (a trial
+    worker can take seconds to tear down after ray.shutdown), so when a sweep returns nothing it
+    started is still running. Stragglers past `timeout` are stopped, by PID."""
+    import ray
+
+    ray.shutdown()
+    session = plan.ray_session_dir if plan.address is None else None  # a private Ray: this process started it
+    if session is None:
+        return
+    deadline = time.monotonic() + timeout
+    while pids_using(session) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    stop(pids_using(session))

@@ -1,0 +1,72 @@
+"""What lets a sweep outlive a failure: the records a trial leaves when it ends, the result keys
+a trial and the driver use to tell each other how a trial failed or came back, and the driver's
+rules for retries and for Optuna trials a killed driver left behind.
+
+A trial that raised its own error (a bad config, a NaN loss) is not retried: retries are for lost
+workers and nodes (`NoRetryOnTrialError`). A trial that ended is recorded in storage beside Ray's
+experiment (`write_ended`), because Ray's saved state can lag a killed driver; on a resume such a
+trial replays its final result instead of training again (CMATHTrial.restore).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.fs as pafs
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from ._compat import never_retry, set_stored_user_attr
+
+TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
+RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
+REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
+ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
+ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
+
+
+def ended_marker(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = pafs.FileSystem.from_uri(ended_dir)
+    return fs, f"{root.rstrip('/')}/{trial_id}.json"
+
+
+def read_ended(ended_dir: str, trial_id: str) -> dict | None:
+    return read_json(*ended_marker(ended_dir, trial_id))
+
+
+def write_ended(ended_dir: str, trial_id: str, record: dict) -> None:
+    fs, path = ended_marker(ended_dir, trial_id)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(json.dumps(record).encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+class NoRetryOnTrialError(Callback):
+    """Retries are for lost workers and nodes. A trial that reported TRIAL_ERROR raises on its
+    next step; with no retries left, Ray records it as ERROR once instead of re-running it."""
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        if TRIAL_ERROR in result:
+            never_retry(trial)
+
+
+def fail_orphaned_study_trials(plan, ray_trial_ids: set) -> list[int]:
+    """Optuna trials still RUNNING for Ray trials that Ray's restored state does not have."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.user_attrs.get("ray_trial_id") not in ray_trial_ids]
+    for trial in orphans:
+        set_stored_user_attr(study, trial, "note", "orphaned by a killed driver")
+        study.tell(trial.number, state=TrialState.FAIL)
+    return [t.number for t in orphans]

@@ -1,0 +1,91 @@
+"""The Ray Tune experiment of a sweep: the trainable with its resources, Optuna's TPE behind a
+concurrency limiter, ASHA, and the driver's callbacks (MLflow, tables, progress, no retry of a
+trial's own error)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import optuna
+
+from .checkpoints import asha_rungs
+from .plan import SweepPlan
+
+
+def tune_environment() -> None:
+    # Forced experiment snapshots after checkpoints keep a restore consistent; Ray warns about each one.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Progress comes from ProgressPrinter; Tune's own tables (verbose=0 in its legacy reporter) stay quiet.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failing trial's error report carries no metric (see CMATHTrial); every epoch does.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune's own per-result loggers (CSV, JSON, TensorBoard) run on the driver between a trial's
+    # epochs; the sweep's tables and MLflow hold every metric, so only result.json is kept.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Save the experiment state at least every second (default: every 10 s or more), so a killed
+    # driver loses as little as possible of which trials exist and where they stand.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+
+
+def build_trainable(plan: SweepPlan):
+    """The trial class with its resources; the base config and the dataset go to the object store once."""
+    from ray import tune
+
+    from .trainable import CMATHTrial
+
+    trial_class = plan.options.trainable or CMATHTrial
+    rungs = (asha_rungs(plan.space.grace_period, plan.space.reduction_factor, plan.max_t)
+             if plan.options.early_stopping else ())
+    trainable = tune.with_parameters(trial_class, base=plan.base.to_dict(), dataset=plan.data,
+                                     ended_dir=plan.ended_dir, checkpoint_epochs=rungs)
+    return tune.with_resources(trainable, plan.resources)
+
+
+def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .progress import ProgressPrinter
+    from .recovery import NoRetryOnTrialError
+    from .search import SweepSearch
+    from .table import TrialTable
+    from .tracking import MlflowTrials
+
+    tune_environment()
+    base = plan.base.to_dict()
+    trainable = build_trainable(plan)
+    # The limiter makes Tune ask for a trial only when a slot is free, not queue suggestions ahead:
+    # a suggestion made early is made with less history, and could not use TPE at all.
+    searcher = ConcurrencyLimiter(SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage,
+                                              study_name=plan.name, sampler=plan.options.sampler),
+                                  max_concurrent=plan.max_concurrent)
+    if plan.options.early_stopping:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
+                                  grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    # Ended trials' older checkpoints and resume state are pruned once their best/ is uploaded.
+    tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched,
+                           sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints)
+    # Absolute: the table is pickled into Ray's tuner.pkl and a resume may run from another folder.
+    table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.optuna_storage, plan.name,
+                       plan.ended_dir)
+    printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
+    callbacks = [NoRetryOnTrialError(), tracker, table, printer, JsonLoggerCallback()]
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
+                                    scheduler=scheduler, num_samples=plan.options.num_samples,
+                                    reuse_actors=True,
+                                    time_budget_s=plan.options.time_budget),
+        run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
+                                  callbacks=callbacks, verbose=0,
+                                  # The trial asks for its own checkpoints (rungs, every N, its last
+                                  # epoch); Ray's one at the end would be taken of a replay too, empty.
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=False),
+                                  failure_config=tune.FailureConfig(max_failures=plan.options.max_retries)),
+    )
