@@ -44,7 +44,11 @@ def best_trial(sweep_dir: Path) -> dict:
 
 
 def export_best(sweep: str | Path, output: str | Path, results: str | Path = "results") -> dict:
-    """Write the best trial's config (epochs = its best epoch) plus provenance; returns what was written."""
+    """Write the best trial's config (epochs = its best epoch) plus provenance; returns what was written.
+
+    >>> values = export_best("latest", "best.yaml")   # then: cmath-train --config best.yaml --seeds 5
+    >>> values["provenance"]["trial_id"], values["provenance"]["best_val_wf1"]
+    """
     sweep_dir = find_sweep(sweep, results)
     record = load_sweep_record(sweep_dir)
     best = best_trial(sweep_dir)

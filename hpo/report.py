@@ -38,6 +38,12 @@ STATE_COLOURS = {"completed": "tab:green", "stopped_by_asha": "tab:orange", "fai
 
 
 def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflow: bool = True) -> Path:
+    """The paper's analyses of a sweep (finished or not) as PNG plots, report.md and report.json
+    in <sweep>/report/, also logged to the sweep's MLflow parent run. Returns that folder.
+
+    >>> folder = make_report("latest")
+    >>> sorted(p.name for p in folder.glob("*.png"))[:3]
+    """
     sweep_dir = find_sweep(sweep, results)
     if not (sweep_dir / TRIALS_FILE).exists():
         raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has started")

@@ -57,6 +57,14 @@ def stop_leftovers(record: dict, log: Callable[[str], None], driver_gone: bool =
 def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
                  address: str | None = None, trainable: type | None = None,
                  driver_gone: bool = False) -> SweepOutcome:
+    """Continue a sweep after Ctrl-C, a killed driver or a lost machine: ended trials stay ended,
+    unfinished ones continue from their last checkpoints, the searcher keeps its history, and
+    each trial keeps its one MLflow run. Refuses while the sweep's driver may still run.
+
+    >>> outcome = resume_sweep("latest")                       # or a name under results/, or a folder
+    >>> outcome.status, outcome.counts
+    ('finished', {'completed': 5, 'stopped_by_asha': 3, 'failed': 0, 'interrupted': 0})
+    """
     started = time.perf_counter()
     sweep_dir = find_sweep(sweep, results)
     record = load_sweep_record(sweep_dir)
