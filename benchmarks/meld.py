@@ -118,7 +118,7 @@ def cmath_defaults(data, epochs: int, seeds: int, defaults: str) -> dict:
     runs = [train(base.replace(seed=seed), data) for seed in range(seeds)]
     tests = [r["test_wf1_at_best_val"] for r in runs]
     label = ("paper MELD settings (d 400, lr 2e-4, batch 4)" if defaults == "paper"
-             else "recipe MELD defaults (paper's + README 'Departures')")
+             else "recipe MELD defaults (paper's + docs/model.md 'Departures')")
     return dict(model=f"CMATH text-only, {label}", selected_on="val W-F1 epoch",
                 runs=seeds, val_wf1=statistics.mean(r["best_val_wf1"] for r in runs), test_wf1=statistics.mean(tests),
                 test_wf1_std=statistics.stdev(tests) if seeds > 1 else None,

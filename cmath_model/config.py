@@ -246,7 +246,7 @@ PAPER = {
     "meld": dict(d=400, lr=2.0e-4, batch_size=4, gamma1=1.0, gamma2=1.2, epochs=30),
 }
 # What this project's recipe changes from the paper's reading, per dataset; every key is a field
-# whose paper value is the dataclass default (README "Departures from the paper").
+# whose paper value is the dataclass default (docs/model.md, "Departures from the paper").
 RECIPE = {
     "iemocap": dict(input_norm="standardize", class_weights="inverse_frequency", weight_decay=1.0e-5,
                     modality_head="sdt"),

@@ -146,7 +146,7 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
     if address and address.startswith("ray://"):
         raise SweepError(f"--address {address}: under Ray Client the sweep's driver would run on the head and write "
                          f"its tables and stores at this machine's paths there; run the sweep on the head with "
-                         f"`ray job submit` instead (README 'Cluster')")
+                         f"`ray job submit` instead (docs/cluster.md)")
     if options.storage:
         storage_path, storage_name = resolve_storage(options.storage), name
     else:

@@ -4,7 +4,7 @@ Schema (every key but `search` is optional):
 
     name: iemocap                 # default: the file's stem; the sweep name starts with it
     dataset: iemocap              # whose defaults unlisted fields take: iemocap | meld
-    defaults: recipe              # recipe | paper (README "Departures from the paper")
+    defaults: recipe              # recipe | paper (docs/model.md, "Departures from the paper")
     metric: val_wf1               # maximised; the only one (best epochs and export-best use it too)
     seed: 0                       # seeds the sampler (TPE and its random start-up)
     startup_trials: auto          # random trials before TPE; auto keeps >= half the budget TPE-guided
@@ -191,7 +191,7 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
 def _check_field(key: str, section: str, fail) -> None:
     if key not in FIELD_NAMES:
         raise fail(f"{section}.{key}", f"is not a CMATHConfig field{did_you_mean(key, FIELD_NAMES)}; the fields "
-                                       "are in cmath_model/config.py (README 'The model')")
+                                       "are in cmath_model/config.py (docs/model.md)")
     if key in NOT_SEARCHABLE:
         raise fail(f"{section}.{key}", "is set by the sweep itself (use --data, --gpus-per-trial, --cpus-per-trial)")
 

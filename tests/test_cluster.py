@@ -252,7 +252,7 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
 
 
 def test_job_submission_runs_the_sweep_on_the_head(cluster, tiny_path):
-    """The README's recipe: `ray job submit` to the head's dashboard; the driver runs on the head."""
+    """docs/cluster.md's recipe: `ray job submit` to the head's dashboard; the driver runs on the head."""
     results = cluster["private"] / "results-job"  # absolute, on the head: where the driver runs
     storage = cluster["nfs"] / "sweeps"
     space = _space(cluster["private"], d=64, epochs=3)
