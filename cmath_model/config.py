@@ -201,13 +201,18 @@ def _coerce(key: str, value: Any, type_name: str, source: str) -> Any:
     return value
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, error: type[Exception] = ConfigError, what: str = "config file", hint: str = ""):
+    """A YAML file's content; a missing or unparsable file is one error line that names it."""
     try:
-        values = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise error(f"{path}: no such {what}{hint}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    values = read_yaml(path)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
     return values

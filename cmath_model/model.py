@@ -141,8 +141,9 @@ def attention_mask(mask: torch.Tensor, use_context: bool) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- Eq. 9-14: CMA-Transformer
-class AuxiliaryStream(nn.Module):
-    """Eq. 9/10: H~_{a->c} = CA(H_c, H_a, H_a); H-_{a->c} = Norm(H~ + H_c); H = Norm(FFN(H-) + H-)."""
+class Stream(nn.Module):
+    """One attention stream of a CMA layer: attention, then Eq. 9-10's tail,
+    H- = Norm(H~ + H_c); H = Norm(FFN(H-) + H-)."""
 
     def __init__(self, d: int, n_heads: int, ffn_dim: int, dropout: float):
         super().__init__()
@@ -150,27 +151,26 @@ class AuxiliaryStream(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = FeedForward(d, ffn_dim, dropout)
         self.drop = nn.Dropout(dropout)
+
+    def add_norm_ffn(self, attended: torch.Tensor, central: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(self.drop(attended) + central)
+        return self.norm2(self.drop(self.ffn(h)) + h)
+
+
+class AuxiliaryStream(Stream):
+    """Eq. 9/10: H~_{a->c} = CA(H_c, H_a, H_a), then the shared tail."""
 
     def forward(self, central: torch.Tensor, auxiliary: torch.Tensor, allowed: torch.Tensor):
         attended = self.attn(central, auxiliary, allowed)  # H~_{a->c}, injected into Eq. 11
-        h = self.norm1(self.drop(attended) + central)
-        return attended, self.norm2(self.drop(self.ffn(h)) + h)
+        return attended, self.add_norm_ffn(attended, central)
 
 
-class CentralStream(nn.Module):
-    """Eq. 11: H~_{c->c} = SA(H_c) + sum_a H~_{a->c}; then Norm/FFN/Norm as in Eq. 9."""
-
-    def __init__(self, d: int, n_heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.attn = MultiHeadAttention(d, n_heads, dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.ffn = FeedForward(d, ffn_dim, dropout)
-        self.drop = nn.Dropout(dropout)
+class CentralStream(Stream):
+    """Eq. 11: H~_{c->c} = SA(H_c) + sum_a H~_{a->c}, then the shared tail."""
 
     def forward(self, central: torch.Tensor, injected: list[torch.Tensor], allowed: torch.Tensor):
         attended = self.attn(central, central, allowed) + sum(injected, torch.zeros_like(central))
-        h = self.norm1(self.drop(attended) + central)
-        return self.norm2(self.drop(self.ffn(h)) + h)
+        return self.add_norm_ffn(attended, central)
 
 
 class Gate(nn.Module):

@@ -323,6 +323,7 @@ def summarize(history: list[dict]) -> dict:
     best = max(history, key=lambda r: r["val_wf1"])
     return {
         "best_val_wf1": best["val_wf1"],
+        "best_val_acc": best["val_acc"],
         "best_epoch": best["epoch"],
         "test_wf1_at_best_val": best["test_wf1"],
         "test_acc_at_best_val": best["test_acc"],

@@ -19,7 +19,7 @@ from cmath_model.data import Dataset
 from cmath_model.runs import resolve_data
 
 from .errors import SweepError
-from .space import SAMPLERS, SearchSpace, load_space, make_sampler
+from .space import SAMPLERS, SearchSpace, load_space, make_sampler, show
 from .storage import join, resolve_storage
 from .tracking import default_tracking_uri
 
@@ -204,7 +204,7 @@ def describe_plan(plan: SweepPlan) -> str:
         f"ray: {plan.address or 'a private local Ray (address=local)'}; storage {plan.storage_path}",
         f"mlflow: {plan.tracking_uri}, experiment {plan.experiment}",
         "first configs:",
-        *[f"  {i + 1}. " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items())
+        *[f"  {i + 1}. " + "  ".join(f"{k}={show(v)}" for k, v in c.items())
           for i, c in enumerate(first_configs(plan))],
     ]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from ray.tune.experiment import Trial
 
 from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR
 from .search import end_state
+from .space import show
 from .tracking import error_summary
 
 
@@ -28,7 +29,7 @@ class ProgressPrinter(Callback):
         return {**self.__dict__, "log": print}
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        params = "  ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
+        params = "  ".join(f"{k}={show(trial.config.get(k), 3)}" for k in self.searched)
         again = " again, from its last checkpoint" if trial.trial_id in self.started else ""
         # Numbered as they start: Ray's list also holds trials created but still waiting for a slot.
         number = self.started.setdefault(trial.trial_id, len(self.started) + 1)
@@ -62,5 +63,3 @@ def _ended(trials: list[Trial]) -> int:
     return sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
 
 
-def _short(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -28,6 +28,7 @@ from .checkpoints import asha_rungs  # noqa: E402
 from .errors import SweepError  # noqa: E402
 from .export import find_sweep, load_sweep_record  # noqa: E402
 from .plan import OPTUNA_FILE  # noqa: E402
+from .space import show  # noqa: E402
 from .sweep import best_row  # noqa: E402
 from .table import HISTORY_FILE, TRIALS_FILE, read_trials  # noqa: E402
 
@@ -327,7 +328,7 @@ def _markdown(record: dict, trials: pd.DataFrame, data: dict, figures: dict) -> 
     best = data.get("best")
     if best:
         config = best["config"]
-        searched = ", ".join(f"{k}={_short(config[k])}" for k in record.get("searched", []))
+        searched = ", ".join(f"{k}={show(config[k])}" for k in record.get("searched", []))
         lines += [f"| best trial | `{best['trial_id']}` (MLflow run `{best.get('mlflow_run_id')}`) |",
                   f"| its searched values | {searched} |",
                   f"| best validation W-F1 | {100 * best['best_val_wf1']:.2f} at epoch {int(best['best_epoch'])} |",
@@ -350,14 +351,12 @@ def _markdown(record: dict, trials: pd.DataFrame, data: dict, figures: dict) -> 
               + " | val W-F1 | test W-F1 (val-selected) | epochs |",
               "|" + "---|" * (len(params) + 5)]
     for row in top.itertuples():
-        values = " | ".join(_short(getattr(row, p)) for p in params)
+        values = " | ".join(show(getattr(row, p)) for p in params)
         lines.append(f"| `{row.trial_id}` | {row.end_state} | {values} | {100 * row.best_val_wf1:.2f} | "
                      f"{100 * row.test_wf1_at_best_val:.2f} | {int(row.epochs)} |")
     return "\n".join(lines) + "\n"
 
 
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _seconds(value) -> str:

@@ -29,9 +29,8 @@ from typing import Any
 
 import optuna
 import optuna.distributions as od
-import yaml
 
-from cmath_model.config import DATASETS, DEFAULTS, FIELD_NAMES, CMATHConfig, default_config
+from cmath_model.config import DATASETS, DEFAULTS, FIELD_NAMES, CMATHConfig, default_config, read_yaml
 from cmath_model.errors import ConfigError, did_you_mean
 
 from ._compat import distribution_contains
@@ -96,13 +95,13 @@ class SearchSpace:
 
 def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpaceError(f"{path}: no such search-space file; see search_spaces/ for examples") from None
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml(path, SpaceError, "search-space file", "; see search_spaces/ for examples")
     return parse_space(raw, path)
+
+
+def show(value: object, digits: int = 4) -> str:
+    """A searched value as the sweep prints it: floats to `digits` significant digits."""
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:

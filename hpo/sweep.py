@@ -19,6 +19,7 @@ import optuna
 from .cluster import describe_cluster, join_cluster, leave_cluster
 from .plan import SWEEP_FILE, SweepOptions, SweepPlan, plan_sweep
 from .provenance import driver_record, parent_params, provenance, write_json
+from .space import show
 from .table import TRIALS_FILE, read_trials, records
 from .tracking import check_tracking_uri
 
@@ -220,7 +221,7 @@ def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
              f"{outcome.ray_init_seconds:.0f}s), trials trained {outcome.trial_train_seconds:.0f}s in all"]
     best = outcome.best
     if best is not None:
-        params = "  ".join(f"{k}={_fmt(best[f'param_{k}'])}" for k in searched)
+        params = "  ".join(f"{k}={show(best[f'param_{k}'])}" for k in searched)
         lines.append(f"best trial {best['trial_id']}: val W-F1 {100 * best['best_val_wf1']:.2f} at epoch "
                      f"{int(best['best_epoch'])}, its test W-F1 {100 * best['test_wf1_at_best_val']:.2f} "
                      f"ACC {100 * best['test_acc_at_best_val']:.2f}")
@@ -235,5 +236,3 @@ def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

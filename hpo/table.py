@@ -14,6 +14,8 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from cmath_model.train import summarize
+
 from .checkpoints import checkpoint_uri, last_checkpoint
 from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, write_ended
 from .search import end_state
@@ -128,11 +130,9 @@ class TrialTable(Callback):
 
     @staticmethod
     def _summarise(row: dict, epochs: dict[int, dict]) -> None:
-        best = max(epochs.values(), key=lambda r: r["val_wf1"])
-        row.update(epochs=max(epochs), best_epoch=best["epoch"], best_val_wf1=best["val_wf1"],
-                   best_val_acc=best["val_acc"], test_wf1_at_best_val=best["test_wf1"],
-                   test_acc_at_best_val=best["test_acc"], best_test_wf1=max(r["test_wf1"] for r in epochs.values()),
-                   last_val_wf1=epochs[max(epochs)]["val_wf1"],
+        summary = summarize([epochs[e] for e in sorted(epochs)])  # the same best epoch as cmath-train's
+        summary.pop("best_test_wf1_note")
+        row.update(summary, epochs=max(epochs), last_val_wf1=epochs[max(epochs)]["val_wf1"],
                    train_seconds=sum(r.get("epoch_seconds", 0.0) for r in epochs.values()))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
