@@ -307,17 +307,22 @@ def test_impossible_gpu_request_fails_at_once(space_path, tiny_path, tmp_path):
 @pytest.mark.slow
 def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path, tmp_path):
     """--storage puts Ray's folders elsewhere; a time budget ends the sweep early and the tables
-    and MLflow still account for every trial that started; its report says it is incomplete."""
+    and MLflow still account for every trial that started; its report says it is incomplete.
+    Trials of 1,000 epochs without early stopping cannot end within the 30 s budget, so what
+    the budget cuts short does not depend on how fast this machine is: every trial that
+    started is interrupted (at least one starts within 30 s, even on a loaded machine)."""
     storage = tmp_path / "shared"
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=40, max_concurrent=2,
                            cpus_per_trial=1, num_cpus=2, results=tmp_path / "results", name="budget",
-                           storage=str(storage), time_budget=30, overrides={"epochs": 30})
+                           storage=str(storage), time_budget=30, overrides={"epochs": 1000},
+                           early_stopping=False)
     outcome = run_sweep(options, log=lambda line: None)
     assert outcome.status == "time_budget_spent"
     trials = read_trials(tmp_path / "results" / "budget")
-    assert 0 < len(trials) < 40 and (trials["end_state"] == "interrupted").any()
-    assert set(trials["end_state"]) <= {"completed", "stopped_by_asha", "interrupted"}
-    assert all(str(path).startswith(str(storage / "budget")) for path in trials["checkpoint"].dropna())
+    assert 1 <= len(trials) <= 2 and set(trials["end_state"]) == {"interrupted"}
+    assert (trials["epochs"] < 1000).all()
+    assert trials["checkpoint"].notna().all()  # checkpoint_every 2: each kept its latest, in --storage
+    assert all(str(path).startswith(str(storage / "budget")) for path in trials["checkpoint"])
     assert not (tmp_path / "results" / "budget" / "ray").exists()
     client = MlflowClient(default_tracking_uri(tmp_path / "results"))
     for row in trials.itertuples():
