@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
     sweep.add_argument("--data", help="canonical Parquet dataset (default: built-in synthetic `small` set)")
     sweep.add_argument("--num-samples", type=int, default=8, help="trials to run")
-    sweep.add_argument("--max-concurrent", type=int, help="trials at a time (default: as many as resources allow)")
+    sweep.add_argument("--max-concurrent", type=int,
+                       help="trials at a time (default: the cluster's slots, at most a quarter of --num-samples)")
     sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
     sweep.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials: 0.25 = 4 per GPU")
     sweep.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a private local Ray)")

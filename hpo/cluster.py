@@ -3,6 +3,7 @@ concurrency from it, and leave it with nothing of a private Ray left running."""
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 
@@ -63,14 +64,29 @@ def check_cluster(plan: SweepPlan) -> None:
 
 
 def size_concurrency(plan: SweepPlan, resources: dict) -> None:
-    """Without --max-concurrent: as many trials as the cluster's CPUs (and GPUs) hold at once.
-    The random start-up is sized for that concurrency (see SearchSpace.startup_size)."""
+    """Without --max-concurrent: the trials the cluster holds at once (its slots), but at most a
+    quarter of the budget, rounded up.
+
+    TPE proposes a trial only once the random start-up has finished, and K - 1 more trials start
+    meanwhile, so start-up + K - 1 trials are random. SearchSpace.startup_size keeps that at or
+    below half the budget for any K <= ceil(N / 4): TPE proposes at least half the trials. With
+    every slot in use, a cluster with as many slots as trials would ask for all of them at once,
+    before any has finished, and TPE would never be consulted."""
+    fits = resources.get("CPU", 0) / plan.options.cpus_per_trial
+    if plan.options.gpus_per_trial:
+        fits = min(fits, resources.get("GPU", 0) / plan.options.gpus_per_trial)
+    plan.slots = max(1, int(fits + 1e-9))
     if not plan.max_concurrent:
-        fits = resources.get("CPU", 0) / plan.options.cpus_per_trial
-        if plan.options.gpus_per_trial:
-            fits = min(fits, resources.get("GPU", 0) / plan.options.gpus_per_trial)
-        plan.max_concurrent = max(1, int(fits + 1e-9))
+        plan.max_concurrent = min(plan.slots, math.ceil(plan.options.num_samples / 4))
     plan.n_startup = plan.space.startup_size(plan.options.num_samples, plan.max_concurrent)
+
+
+def describe_concurrency(plan: SweepPlan) -> str:
+    k, n = plan.max_concurrent, plan.options.num_samples
+    why = ("--max-concurrent" if plan.options.max_concurrent else
+           f"the cluster's {plan.slots} slots, at most a quarter of the {n} trials so TPE proposes at least half")
+    return (f"{k} trials at a time ({why}); {plan.n_startup} random start-up trials, then TPE"
+            if plan.options.sampler == "tpe" else f"{k} trials at a time ({why}); random search")
 
 
 def join_cluster(plan: SweepPlan) -> tuple[float, dict]:
@@ -94,7 +110,7 @@ def describe_cluster(plan: SweepPlan, ray_seconds: float, cluster: dict) -> str:
     checked = (f"; storage {plan.storage_path} checked on {cluster['nodes']} nodes in "
                f"{cluster['preflight_seconds']:.1f}s" if cluster["preflight_seconds"] is not None else "")
     return (f"ray: {where} in {ray_seconds:.1f}s; cluster {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU{checked}; "
-            f"mlflow {plan.tracking_uri}")
+            f"mlflow {plan.tracking_uri}\n{describe_concurrency(plan)}")
 
 
 def leave_cluster(plan: SweepPlan, timeout: float = 20.0) -> None:

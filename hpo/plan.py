@@ -32,7 +32,7 @@ class SweepOptions:
     space: str | Path
     data: str | None = None
     num_samples: int = 8
-    max_concurrent: int | None = None  # None: as many as the cluster's resources allow
+    max_concurrent: int | None = None  # None: the cluster's slots, at most ceil(num_samples / 4) (cluster.py)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     address: str | None = None  # None: RAY_ADDRESS, else a private local Ray
@@ -71,6 +71,7 @@ class SweepPlan:
     storage_path: str
     storage_name: str
     ray_session_dir: str | None = None  # the Ray session this driver joined or started (set by start_ray)
+    slots: int | None = None  # trials the cluster's resources hold at once (set by size_concurrency)
 
     @property
     def searched(self) -> list[str]:
@@ -200,7 +201,7 @@ def describe_plan(plan: SweepPlan) -> str:
         f"fixed: {fixed}",
         f"data: {plan.data.path} ({plan.data.name}, sha256 {plan.data.sha256[:12]}...)",
         f"resources per trial: {o.cpus_per_trial:g} CPU, {o.gpus_per_trial:g} GPU; at most "
-        f"{plan.max_concurrent or 'as many as fit'} at a time",
+        f"{plan.max_concurrent or 'as many as the cluster holds, up to a quarter of the trials,'} at a time",
         f"ray: {plan.address or 'a private local Ray (address=local)'}; storage {plan.storage_path}",
         f"mlflow: {plan.tracking_uri}, experiment {plan.experiment}",
         "first configs:",

@@ -32,7 +32,7 @@ def provenance(plan: SweepPlan) -> dict:
         "data": {"path": plan.data.path, "sha256": plan.data.sha256, "dataset": plan.data.name},
         "space": {"path": str(plan.space.path), "content": plan.space.raw},
         "seeds": {"sampler": plan.space.seed, "trial": plan.base.seed},
-        "num_samples": o.num_samples, "max_concurrent": plan.max_concurrent or None,
+        "num_samples": o.num_samples, "max_concurrent": plan.max_concurrent or None, "cluster_slots": plan.slots,
         "n_startup_trials": plan.n_startup, "sampler": o.sampler, "early_stopping": o.early_stopping,
         "asha": {"grace_period": plan.space.grace_period, "reduction_factor": plan.space.reduction_factor,
                  "max_t": plan.max_t},
