@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage", help="shared path or URI for Ray's trial folders and checkpoints "
                                          "(default: <results>/<name>/ray)")
     sweep.add_argument("--time-budget", type=float, help="stop starting and running trials after this many seconds")
+    sweep.add_argument("--wait-for-resources", type=float, default=0.0, metavar="SEC",
+                       help="on an autoscaling cluster: ask for a node that fits a trial and wait up to SEC "
+                            "seconds for it, instead of refusing at once")
     sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fix config fields, e.g. epochs=5")
     sweep.add_argument("--dry-run", action="store_true", help="print the plan and the first configs; start nothing")
     sweep.add_argument("--verbose", action="store_true", help="print every epoch of every trial")
@@ -88,7 +91,8 @@ def _sweep(args: argparse.Namespace) -> int:
         space=args.space, data=args.data, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         num_cpus=args.num_cpus, mlflow_uri=args.mlflow_uri, experiment=args.experiment, results=args.results,
-        name=args.name, storage=args.storage, time_budget=args.time_budget, overrides=_parse_set(args.set),
+        name=args.name, storage=args.storage, time_budget=args.time_budget,
+        wait_for_resources=args.wait_for_resources, overrides=_parse_set(args.set),
         verbose=args.verbose, keep_checkpoints=args.keep_checkpoints, max_retries=args.max_retries,
         sampler=args.sampler, early_stopping=not args.no_early_stopping, seed=args.seed,
         command=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from collections.abc import Callable
 
 from .errors import SweepError
 from .plan import SweepPlan
@@ -49,18 +50,40 @@ def start_ray(plan: SweepPlan) -> float:
     return time.perf_counter() - started
 
 
-def check_cluster(plan: SweepPlan) -> None:
-    """Ray queues a request no node can satisfy forever; refuse it instead."""
+def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: float = 1.0) -> None:
+    """Ray queues a request no node can satisfy forever; refuse it instead. With
+    --wait-for-resources SEC, first ask the cluster for one trial's resources (an autoscaler
+    starts a node for them) and wait up to SEC seconds for a node that has them."""
     import ray
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     cpus, gpus = plan.options.cpus_per_trial, plan.options.gpus_per_trial
-    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    if _fitting_node(bundle):
         return
+    wait = plan.options.wait_for_resources
+    if wait > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        log(f"waiting up to {wait:g}s for a node with {cpus:g} CPU and {gpus:g} GPU (asked the autoscaler for it)")
+        request_resources(bundles=[bundle])
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(poll)
+            if _fitting_node(bundle):
+                return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
-    raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for one trial (largest node: "
+    waited = f" after waiting {wait:g}s" if wait > 0 else ""
+    more = "" if wait > 0 else ", or on an autoscaling cluster wait for one with --wait-for-resources SEC"
+    raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for one trial{waited} (largest node: "
                      f"{biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU); lower --cpus-per-trial/"
-                     f"--gpus-per-trial or add a node that has them")
+                     f"--gpus-per-trial or add a node that has them{more}")
+
+
+def _fitting_node(bundle: dict) -> bool:
+    import ray
+
+    return any(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in ray.nodes() if n.get("Alive"))
 
 
 def size_concurrency(plan: SweepPlan, resources: dict) -> None:
@@ -89,14 +112,14 @@ def describe_concurrency(plan: SweepPlan) -> str:
             if plan.options.sampler == "tpe" else f"{k} trials at a time ({why}); random search")
 
 
-def join_cluster(plan: SweepPlan) -> tuple[float, dict]:
+def join_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> tuple[float, dict]:
     """Start or join Ray, then check it can run this sweep: a node with a trial's resources, and
     storage that every node reads and writes (on a private local Ray there is only this machine).
     Sizes the concurrency from the cluster. Returns Ray's start-up seconds and what was checked."""
     import ray
 
     ray_seconds = start_ray(plan)
-    check_cluster(plan)
+    check_cluster(plan, log)
     preflight = check_storage_on_every_node(plan.storage_path) if plan.address else None
     resources = ray.cluster_resources()
     size_concurrency(plan, resources)

@@ -43,6 +43,7 @@ class SweepOptions:
     name: str | None = None
     storage: str | None = None  # shared path or pyarrow URI for Ray's trial folders and checkpoints
     time_budget: float | None = None  # seconds
+    wait_for_resources: float = 0.0  # seconds to wait for a node that fits a trial (an autoscaling cluster)
     overrides: dict = field(default_factory=dict)  # fixed values on top of the space's
     verbose: bool = False
     keep_checkpoints: bool = False  # keep ended trials' resume state and older checkpoints
@@ -164,6 +165,8 @@ def _check_counts(options: SweepOptions) -> None:
         raise SweepError(f"--num-samples {options.num_samples}: run at least one trial")
     if options.max_concurrent is not None and options.max_concurrent < 1:
         raise SweepError(f"--max-concurrent {options.max_concurrent}: must be >= 1")
+    if options.wait_for_resources < 0:
+        raise SweepError(f"--wait-for-resources {options.wait_for_resources:g}: seconds to wait, 0 or more")
     if options.cpus_per_trial <= 0:
         raise SweepError(f"--cpus-per-trial {options.cpus_per_trial}: must be > 0")
     gpus = options.gpus_per_trial

@@ -78,7 +78,7 @@ def fit_sweep(plan: SweepPlan, open_record: Callable[[], tuple], make_tuner: Cal
     whatever happens; the parent run is marked FAILED if the fit raised."""
     parent_id = None
     try:
-        ray_seconds, cluster = join_cluster(plan)
+        ray_seconds, cluster = join_cluster(plan, log)
         record, client, parent_id, experiment = open_record()
         log(describe_cluster(plan, ray_seconds, cluster))
         tuner = make_tuner(experiment, parent_id)
