@@ -121,7 +121,7 @@ class TrialTable(Callback):
             row["nodes"] = ",".join(filter(None, [row.get("nodes"), node]))
         # received_at: when the driver had the epoch (benchmarks.overhead reads the sweep's timeline from it)
         record = {"trial_id": trial.trial_id, "epoch": epoch, **model_metrics(result), "node": node or None,
-                  "received_at": time.time()}
+                  "pid": result.get("pid"), "received_at": time.time()}
         self.history.setdefault(trial.trial_id, {})[epoch] = record
         with open(self.sweep_dir / JOURNAL_FILE, "a") as journal:
             journal.write(json.dumps(record) + "\n")

@@ -22,7 +22,8 @@ def tune_environment() -> None:
     # A failing trial's error report carries no metric (see CMATHTrial); every epoch does.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Tune's own per-result loggers (CSV, JSON, TensorBoard) run on the driver between a trial's
-    # epochs; the sweep's tables and MLflow hold every metric, so only result.json is kept.
+    # epochs and fill the driver's folder that every experiment snapshot uploads; the sweep's
+    # journal (history.jsonl), tables and MLflow hold every result, so none of them runs.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # Save the experiment state at least every second (default: every 10 s or more), so a killed
     # driver loses as little as possible of which trials exist and where they stand.
@@ -45,7 +46,6 @@ def build_trainable(plan: SweepPlan):
 
 def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
@@ -75,7 +75,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.optuna_storage, plan.name,
                        plan.ended_dir)
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
-    callbacks = [NoRetryOnTrialError(), tracker, table, printer, JsonLoggerCallback()]
+    callbacks = [NoRetryOnTrialError(), tracker, table, printer]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,

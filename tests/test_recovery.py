@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from hpo.sweep import SweepOptions, run_sweep
-from hpo.table import read_trials
+from hpo.table import JOURNAL_FILE, read_trials
 from hpo.tracking import default_tracking_uri
 
 EPOCHS = 12
@@ -27,22 +27,33 @@ SPACE = {
 }
 
 
+def _journal(sweep_dir) -> dict[str, list[dict]]:
+    """The sweep's journal: {trial id: [results in the order the driver received them]}."""
+    found = {}
+    path = sweep_dir / JOURNAL_FILE
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        found.setdefault(record["trial_id"], []).append(record)
+    return found
+
+
 def _running(ray_dir):
-    """{trial folder: (worker pid, last epoch, checkpoint folders)} of the trials still running.
-    Ray writes result.json with a buffer, so which trials still run comes from trials.parquet."""
+    """{trial folder: (worker pid, last epoch, checkpoint folders)} of the trials still running,
+    from the sweep's own table and journal."""
     try:
         trials = read_trials(ray_dir.parent)
     except Exception:  # noqa: BLE001 - not written yet, or being replaced
         return {}
     running = set(trials.loc[trials["end_state"] == "running", "trial_id"])
     found = {}
-    for path in ray_dir.glob("*/result.json"):
-        if not any(trial_id in path.parent.name for trial_id in running):
-            continue
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if lines and "epoch" in lines[-1]:
-            found[path.parent.name] = (lines[-1]["pid"], lines[-1]["epoch"],
-                                       sorted(path.parent.glob("checkpoint_*")))
+    for trial_id, results in _journal(ray_dir.parent).items():
+        folders = list(ray_dir.glob(f"*_{trial_id}_*"))
+        if trial_id in running and folders:
+            found[folders[0].name] = (results[-1]["pid"], results[-1]["epoch"],
+                                      sorted(folders[0].glob("checkpoint_*")))
     return found
 
 
@@ -104,8 +115,7 @@ def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
         row = trials[[t in name for t in trials["trial_id"]]].iloc[0]
         assert row["end_state"] == "completed" and row["restarts"] == 1
         assert analysis[row["trial_id"]].run_metadata.num_failures == 1
-        epochs = [json.loads(line)["epoch"] for line in (results / "kill" / "ray" / name / "result.json")
-                  .read_text().splitlines() if '"epoch"' in line]
+        epochs = [r["epoch"] for r in _journal(results / "kill")[row["trial_id"]]]
         assert epochs.count(1) == 1, f"restarted from scratch: {epochs}"
         assert sorted(set(epochs)) == list(range(1, EPOCHS + 1))
         assert row["epochs_redone"] == len(epochs) - EPOCHS
