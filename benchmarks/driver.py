@@ -1,0 +1,116 @@
+"""The driver's cost per trial as sweeps grow: N trials that train almost nothing (d 16, one epoch
+on the tiny set, `search_spaces/bench/overhead-empty.yaml`), many at a time on Ray's logical CPUs
+(more slots than this machine's cores: the workers wait on the driver, not on arithmetic).
+
+Each N runs in a process of its own, which is the sweep's driver, and reports:
+- fit_s and fit_per_trial_ms: Tuner.fit's wall time, over N;
+- driver_cpu_per_trial_ms: the driver process's own CPU time (user + system) over N, what its
+  callbacks, tables, searcher and MLflow writer cost, whatever the workers do;
+- peak_rss_mb: the driver's peak resident memory;
+- written_mb and written_per_trial_kb: bytes the driver process wrote to disk (/proc/self/io);
+- mlflow_calls_per_trial: MlflowClient calls the driver made, over N.
+
+    python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from .common import emit_point, parser, peak_rss_mb, run_point, save, synthetic_dataset
+
+SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "bench" / "overhead-empty.yaml"
+COLUMNS = ["trials", "slots", "fit_s", "fit_per_trial_ms", "driver_cpu_per_trial_ms", "peak_rss_mb", "written_mb",
+           "written_per_trial_kb", "mlflow_calls_per_trial", "completed"]
+
+
+def count_mlflow_calls() -> dict[str, int]:
+    """Count every public MlflowClient method call made in this process from now on."""
+    from mlflow.tracking import MlflowClient
+
+    counts: dict[str, int] = {}
+
+    def counted(name, method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return method(*args, **kwargs)
+        return call
+
+    for name in dir(MlflowClient):
+        method = getattr(MlflowClient, name)
+        if not name.startswith("_") and callable(method):
+            setattr(MlflowClient, name, counted(name, method))
+    return counts
+
+
+def written_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def point(trials: int, slots: int, work: str, data: str) -> dict:
+    """One sweep of `trials` trials in this process (the driver), measured."""
+    from hpo.sweep import SweepOptions, run_sweep
+
+    calls = count_mlflow_calls()
+    written, cpu = written_bytes(), cpu_seconds()
+    outcome = run_sweep(SweepOptions(space=SPACE, data=data, num_samples=trials, max_concurrent=slots,
+                                     cpus_per_trial=1, num_cpus=slots, results=work, name=f"driver-{trials}",
+                                     command=f"benchmarks.driver {trials}"), log=lambda line: None)
+    cpu, written = cpu_seconds() - cpu, written_bytes() - written
+    return dict(trials=trials, slots=slots, fit_s=outcome.fit_seconds, fit_per_trial_ms=1000 * outcome.fit_seconds
+                / trials, driver_cpu_per_trial_ms=1000 * cpu / trials, peak_rss_mb=peak_rss_mb(),
+                written_mb=written / 1e6, written_per_trial_kb=written / 1e3 / trials,
+                mlflow_calls_per_trial=sum(calls.values()) / trials, mlflow_calls=calls,
+                completed=outcome.counts["completed"] + outcome.counts["stopped_by_asha"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--trials", default="100,300,1000", help="sweep sizes, comma-separated")
+    p.add_argument("--slots", type=int, default=8, help="trials at a time (Ray's logical CPUs)")
+    p.add_argument("--keep", action="store_true", help="keep the sweeps' folders (under <out>/work/)")
+    args = p.parse_args(argv)
+    if args.point:
+        import json
+
+        emit_point(point(**json.loads(args.point)))
+        return
+    sizes = [20, 60] if args.quick else [int(n) for n in args.trials.split(",")]
+    data = str(synthetic_dataset(args.data_dir, "tiny"))
+    work = Path(args.out).resolve() / "work" / f"driver-{time.strftime('%Y%m%d-%H%M%S')}"
+    rows = []
+    try:
+        for n in sizes:
+            print(f"driver: {n} trials, {args.slots} at a time", flush=True)
+            rows.append(run_point("driver", dict(trials=n, slots=args.slots, work=str(work), data=data)))
+            print(f"  fit {rows[-1]['fit_s']:.0f}s, driver CPU {rows[-1]['driver_cpu_per_trial_ms']:.0f} ms/trial",
+                  flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    base = rows[0]
+    for row in rows:
+        row["driver_cpu_vs_first"] = row["driver_cpu_per_trial_ms"] / base["driver_cpu_per_trial_ms"]
+    save("driver", args, rows, COLUMNS + ["driver_cpu_vs_first"], goal="driver time per trial at N=1000 within 1.25x "
+         "of N=100; memory no faster than linear",
+         notes="Empty trials (d 16, 1 epoch on tiny); each N in its own driver process; slots are Ray logical CPUs "
+               "on this machine's cores. driver_cpu is the driver process's user+system CPU seconds during the "
+               "sweep; written is /proc/self/io write_bytes of the driver (tables, journal, sqlite stores, Tune's "
+               "experiment snapshots); MLflow calls counted by wrapping MlflowClient's public methods.")
+
+
+if __name__ == "__main__":
+    main()
