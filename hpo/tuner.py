@@ -4,6 +4,7 @@ trial's own error)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -25,6 +26,10 @@ def tune_environment() -> None:
     # epochs and fill the driver's folder that every experiment snapshot uploads; the sweep's
     # journal (history.jsonl), tables and MLflow hold every result, so none of them runs.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Without them, the ResultGrid that Tuner.fit returns finds no per-trial result file to read
+    # its (unused) metric dataframes from and warns once per trial; its results still carry each
+    # trial's last result, which is all the sweep reads of it.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # Save the experiment state at least every second (default: every 10 s or more), so a killed
     # driver loses as little as possible of which trials exist and where they stand.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
