@@ -110,10 +110,10 @@ def _check_resumed(sweep_dir, results, finished_before):
         assert epochs.count(1) == 1, f"{name} restarted from epoch 1: {epochs}"
         assert max(epochs) == EPOCHS, f"{name} did not reach its last epoch: {epochs}"
         redone[name] = int(after.loc[name, "epochs_redone"])
-    # A checkpoint every 2 epochs bounds what is redone, plus the lag of Ray's experiment snapshot:
-    # Tune snapshots whenever a checkpoint it named is deleted (2 are kept), so the snapshot at the
-    # kill names the newest checkpoint or the one before (3 epochs redone seen in a fresh-clone run
-    # on 2 busy cores, with 0.5 s epochs). Going back to epoch 1 is caught above.
+    # A checkpoint every 2 epochs bounds what is redone, plus the lag of Ray's experiment snapshot
+    # (TUNE_GLOBAL_CHECKPOINT_S=1): a checkpoint written in the last second before the kill may not
+    # be in it yet, so the trial resumes from the one before (3 epochs redone seen in a fresh-clone
+    # run on 2 busy cores, with 0.5 s epochs). Going back to epoch 1 is caught above.
     assert max(redone.values()) <= 2 * 2
     print(f"epochs redone per trial: {redone}")
     history = pd.read_parquet(sweep_dir / "history.parquet")
