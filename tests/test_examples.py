@@ -17,4 +17,5 @@ def test_minimal_sweep_runs_tpe_and_asha_on_ray(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^3 trials; best d=(32|64|96) lr=\S+: val W-F1 \d+\.\d\d at epoch [12]$", done.stdout, re.M), \
         done.stdout
-    assert len(list((tmp_path / "ray").glob("*/*/result.json"))) == 3  # three real Ray trials
+    # three real Ray trials (their folders; the result files depend on which loggers Tune has on)
+    assert len([p for p in (tmp_path / "ray").glob("*/CMATHTrial_*") if p.is_dir()]) == 3
