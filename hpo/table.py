@@ -37,6 +37,20 @@ def read_trials(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(sweep_dir) / TRIALS_FILE)
 
 
+def read_journal(sweep_dir: str | Path) -> dict[str, list[dict]]:
+    """The journal by trial: {trial id: [results in the order the driver received them]}. A line
+    cut short (a driver killed mid-write, or one being written) is left out."""
+    found: dict[str, list[dict]] = {}
+    path = Path(sweep_dir) / JOURNAL_FILE
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        found.setdefault(row["trial_id"], []).append(row)
+    return found
+
+
 def records(frame: pd.DataFrame) -> list[dict]:
     """Rows as plain Python values, missing ones as None (Parquet gives NaN for an empty column)."""
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
@@ -66,14 +80,9 @@ class TrialTable(Callback):
         if trials.exists() and not self.rows:
             for row in records(read_trials(self.sweep_dir)):
                 self.rows[row["trial_id"]] = row
-        journal = self.sweep_dir / JOURNAL_FILE
-        if journal.exists() and not self.history:
-            for line in journal.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:  # the last line of a driver killed mid-write
-                    continue
-                self.history.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
+        if not self.history:
+            for trial_id, rows in read_journal(self.sweep_dir).items():
+                self.history[trial_id] = {int(row["epoch"]): row for row in rows}
             for trial_id, epochs in self.history.items():
                 if trial_id in self.rows:
                     self._summarise(self.rows[trial_id], epochs)

@@ -28,7 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from hpo.processes import pids_using, stop
-from hpo.table import TRIALS_FILE, read_trials
+from hpo.table import TRIALS_FILE, read_journal, read_trials
 from hpo.tracking import default_tracking_uri
 
 BIN = Path(sys.executable).parent
@@ -147,19 +147,6 @@ def _trials(sweep_dir: Path):
         return None
 
 
-def _journal(sweep_dir: Path) -> dict[str, list[dict]]:
-    """The sweep's own per-result journal, by trial: what the driver received, in order."""
-    found: dict[str, list[dict]] = {}
-    path = sweep_dir / "history.jsonl"
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        found.setdefault(row["trial_id"], []).append(row)
-    return found
-
-
 def _mlflow_trial_runs(results: Path, experiment: str):
     client = MlflowClient(default_tracking_uri(results))
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
@@ -201,7 +188,7 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver.poll() is None:
             trials = _trials(sweep_dir)
-            journal = _journal(sweep_dir)
+            journal = read_journal(sweep_dir)
             ended = set() if trials is None else set(trials.loc[trials["end_state"] != "running", "trial_id"])
             if ended and any(max(r["epoch"] for r in rows) >= 3 for t, rows in journal.items() if t not in ended):
                 break
@@ -273,7 +260,7 @@ def test_job_submission_runs_the_sweep_on_the_head(cluster, tiny_path):
 
 def _worker_trial_running(sweep_dir: Path, worker_node: str, running: set) -> str | None:
     """A running trial whose latest result came from the worker node, past a checkpoint."""
-    for trial_id, rows in _journal(sweep_dir).items():
+    for trial_id, rows in read_journal(sweep_dir).items():
         if trial_id in running and 3 <= rows[-1]["epoch"] < EPOCHS - 1 and rows[-1]["node"] == worker_node:
             return trial_id
     return None
@@ -318,7 +305,7 @@ def test_sweep_on_shared_storage_survives_losing_the_worker(cluster, tiny_path):
     moved = trials[trials["trial_id"] == victim].iloc[0]
     assert moved["restarts"] == 1
     assert moved["nodes"].split(",") == [cluster["nodes"]["worker"], cluster["nodes"]["head"]]
-    epochs = [r["epoch"] for r in _journal(sweep_dir)[victim]]
+    epochs = [r["epoch"] for r in read_journal(sweep_dir)[victim]]
     assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)) and epochs.count(1) == 1  # not restarted from 0
 
     client, runs = _mlflow_trial_runs(results, name)

@@ -2,7 +2,6 @@
 each trial resumes from a checkpoint (not from epoch 1), keeps its one MLflow run, and its
 metric history has every epoch exactly once."""
 
-import json
 import os
 import signal
 import threading
@@ -14,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from hpo.sweep import SweepOptions, run_sweep
-from hpo.table import JOURNAL_FILE, read_trials
+from hpo.table import read_journal, read_trials
 from hpo.tracking import default_tracking_uri
 
 EPOCHS = 12
@@ -27,19 +26,6 @@ SPACE = {
 }
 
 
-def _journal(sweep_dir) -> dict[str, list[dict]]:
-    """The sweep's journal: {trial id: [results in the order the driver received them]}."""
-    found = {}
-    path = sweep_dir / JOURNAL_FILE
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line being written
-            continue
-        found.setdefault(record["trial_id"], []).append(record)
-    return found
-
-
 def _running(ray_dir):
     """{trial folder: (worker pid, last epoch, checkpoint folders)} of the trials still running,
     from the sweep's own table and journal."""
@@ -49,7 +35,7 @@ def _running(ray_dir):
         return {}
     running = set(trials.loc[trials["end_state"] == "running", "trial_id"])
     found = {}
-    for trial_id, results in _journal(ray_dir.parent).items():
+    for trial_id, results in read_journal(ray_dir.parent).items():
         folders = list(ray_dir.glob(f"*_{trial_id}_*"))
         if trial_id in running and folders:
             found[folders[0].name] = (results[-1]["pid"], results[-1]["epoch"],
@@ -115,7 +101,7 @@ def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
         row = trials[[t in name for t in trials["trial_id"]]].iloc[0]
         assert row["end_state"] == "completed" and row["restarts"] == 1
         assert analysis[row["trial_id"]].run_metadata.num_failures == 1
-        epochs = [r["epoch"] for r in _journal(results / "kill")[row["trial_id"]]]
+        epochs = [r["epoch"] for r in read_journal(results / "kill")[row["trial_id"]]]
         assert epochs.count(1) == 1, f"restarted from scratch: {epochs}"
         assert sorted(set(epochs)) == list(range(1, EPOCHS + 1))
         assert row["epochs_redone"] == len(epochs) - EPOCHS

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from hpo.errors import SweepError
 from hpo.processes import pids_using, stop
 from hpo.resume import resume_sweep
-from hpo.table import JOURNAL_FILE, TRIALS_FILE, read_trials
+from hpo.table import TRIALS_FILE, read_journal, read_trials
 from hpo.tracking import default_tracking_uri
 
 EPOCHS = 10
@@ -35,15 +35,7 @@ SPACE = {
 
 def _trial_results(sweep_dir):
     """The sweep's journal: {trial id: [epochs in the order the driver received them]}."""
-    found = {}
-    path = sweep_dir / JOURNAL_FILE
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line being written
-            continue
-        found.setdefault(record["trial_id"], []).append(record["epoch"])
-    return found
+    return {trial_id: [row["epoch"] for row in rows] for trial_id, rows in read_journal(sweep_dir).items()}
 
 
 def _wait_mid_sweep(sweep_dir, process, timeout=180):
@@ -281,3 +273,15 @@ def test_a_replayed_trial_keeps_the_checkpoint_it_ended_with(tmp_path, tiny_path
     run = client.search_runs([client.get_experiment_by_name("stale").experiment_id],
                              filter_string=f"tags.`cmath.trial_id` = '{first}'")[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "best")} >= {"best/model.pt"}
+
+
+def test_the_journal_is_read_by_trial_in_order_without_a_cut_line(tmp_path):
+    """What a resume rebuilds the tables from: a driver killed mid-write leaves half a line."""
+    from hpo.table import JOURNAL_FILE
+
+    rows = [{"trial_id": "a", "epoch": 1}, {"trial_id": "b", "epoch": 1}, {"trial_id": "a", "epoch": 2},
+            {"trial_id": "a", "epoch": 2}]  # a's epoch 2 redone after a restart: both kept, in order
+    text = "".join(json.dumps(row) + "\n" for row in rows) + '{"trial_id": "b", "ep'
+    (tmp_path / JOURNAL_FILE).write_text(text)
+    assert read_journal(tmp_path) == {"a": [rows[0], rows[2], rows[3]], "b": [rows[1]]}
+    assert read_journal(tmp_path / "missing") == {}
