@@ -54,8 +54,6 @@ def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: flo
     """Ray queues a request no node can satisfy forever; refuse it instead. With
     --wait-for-resources SEC, first ask the cluster for one trial's resources (an autoscaler
     starts a node for them) and wait up to SEC seconds for a node that has them."""
-    import ray
-
     cpus, gpus = plan.options.cpus_per_trial, plan.options.gpus_per_trial
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     if _fitting_node(bundle):
@@ -71,8 +69,7 @@ def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: flo
             time.sleep(poll)
             if _fitting_node(bundle):
                 return
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    biggest = max(_alive_nodes(), key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
     waited = f" after waiting {wait:g}s" if wait > 0 else ""
     more = "" if wait > 0 else ", or on an autoscaling cluster wait for one with --wait-for-resources SEC"
     raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for one trial{waited} (largest node: "
@@ -80,10 +77,15 @@ def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: flo
                      f"--gpus-per-trial or add a node that has them{more}")
 
 
-def _fitting_node(bundle: dict) -> bool:
+def _alive_nodes() -> list[dict]:
+    """Each alive node's resources."""
     import ray
 
-    return any(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in ray.nodes() if n.get("Alive"))
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _fitting_node(bundle: dict) -> bool:
+    return any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in _alive_nodes())
 
 
 def size_concurrency(plan: SweepPlan, resources: dict) -> None:
@@ -124,7 +126,7 @@ def join_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> tuple[f
     resources = ray.cluster_resources()
     size_concurrency(plan, resources)
     return ray_seconds, {"resources": resources, "preflight_seconds": preflight,
-                         "nodes": sum(1 for n in ray.nodes() if n.get("Alive"))}
+                         "nodes": len(_alive_nodes())}
 
 
 def describe_cluster(plan: SweepPlan, ray_seconds: float, cluster: dict) -> str:
