@@ -67,9 +67,16 @@ def is_enqueued(study: optuna.Study, trial: optuna.Trial) -> bool:
     return "fixed_params" in study._storage.get_trial_system_attrs(trial._trial_id)
 
 
-def set_stored_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, value) -> None:
-    """A user attribute on a trial that no Trial object is held for (a frozen one from get_trials)."""
-    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+def study_trial(study: optuna.Study, trial: FrozenTrial) -> optuna.Trial:
+    """A live handle on a trial already in the study (one a killed driver's searcher asked for),
+    so the searcher can report to it and tell its end: `study.ask()` only makes new ones."""
+    return optuna.Trial(study, trial._trial_id)
+
+
+def storage_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of a trial, the same for a live Trial and a FrozenTrial of it (a live
+    Trial exposes no public id; the searcher knows its trials as live ones)."""
+    return trial._trial_id
 
 
 def distribution_contains(distribution: BaseDistribution, value) -> bool:

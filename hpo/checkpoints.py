@@ -40,17 +40,24 @@ def checkpoint_uri(trial: Trial) -> str | None:
     return None if checkpoint is None else full_uri(checkpoint[0], f"{checkpoint[1]}/best")
 
 
-def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None) -> None:
+def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None, carried_on: str | None = None) -> None:
     """When a trial has ended, only its best-validation weights can still matter: nothing resumes
     a finished, stopped or failed trial. Delete its resume state (`trainer/`: model plus Adam
-    state, ~240 MB at d 500) and its older checkpoints; keep the latest `best/`."""
+    state, ~240 MB at d 500) and its older checkpoints, and those of the lost trial it carried
+    on, if any (`carried_on`: that trial's Ray id); keep the latest `best/`."""
     if checkpoint is None:
         return
     fs, path = checkpoint
     trial_dir = path.rsplit("/", 1)[0]
-    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
-                and info.path.rstrip("/") != path:
-            fs.delete_dir(info.path)
+    folders = [trial_dir]
+    if carried_on:  # Ray names a trial's folder <trainable>_<trial id>_<number>_...
+        experiment = trial_dir.rsplit("/", 1)[0]
+        folders += [info.path for info in fs.get_file_info(pafs.FileSelector(experiment))
+                    if info.type == pafs.FileType.Directory and f"_{carried_on}_" in info.base_name]
+    for folder in dict.fromkeys(folders):
+        for info in fs.get_file_info(pafs.FileSelector(folder)):
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                    and info.path.rstrip("/") != path:
+                fs.delete_dir(info.path)
     if fs.get_file_info(f"{path}/trainer").type == pafs.FileType.Directory:
         fs.delete_dir(f"{path}/trainer")

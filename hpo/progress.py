@@ -8,7 +8,7 @@ from collections.abc import Callable
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR
+from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, trial_key
 from .search import end_state
 from .space import show
 from .tracking import error_summary
@@ -30,19 +30,19 @@ class ProgressPrinter(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         params = "  ".join(f"{k}={show(trial.config.get(k), 3)}" for k in self.searched)
-        again = " again, from its last checkpoint" if trial.trial_id in self.started else ""
+        again = " again, from its last checkpoint" if trial_key(trial) in self.started else ""
         # Numbered as they start: Ray's list also holds trials created but still waiting for a slot.
-        number = self.started.setdefault(trial.trial_id, len(self.started) + 1)
-        self.log(f"[{trial.trial_id}] start{again} ({number}/{self.num_samples})  {params}")
+        number = self.started.setdefault(trial_key(trial), len(self.started) + 1)
+        self.log(f"[{trial_key(trial)}] start{again} ({number}/{self.num_samples})  {params}")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self.log(f"[{trial.trial_id}] lost its worker: {error_summary(trial)}; retrying from its last checkpoint")
+        self.log(f"[{trial_key(trial)}] lost its worker: {error_summary(trial)}; retrying from its last checkpoint")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if RESTORE_NOTE in result:
-            self.log(f"[{trial.trial_id}] {result[RESTORE_NOTE]}")
+            self.log(f"[{trial_key(trial)}] {result[RESTORE_NOTE]}")
         if self.verbose and TRIAL_ERROR not in result and REPLAYED not in result:
-            self.log(f"[{trial.trial_id}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
+            self.log(f"[{trial_key(trial)}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
                      f"  ({result.get('epoch_seconds', 0):.1f}s)")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
@@ -50,13 +50,13 @@ class ProgressPrinter(Callback):
         state = end_state(r).replace("_", " ").replace("interrupted", "interrupted (time budget or Ctrl-C)")
         if r.get(REPLAYED):
             state = f"had already {state.replace('stopped', 'been stopped')} before the resume:"
-        self.log(f"[{trial.trial_id}] {state} at epoch {r['epoch']}/{r['epochs_planned']}  best val W-F1 "
+        self.log(f"[{trial_key(trial)}] {state} at epoch {r['epoch']}/{r['epochs_planned']}  best val W-F1 "
                  f"{100 * r['best_val_wf1']:.2f} (epoch {r['best_epoch']})  "
                  f"[{_ended(trials) + 1}/{self.num_samples} done]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         # Ray has marked the trial ERROR already (a completed one is marked after on_trial_complete).
-        self.log(f"[{trial.trial_id}] failed: {error_summary(trial)}  [{_ended(trials)}/{self.num_samples} done]")
+        self.log(f"[{trial_key(trial)}] failed: {error_summary(trial)}  [{_ended(trials)}/{self.num_samples} done]")
 
 
 def _ended(trials: list[Trial]) -> int:

@@ -1,11 +1,14 @@
 """What lets a sweep outlive a failure: the records a trial leaves when it ends, the result keys
 a trial and the driver use to tell each other how a trial failed or came back, and the driver's
-rules for retries and for Optuna trials a killed driver left behind.
+rules for retries, and how a trial a killed driver lost is carried on.
 
 A trial that raised its own error (a bad config, a NaN loss) is not retried: retries are for lost
 workers and nodes (`NoRetryOnTrialError`). A trial that ended is recorded in storage beside Ray's
 experiment (`write_ended`), because Ray's saved state can lag a killed driver; on a resume such a
-trial replays its final result instead of training again (CMATHTrial.restore).
+trial replays its final result instead of training again (CMATHTrial.restore). A trial that
+started after Ray's last saved state is unknown to it altogether: a resume hands it out again
+(SweepSearch), as a new Ray trial that keeps its id in the sweep's records (`trial_key`) and
+starts from its checkpoints.
 """
 
 from __future__ import annotations
@@ -16,13 +19,29 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from ._compat import never_retry, set_stored_user_attr
+from ._compat import never_retry
 
 TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
 RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
 REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
 ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
 ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
+# In the config of a trial that carries on one a killed driver lost (SweepSearch hands these out
+# first on a resume): the lost trial's id, which its table row, MLflow run and ended record keep,
+# and the Ray trial whose checkpoints it starts from (the same, unless that one was lost too).
+CONTINUES = "cmath_continues"
+CHECKPOINTS_OF = "cmath_checkpoints_of"
+
+
+def trial_key(trial) -> str:
+    """The id a trial has in the sweep's tables, MLflow and ended records: Ray's, or that of the
+    lost trial it carries on."""
+    return trial.config.get(CONTINUES) or trial.trial_id
+
+
+def searched_config(config: dict) -> dict:
+    """A trial's config without the keys that say which lost trial it carries on."""
+    return {k: v for k, v in config.items() if k not in (CONTINUES, CHECKPOINTS_OF)}
 
 
 def ended_marker(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, str]:
@@ -56,17 +75,3 @@ class NoRetryOnTrialError(Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
             never_retry(trial)
-
-
-def fail_orphaned_study_trials(plan, ray_trial_ids: set) -> list[int]:
-    """Optuna trials still RUNNING for Ray trials that Ray's restored state does not have."""
-    import optuna
-    from optuna.trial import TrialState
-
-    study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
-    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if t.user_attrs.get("ray_trial_id") not in ray_trial_ids]
-    for trial in orphans:
-        set_stored_user_attr(study, trial, "note", "orphaned by a killed driver")
-        study.tell(trial.number, state=TrialState.FAIL)
-    return [t.number for t in orphans]

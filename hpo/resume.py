@@ -2,7 +2,8 @@
 
 Ray Tune's `Tuner.restore` brings back the trials (finished ones are kept, unfinished ones
 continue from their latest checkpoints, failed ones stay failed), the Optuna searcher's state
-and the callbacks. The MLflow callback finds each trial's existing run by its tag, so no trial
+and the callbacks. Trials that started after Ray's last saved state are carried on by new Ray
+trials under their old ids (hpo.search.SweepSearch.restore). The MLflow callback finds each trial's existing run by its tag, so no trial
 gets a second run; the sweep's parent run is reopened from sweep.json.
 """
 
@@ -18,7 +19,6 @@ from .export import find_sweep, load_sweep_record
 from .plan import SWEEP_FILE, SweepOptions, plan_sweep
 from .processes import is_running, pids_using, stop
 from .provenance import driver_record, write_json
-from .recovery import fail_orphaned_study_trials
 from .space import parse_space
 from .sweep import SweepOutcome, fit_sweep
 
@@ -114,10 +114,4 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
         return tune.Tuner.restore(experiment_path, trainable=build_trainable(plan), resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
 
-    def fail_orphans(grid):
-        orphans = fail_orphaned_study_trials(plan, {r.metrics.get("trial_id") for r in grid})
-        if orphans:
-            record["resumes"][-1]["optuna_trials_orphaned"] = orphans
-            log(f"{len(orphans)} Optuna trials were asked for trials Ray never saved; marked FAIL: {orphans}")
-
-    return fit_sweep(plan, reopen_record, restore_tuner, started, log, after_fit=fail_orphans)
+    return fit_sweep(plan, reopen_record, restore_tuner, started, log)

@@ -6,6 +6,10 @@ reached an epoch-2 score. Here such a trial is told as PRUNED (TPE ranks pruned 
 their intermediate values, below completed ones), a finished trial's value is its best epoch
 (the sweep selects checkpoints on validation), and each Optuna trial records which Ray trial
 it is and whether it came from the warm start, the random start-up or TPE.
+
+The searcher's state is saved with Ray's, every 10 s or more; a driver killed in between leaves
+Optuna trials (the study is written at once) for Ray trials that the restored state never had.
+On a resume they are handed out first, each as a new Ray trial that carries the old one on.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from ._compat import is_enqueued, searcher_study, searcher_told, searcher_trials, stored_trial
+from ._compat import is_enqueued, searcher_study, searcher_told, searcher_trials, storage_id, stored_trial, study_trial
+from .recovery import CHECKPOINTS_OF, CONTINUES
 from .space import SearchSpace, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -46,19 +51,43 @@ class SweepSearch(OptunaSearch):
                          storage=rdb, study_name=study_name)
         self._best: dict[str, float] = {}
         self._values: dict[str, dict[int, float]] = {}  # per trial: epoch -> metric, written when it ends
+        self._lost: list[optuna.trial.FrozenTrial] = []  # see restore
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._lost = lost_trials(searcher_study(self), {storage_id(t) for t in searcher_trials(self).values()})
 
     def suggest(self, trial_id: str) -> dict | None:
-        study = searcher_study(self)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if self._lost:
+            return self._carry_on(trial_id, self._lost.pop(0))
+        origin = self._origin()
         config = super().suggest(trial_id)
         ot_trial = searcher_trials(self)[trial_id]
-        if is_enqueued(study, ot_trial):
+        if is_enqueued(searcher_study(self), ot_trial):
             origin = "warm_start"
-        else:
-            origin = "tpe" if self.sampler_kind == "tpe" and finished >= self.n_startup_trials else "random"
         ot_trial.set_user_attr("ray_trial_id", trial_id)
         ot_trial.set_user_attr("suggested_by", origin)
         return config
+
+    def _origin(self) -> str:
+        """Which part of the sampler makes the next suggestion (warm start aside)."""
+        finished = len(searcher_study(self).get_trials(deepcopy=False, states=FINISHED))
+        return "tpe" if self.sampler_kind == "tpe" and finished >= self.n_startup_trials else "random"
+
+    def _carry_on(self, trial_id: str, lost: optuna.trial.FrozenTrial) -> dict:
+        """Ray trial `trial_id` takes over a lost trial: the same Optuna trial and values, and in
+        its config the id the sweep's records know it by and whose checkpoints to start from.
+        A trial asked for but killed before it was handed to Ray is simply handed out now."""
+        ot_trial = study_trial(searcher_study(self), lost)
+        searcher_trials(self)[trial_id] = ot_trial
+        if "ray_trial_id" not in lost.user_attrs:
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+            ot_trial.set_user_attr("suggested_by", self._origin())
+            return dict(lost.params)
+        if not lost.state.is_finished():  # a finished trial cannot change; it only replays its end
+            ot_trial.set_user_attr("carried_on_by", trial_id)
+        return {**lost.params, CONTINUES: lost.user_attrs["ray_trial_id"],
+                CHECKPOINTS_OF: lost.user_attrs.get("carried_on_by", lost.user_attrs["ray_trial_id"])}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Kept here until the trial ends, not written to the study now: Tune waits for this
@@ -106,3 +135,13 @@ class SweepSearch(OptunaSearch):
                 study.tell(ot_trial, self._best.get(trial_id, result[self.metric]))
         finally:
             told.add(trial_id)
+
+
+def lost_trials(study: optuna.Study, handed_out: set[int]) -> list[optuna.trial.FrozenTrial]:
+    """Trials in the study that the searcher, restored with Ray's state, never handed out: they
+    were asked for after that state was saved, then the driver was killed (before or after Ray
+    started them). Enqueued ones not yet asked for are WAITING, and not among them. (A sweep
+    resumed before this was built marked such trials FAIL with a note and ran others instead.)"""
+    return [t for t in study.get_trials(deepcopy=False)
+            if storage_id(t) not in handed_out and t.state != TrialState.WAITING
+            and not t.user_attrs.get("note", "").startswith("orphaned")]

@@ -69,13 +69,12 @@ def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> Swee
 
 
 def fit_sweep(plan: SweepPlan, open_record: Callable[[], tuple], make_tuner: Callable[[str | None, str], object],
-              started: float, log: Callable[[str], None], after_fit: Callable[[object], None] | None = None
-              ) -> SweepOutcome:
+              started: float, log: Callable[[str], None]) -> SweepOutcome:
     """What every sweep does on Ray, new or resumed. `open_record()` opens the sweep's record
     (returns record, MLflow client, parent run id, experiment id) only once the cluster can run
     a trial, so a refused sweep leaves no trace; `make_tuner(experiment, parent_id)` builds or
-    restores the Tuner; `after_fit(result_grid)` runs before the record is closed. Ray is left
-    whatever happens; the parent run is marked FAILED if the fit raised."""
+    restores the Tuner. Ray is left whatever happens; the parent run is marked FAILED if the fit
+    raised."""
     parent_id = None
     try:
         ray_seconds, cluster = join_cluster(plan, log)
@@ -84,10 +83,8 @@ def fit_sweep(plan: SweepPlan, open_record: Callable[[], tuple], make_tuner: Cal
         tuner = make_tuner(experiment, parent_id)
         fit_started = time.perf_counter()
         record["fit_started_at"] = time.time()  # benchmarks.overhead lines trial times up against it
-        grid = tuner.fit()
+        tuner.fit()
         fit_seconds = time.perf_counter() - fit_started
-        if after_fit is not None:
-            after_fit(grid)
     except BaseException:
         if parent_id is not None:
             client.set_terminated(parent_id, "FAILED")

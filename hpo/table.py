@@ -17,7 +17,7 @@ from ray.tune.experiment import Trial
 from cmath_model.train import summarize
 
 from .checkpoints import checkpoint_uri, last_checkpoint
-from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, write_ended
+from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, searched_config, trial_key, write_ended
 from .search import end_state
 from .tracking import LOST, MlflowTrials, error_summary
 from .trainable import final_result, model_metrics
@@ -88,10 +88,11 @@ class TrialTable(Callback):
                     self._summarise(self.rows[trial_id], epochs)
 
     def row(self, trial: Trial, number: int | None = None) -> dict:
-        if trial.trial_id not in self.rows:
-            config = {**self.base, **trial.config}
-            self.rows[trial.trial_id] = {
-                "trial_id": trial.trial_id, "number": len(self.rows) if number is None else number,
+        key = trial_key(trial)
+        if key not in self.rows:
+            config = {**self.base, **searched_config(trial.config)}
+            self.rows[key] = {
+                "trial_id": key, "number": len(self.rows) if number is None else number,
                 "end_state": "running",
                 **{f"param_{k}": trial.config.get(k) for k in self.searched},
                 "epochs": 0, "epochs_planned": config.get("epochs"),
@@ -103,7 +104,7 @@ class TrialTable(Callback):
                 "suggested_by": None,
                 "config": json.dumps(config),
             }
-        return self.rows[trial.trial_id]
+        return self.rows[key]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         row = self.row(trial, number=trials.index(trial))  # creation order: the warm start is number 0
@@ -122,19 +123,19 @@ class TrialTable(Callback):
             row = self.row(trial)
             row["restore_notes"] = "; ".join(filter(None, [row.get("restore_notes"), result[RESTORE_NOTE]]))
         epoch = int(result["epoch"])
-        row = self.row(trial)
-        if epoch in self.history.get(trial.trial_id, {}) and REPLAYED not in result:
+        row, key = self.row(trial), trial_key(trial)
+        if epoch in self.history.get(key, {}) and REPLAYED not in result:
             row["epochs_redone"] = int(row.get("epochs_redone") or 0) + 1  # after a restart from a checkpoint
         node = str(result.get("node_id", ""))[:12]
         if node and node not in (row.get("nodes") or "").split(","):
             row["nodes"] = ",".join(filter(None, [row.get("nodes"), node]))
         # received_at: when the driver had the epoch (benchmarks.overhead reads the sweep's timeline from it)
-        record = {"trial_id": trial.trial_id, "epoch": epoch, **model_metrics(result), "node": node or None,
+        record = {"trial_id": key, "epoch": epoch, **model_metrics(result), "node": node or None,
                   "pid": result.get("pid"), "received_at": time.time()}
-        self.history.setdefault(trial.trial_id, {})[epoch] = record
+        self.history.setdefault(key, {})[epoch] = record
         with open(self.sweep_dir / JOURNAL_FILE, "a") as journal:
             journal.write(json.dumps(record) + "\n")
-        self._summarise(row, self.history[trial.trial_id])
+        self._summarise(row, self.history[key])
         row["epochs"], row["last_val_wf1"] = epoch, result["val_wf1"]
 
     @staticmethod
@@ -156,7 +157,7 @@ class TrialTable(Callback):
         self._finish(trial, "failed", error=error_summary(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        known = {t.trial_id: t for t in trials}
+        known = {trial_key(t): t for t in trials}
         for trial_id, row in self.rows.items():
             if row["end_state"] != "running":
                 continue
@@ -210,6 +211,8 @@ class TrialTable(Callback):
 
         if self._study is None:
             self._study = optuna.load_study(study_name=self.study_name, storage=self.optuna_storage)
+        # ray_trial_id: the Ray trial the study trial was asked for, whose id the row keeps when
+        # another carries it on (trial_key)
         by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in self._study.get_trials(deepcopy=False)}
         for trial_id, row in self.rows.items():
             if trial_id in by_ray_id:
@@ -220,7 +223,7 @@ class TrialTable(Callback):
 def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None) -> None:
     """Tell a later resume that this trial is over (Ray's own state can lag behind a killed driver)."""
     checkpoint = last_checkpoint(trial)
-    write_ended(ended_dir, trial.trial_id, {"end_state": state, "error": error,
+    write_ended(ended_dir, trial_key(trial), {"end_state": state, "error": error,
                                             "result": final_result(trial.last_result or {}),
                                             "checkpoint": checkpoint and checkpoint[1]})
 

@@ -36,7 +36,7 @@ from cmath_model.runs import log_artifacts_once, sqlite_file
 
 from .checkpoints import last_checkpoint, prune_checkpoints
 from .errors import SweepError
-from .recovery import ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR
+from .recovery import CHECKPOINTS_OF, ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, searched_config, trial_key
 from .search import end_state
 from .trainable import model_metrics
 
@@ -73,7 +73,7 @@ def warn_failure(owner, where: str, exc: Exception) -> None:
                    str(exc)[:200])
 
 
-LOST = "lost: started after Ray last saved its state, then the driver was killed; Ray cannot resume it"
+LOST = "lost: started after Ray last saved its state, then the driver was killed; a resume carries it on"
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch
 
 
@@ -249,31 +249,33 @@ class MlflowTrials(Callback):
         return getattr(self, "failures", 0) + (self._writer.failures if self._writer is not None else 0)
 
     def run_id(self, trial: Trial) -> str:
-        """The trial's run: the one already in the store (a resumed trial), else a new child."""
-        if trial.trial_id in self.run_ids:
-            return self.run_ids[trial.trial_id]
-        tags = {"cmath.sweep": self.sweep, "cmath.trial_id": trial.trial_id}
+        """The trial's run: the one already in the store (a resumed trial, or one carried on
+        under its old id), else a new child."""
+        key = trial_key(trial)
+        if key in self.run_ids:
+            return self.run_ids[key]
+        tags = {"cmath.sweep": self.sweep, "cmath.trial_id": key}
         run_id = find_run(self.client, self.experiment, tags)
         if run_id is None:
-            run = self.client.create_run(self.experiment, run_name=trial.trial_id, tags={
+            run = self.client.create_run(self.experiment, run_name=key, tags={
                 **tags, "mlflow.parentRunId": self.parent_run_id, "cmath.kind": "trial",
                 "cmath.searched": ",".join(self.searched)})
             run_id = run.info.run_id
-            log_params(self.client, run_id, {**self.base, **trial.config})
-            self.last_step[trial.trial_id] = 0
+            log_params(self.client, run_id, {**self.base, **searched_config(trial.config)})
+            self.last_step[key] = 0
         else:
             self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, "val_wf1")
-            self.last_step[trial.trial_id] = max((m.step for m in history), default=0)
-        self.run_ids[trial.trial_id] = run_id
+            self.last_step[key] = max((m.step for m in history), default=0)
+        self.run_ids[key] = run_id
         return run_id
 
     @keep_going
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         run_id = self.run_id(trial)
-        if trial.trial_id in self.ended:  # a trial that ran before (an earlier driver, a retry) continues
+        if trial_key(trial) in self.ended:  # a trial that ran before (an earlier driver, a retry) continues
             self.client.update_run(run_id, status="RUNNING")
-            self.ended.discard(trial.trial_id)
+            self.ended.discard(trial_key(trial))
 
     @keep_going
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
@@ -282,11 +284,11 @@ class MlflowTrials(Callback):
         if RESTORE_NOTE in result:
             self.writer.call(self._add_restore_note, self.run_id(trial), result[RESTORE_NOTE])
         step = int(result["epoch"])
-        if step <= self.last_step.get(trial.trial_id, 0):
+        if step <= self.last_step.get(trial_key(trial), 0):
             return  # an epoch replayed after a restore: its history is already logged
         now = int(time.time() * 1000)
         self.writer.metrics(self.run_id(trial), [Metric(k, v, now, step) for k, v in model_metrics(result).items()])
-        self.last_step[trial.trial_id] = step
+        self.last_step[trial_key(trial)] = step
 
     def _add_restore_note(self, run_id: str, note: str) -> None:
         run = self.client.get_run(run_id)
@@ -314,11 +316,11 @@ class MlflowTrials(Callback):
         # The time budget and Ctrl-C end running trials without on_trial_complete: close their
         # runs (KILLED, with best/ where there is one) in the writer, behind their last metrics.
         for trial in trials:
-            if trial.trial_id in self.run_ids and trial.trial_id not in self.ended:
+            if trial_key(trial) in self.run_ids and trial_key(trial) not in self.ended:
                 self._finish(trial, "interrupted", "KILLED")
         # A run still open for a trial Ray does not know started after Ray's last saved state
-        # before a driver was killed: nothing will continue it.
-        known = {t.trial_id for t in trials}
+        # before a driver was killed; a resume carries it on.
+        known = {trial_key(t) for t in trials}
         for run in self.child_runs("and attributes.status = 'RUNNING'"):
             if run.data.tags.get("cmath.trial_id") not in known:
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),
@@ -355,9 +357,9 @@ class MlflowTrials(Callback):
         # An interrupted trial may be resumed from its checkpoints; a replayed one without a
         # recorded checkpoint cannot say which one to keep.
         if self.prune and state != "interrupted" and not (replayed and ENDED_CHECKPOINT not in trial.last_result):
-            self.writer.call(prune_checkpoints, checkpoint)  # only once its best/ is uploaded
+            self.writer.call(prune_checkpoints, checkpoint, trial.config.get(CHECKPOINTS_OF))  # once best/ is uploaded
         self.writer.call(self.client.set_terminated, run_id, status)
-        self.ended.add(trial.trial_id)
+        self.ended.add(trial_key(trial))
 
     def upload_best(self, checkpoint: tuple[pafs.FileSystem, str] | None, run_id: str,
                     replayed: bool = False) -> None:

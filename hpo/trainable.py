@@ -33,7 +33,8 @@ from cmath_model.data import Dataset
 from cmath_model.train import TRAIN_KEYS, Trainer
 
 from ._compat import TrainingResult, restart_iteration_count
-from .recovery import ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, read_ended, read_json
+from .recovery import (CHECKPOINTS_OF, CONTINUES, ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, read_ended,
+                       read_json, searched_config)
 
 SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
 # setup: building the trial's model and optimiser; checkpoint: its checkpoints so far, Ray's copy to storage included
@@ -69,6 +70,7 @@ class CMATHTrial(tune.Trainable):
         self.ended_dir = ended_dir
         self.checkpoint_epochs = set(checkpoint_epochs)  # ASHA's rungs: where the trial may be stopped
         self._start(config)
+        self.carries_on = config.get(CHECKPOINTS_OF)  # see _carry_on
 
     def _start(self, params: dict) -> None:
         self.drop_trainer()  # a reused worker's previous trial, or a restore that starts over
@@ -76,12 +78,13 @@ class CMATHTrial(tune.Trainable):
         self.reported_error = False
         self.restore_note: str | None = None
         # A trial the driver saw end is not trained again, whatever a stale Ray state says about it.
-        self.ended: dict | None = read_ended(self.ended_dir, self.trial_id) if self.ended_dir else None
+        key = params.get(CONTINUES) or self.trial_id
+        self.ended: dict | None = read_ended(self.ended_dir, key) if self.ended_dir else None
         self.checkpoint_seconds = 0.0
         self.last_result: dict = {}
         started = time.perf_counter()
         try:
-            self.cmath_config = from_dict({**self.base, **params}, source="trial config")
+            self.cmath_config = from_dict({**self.base, **searched_config(params)}, source="trial config")
             self.trainer = Trainer(self.cmath_config, self.dataset, keep_best=True)
         except torch.cuda.OutOfMemoryError:
             raise  # says nothing about the config: Ray retries it (see step)
@@ -90,6 +93,8 @@ class CMATHTrial(tune.Trainable):
         self.setup_seconds = time.perf_counter() - started
 
     def step(self) -> dict:
+        if self.carries_on:
+            self._carry_on(self.carries_on)
         if self.ended is not None and self.ended["end_state"] != "failed":
             replay = {**self.ended["result"], "done": True, REPLAYED: True}
             if self.ended.get("checkpoint"):  # Ray's restored state may name an older one, since pruned
@@ -177,31 +182,56 @@ class CMATHTrial(tune.Trainable):
         back is reported with the next result (RESTORE_NOTE)."""
         if not isinstance(checkpoint_path, TrainingResult):
             return super().restore(checkpoint_path)
+        self.carries_on = None  # Ray has a checkpoint of this trial itself: no need for the lost one's
         if self.ended is not None:
             return None
         wanted = checkpoint_path.checkpoint
         fs, trial_dir = wanted.filesystem, wanted.path.rstrip("/").rsplit("/", 1)[0]
+        paths = _checkpoints_newest_first(fs, trial_dir, first=wanted.path)
+        loaded, problems = self._load_first_usable(fs, paths, checkpoint_path.metrics)
+        if loaded and problems:
+            self.restore_note = f"{'; '.join(problems)}; resumed from {loaded}"
+        if not loaded:
+            self._start(self.config)
+            self.restore_note = f"{'; '.join(problems) or 'no checkpoint found'}; restarted from epoch 1"
+        return None
+
+    def _load_first_usable(self, fs: pafs.FileSystem, paths: list[str], metrics: dict) -> tuple[str | None, list[str]]:
+        """Load the first of `paths` that works; say which (name and epoch) and what was wrong
+        with those before it. With none usable, Tune's epoch count is back at 0."""
         problems = []
-        for path in _checkpoints_newest_first(fs, trial_dir, first=wanted.path):
+        for path in paths:
             name = path.rsplit("/", 1)[-1]
             try:
                 epoch = (read_json(fs, f"{path}/{CHECKPOINT_FILE}") or {})["epoch"]
                 candidate = tune.Checkpoint(path, filesystem=fs)
-                super().restore(TrainingResult(checkpoint=candidate,
-                                                metrics={**checkpoint_path.metrics, "training_iteration": epoch}))
+                super().restore(TrainingResult(checkpoint=candidate, metrics={**metrics, "training_iteration": epoch}))
             except Exception as exc:  # missing, unreadable or corrupt: try the next one
                 problems.append(f"{name} unusable ({type(exc).__name__}: {str(exc)[:120]})")
                 continue
-            if problems:
-                self.restore_note = f"{'; '.join(problems)}; resumed from {name} (epoch {epoch})"
-            return None
-        self._start(self.config)
+            return f"{name} (epoch {epoch})", problems
         restart_iteration_count(self)
-        self.restore_note = f"{'; '.join(problems) or 'no checkpoint found'}; restarted from epoch 1"
-        return None
+        return None, problems
+
+    def _carry_on(self, lost: str) -> None:
+        """A trial that carries on one a killed driver lost (hpo.search.SweepSearch) starts from
+        the newest usable checkpoint that one left in storage, or, with none, from epoch 1. Done
+        at its first step, not in setup: when Ray restores the trial from a checkpoint of its
+        own (a lost worker, a second resume), restore comes between and this is skipped."""
+        self.carries_on = None
+        if self.ended is not None or self.error is not None:
+            return
+        fs, paths = lost_trial_checkpoints(self.ended_dir, lost)
+        loaded, problems = self._load_first_usable(fs, paths, {})
+        if not loaded:
+            self._start(self.config)  # a checkpoint that failed half-way may have left part of its state
+        where = f"from {loaded}" if loaded else f"from epoch 1 ({'; '.join(problems) or 'it left no checkpoint'})"
+        self.restore_note = (f"carries on trial {lost}, which started after Ray last saved its state before the "
+                             f"driver was killed, {where}")
 
     def reset_config(self, new_config: dict) -> bool:
         self._start(new_config)
+        self.carries_on = new_config.get(CHECKPOINTS_OF)
         return True
 
     def drop_trainer(self) -> None:
@@ -220,8 +250,20 @@ def final_result(result: dict) -> dict:
             and k not in ("done", "should_checkpoint", REPLAYED, ENDED_CHECKPOINT, RESTORE_NOTE)}
 
 
-def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str) -> list[str]:
+def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str | None = None) -> list[str]:
     found = [info.path for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
              if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    if first is None:
+        return sorted(found, reverse=True)
     others = sorted((p for p in found if p.rstrip("/") != first.rstrip("/")), reverse=True)
     return [first, *others]
+
+
+def lost_trial_checkpoints(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, list[str]]:
+    """A Ray trial's checkpoints, newest first, found by its id in the experiment folder (beside
+    the ended records): Ray names each trial's folder `<trainable>_<trial id>_<number>_...`."""
+    fs, ended = pafs.FileSystem.from_uri(ended_dir)
+    experiment = ended.rstrip("/").rsplit("/", 1)[0]
+    folders = [info.path for info in fs.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
+               if info.type == pafs.FileType.Directory and f"_{trial_id}_" in info.base_name]
+    return fs, [path for folder in folders for path in _checkpoints_newest_first(fs, folder)]

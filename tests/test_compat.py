@@ -78,8 +78,12 @@ def test_optuna_storage_reads_and_writes_one_trial():
     stored = _compat.stored_trial(study, queued)
     assert stored.number == queued.number and stored.intermediate_values == {1: 0.25}
     assert stored.state == TrialState.RUNNING
-    _compat.set_stored_user_attr(study, study.get_trials()[1], "note", "orphaned")
-    assert study.get_trials()[1].user_attrs == {"note": "orphaned"}
+    frozen = study.get_trials()[1]
+    assert _compat.storage_id(frozen) == _compat.storage_id(asked) != _compat.storage_id(queued)
+    again = _compat.study_trial(study, frozen)  # a handle on a trial asked before (by a killed driver)
+    again.set_user_attr("note", "carried on")
+    study.tell(again, 0.5)
+    assert study.get_trials()[1].user_attrs == {"note": "carried on"} and study.get_trials()[1].value == 0.5
 
 
 @pytest.mark.parametrize("distribution, inside, outside", [

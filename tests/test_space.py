@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from hpo._compat import searcher_study
 from hpo.errors import SpaceError
+from hpo.recovery import CHECKPOINTS_OF, CONTINUES
 from hpo.search import SweepSearch, end_state
 from hpo.space import load_space, parse_space
 
@@ -165,3 +166,30 @@ def test_searcher_labels_where_each_trial_came_from():
     assert origin == {"first": "warm_start", "second": "random", "third": "tpe"}
     assert searcher_study(search).get_trials()[0].params == {"d": 500, "lr": 3e-3, "modalities": "tav"}
 
+
+
+def test_a_restored_searcher_first_hands_out_the_trials_a_killed_driver_lost(tmp_path):
+    """Ray saves the searcher with its experiment state every 10 s or more, but the study is written
+    at once: trials asked for after the last save must come back on a resume, not be asked anew."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = parse_space({**GOOD, "warm_start": []})
+    search = SweepSearch(space, n_startup_trials=1, storage=storage, study_name="s")
+    search.suggest("known")
+    search.save(str(tmp_path / "searcher.pkl"))  # Ray's last snapshot
+    ran = search.suggest("ran")  # started after it
+    asked = searcher_study(search).ask(space.distributions).params  # killed before Ray had it
+    search.suggest("also-ran")
+
+    restored = SweepSearch(space, n_startup_trials=1, storage=storage, study_name="s")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("a") == {**ran, CONTINUES: "ran", CHECKPOINTS_OF: "ran"}
+    assert restored.suggest("b") == asked  # never ran: handed out as it is, under its new id
+    assert restored.suggest("c") == {**searcher_study(search).trials[3].params, CONTINUES: "also-ran",
+                                     CHECKPOINTS_OF: "also-ran"}
+    assert len(searcher_study(restored).trials) == 4
+    restored.suggest("d")  # nothing left over: a new trial
+    restored.on_trial_complete("a", _result(10, 10, 0.6))
+    trials = searcher_study(restored).trials
+    assert len(trials) == 5 and trials[1].state == TrialState.COMPLETE and trials[1].value == 0.6
+    assert trials[1].user_attrs == {"ray_trial_id": "ran", "suggested_by": "random", "carried_on_by": "a"}
+    assert trials[2].user_attrs["ray_trial_id"] == "b"
