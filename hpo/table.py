@@ -1,6 +1,10 @@
-"""The sweep's own tables, rewritten atomically whenever a trial ends, so an interrupted sweep
-still has them: `trials.parquet` (one row per trial) and `history.parquet` (one row per trial
-and epoch)."""
+"""The sweep's own tables: `trials.parquet` (one row per trial) and `history.parquet` (one row
+per trial and epoch), each rewritten atomically from all its rows at most every TABLE_PERIOD_S
+while the sweep runs (when something changed) and once at its end. Rewriting them at every
+trial's start and end cost the driver time that grew with the sweep (N trials x all rows so far),
+stalling Tune's loop between trials' epochs. What must survive a killed driver is written at once
+and costs the same for every trial: each result is appended to the journal (`history.jsonl`), and
+each ended trial gets its ended record (hpo.recovery); a resume rebuilds the tables from them."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .trainable import final_result, model_metrics
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
 JOURNAL_FILE = "history.jsonl"  # every result as it arrives: survives a killed driver between table writes
+TABLE_PERIOD_S = 10.0  # like Tune's own experiment snapshots
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -59,7 +64,8 @@ def records(frame: pd.DataFrame) -> list[dict]:
 
 class TrialTable(Callback):
     def __init__(self, sweep_dir: str | Path, base: dict, searched: list[str], tracker: MlflowTrials | None = None,
-                 optuna_storage: str | None = None, study_name: str = "cmath", ended_dir: str | None = None):
+                 optuna_storage: str | None = None, study_name: str = "cmath", ended_dir: str | None = None,
+                 period: float = TABLE_PERIOD_S):
         self.sweep_dir = Path(sweep_dir)
         self.base = base
         self.searched = searched
@@ -69,10 +75,13 @@ class TrialTable(Callback):
         self.ended_dir = ended_dir
         self.rows: dict[str, dict] = {}
         self.history: dict[str, dict[int, dict]] = {}
+        self.period = period
         self._study = None  # opened once, at the first write
+        self._changed = False  # since the tables were last written
+        self._written_at = -math.inf  # time.monotonic() of that write, in this process
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_study": None}
+        return {**self.__dict__, "_study": None, "_written_at": -math.inf}
 
     def setup(self, **info) -> None:
         # A resumed sweep starts from the tables its first driver wrote.
@@ -114,7 +123,7 @@ class TrialTable(Callback):
                 row["mlflow_run_id"] = self.tracker.run_id(trial)
             except Exception:  # noqa: BLE001 - the tracker warns; the table goes on without the run id
                 row["mlflow_run_id"] = None
-        self.write()  # a started trial is on record even if the driver dies before it ends
+        self._note_change()
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
@@ -137,6 +146,7 @@ class TrialTable(Callback):
             journal.write(json.dumps(record) + "\n")
         self._summarise(row, self.history[key])
         row["epochs"], row["last_val_wf1"] = epoch, result["val_wf1"]
+        self._changed = True  # written with the next due write, not now: Tune waits for this callback
 
     @staticmethod
     def _summarise(row: dict, epochs: dict[int, dict]) -> None:
@@ -151,7 +161,7 @@ class TrialTable(Callback):
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         row = self.row(trial)
         row["restarts"] = int(row.get("restarts") or 0) + 1
-        self.write()
+        self._note_change()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, "failed", error=error_summary(trial))
@@ -189,7 +199,18 @@ class TrialTable(Callback):
         # even when the driver is killed between the two writes.
         if self.ended_dir:
             mark_ended(self.ended_dir, trial, state, error)
-        self.write()
+        self._note_change()
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
+        self._write_if_due()  # Tune calls this at every turn of its loop
+
+    def _note_change(self) -> None:
+        self._changed = True
+        self._write_if_due()
+
+    def _write_if_due(self) -> None:
+        if self._changed and time.monotonic() - self._written_at >= self.period:
+            self.write()
 
     def write(self) -> None:
         self._add_origins()
@@ -202,6 +223,7 @@ class TrialTable(Callback):
         write_parquet_atomic(frame, self.sweep_dir / TRIALS_FILE)
         rows = [r for epochs in self.history.values() for r in epochs.values()]
         write_parquet_atomic(pd.DataFrame(rows), self.sweep_dir / HISTORY_FILE)
+        self._changed, self._written_at = False, time.monotonic()
 
     def _add_origins(self) -> None:
         """Which part of the searcher proposed each trial: warm_start, random or tpe."""

@@ -28,7 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from hpo.processes import pids_using, stop
-from hpo.table import TRIALS_FILE, read_journal, read_trials
+from hpo.table import read_journal, read_trials
 from hpo.tracking import default_tracking_uri
 
 BIN = Path(sys.executable).parent
@@ -139,14 +139,6 @@ def _sweep_command(space: Path, data: Path, results: Path, name: str, *extra: st
             "--results", str(results), "--name", name, *extra]
 
 
-def _trials(sweep_dir: Path):
-    """trials.parquet, or None while it does not exist or is being replaced."""
-    try:
-        return read_trials(sweep_dir) if (sweep_dir / TRIALS_FILE).exists() else None
-    except (OSError, ValueError):
-        return None
-
-
 def _mlflow_trial_runs(results: Path, experiment: str):
     client = MlflowClient(default_tracking_uri(results))
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
@@ -187,9 +179,8 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver.poll() is None:
-            trials = _trials(sweep_dir)
-            journal = read_journal(sweep_dir)
-            ended = set() if trials is None else set(trials.loc[trials["end_state"] != "running", "trial_id"])
+            journal = read_journal(sweep_dir)  # no early stops: a trial has ended once its last epoch is in
+            ended = {t for t, rows in journal.items() if max(r["epoch"] for r in rows) == 6}
             if ended and any(max(r["epoch"] for r in rows) >= 3 for t, rows in journal.items() if t not in ended):
                 break
             time.sleep(0.1)
@@ -281,13 +272,14 @@ def test_sweep_on_shared_storage_survives_losing_the_worker(cluster, tiny_path):
         # Wait until a trial finished on the worker and another is running there, then kill that node.
         victim, deadline = None, time.monotonic() + 300
         while victim is None and time.monotonic() < deadline and driver.poll() is None:
-            trials = _trials(sweep_dir)
-            if trials is not None:
-                ended_on_worker = trials[(trials["end_state"] == "completed")
-                                         & (trials["nodes"] == cluster["nodes"]["worker"])]
-                if len(ended_on_worker):
-                    running = set(trials.loc[trials["end_state"] == "running", "trial_id"])
-                    victim = _worker_trial_running(sweep_dir, cluster["nodes"]["worker"], running)
+            # From the journal (the tables lag by up to 10 s); no early stops: a trial has ended
+            # once its last epoch is in.
+            journal = read_journal(sweep_dir)
+            ended_on_worker = [t for t, rows in journal.items() if rows[-1]["epoch"] == EPOCHS
+                               and all(r["node"] == cluster["nodes"]["worker"] for r in rows)]
+            if ended_on_worker:
+                running = {t for t, rows in journal.items() if rows[-1]["epoch"] < EPOCHS}
+                victim = _worker_trial_running(sweep_dir, cluster["nodes"]["worker"], running)
             time.sleep(0.1)
         assert victim, "never saw a finished and a running trial on the worker node"
         for pid in pids_using(cluster["worker_dir"]):

@@ -28,16 +28,11 @@ SPACE = {
 
 def _running(ray_dir):
     """{trial folder: (worker pid, last epoch, checkpoint folders)} of the trials still running,
-    from the sweep's own table and journal."""
-    try:
-        trials = read_trials(ray_dir.parent)
-    except Exception:  # noqa: BLE001 - not written yet, or being replaced
-        return {}
-    running = set(trials.loc[trials["end_state"] == "running", "trial_id"])
+    from the sweep's journal (written as each result arrives; the tables lag by up to 10 s)."""
     found = {}
     for trial_id, results in read_journal(ray_dir.parent).items():
         folders = list(ray_dir.glob(f"*_{trial_id}_*"))
-        if trial_id in running and folders:
+        if results[-1]["epoch"] < EPOCHS and folders:
             found[folders[0].name] = (results[-1]["pid"], results[-1]["epoch"],
                                       sorted(folders[0].glob("checkpoint_*")))
     return found

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from hpo.errors import SweepError
 from hpo.processes import pids_using, stop
 from hpo.resume import resume_sweep
-from hpo.table import TRIALS_FILE, read_journal, read_trials
+from hpo.recovery import read_ended
+from hpo.table import read_journal, read_trials
 from hpo.tracking import default_tracking_uri
 
 EPOCHS = 10
@@ -39,20 +40,15 @@ def _trial_results(sweep_dir):
 
 
 def _wait_mid_sweep(sweep_dir, process, timeout=180):
-    """Until one trial has ended and another is running past a checkpoint."""
+    """Until one trial has ended and another is running past a checkpoint, from the journal
+    (no trial stops early here: a trial has ended once its last epoch is in)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, "the sweep ended before it could be interrupted"
-        ended = set()
-        if (sweep_dir / TRIALS_FILE).exists():
-            try:
-                trials = read_trials(sweep_dir)
-                ended = set(trials.loc[trials["end_state"] != "running", "trial_id"])
-            except Exception:  # noqa: BLE001 - read while being replaced; try again
-                ended = set()
-        running = [name for name, epochs in _trial_results(sweep_dir).items()
-                   if epochs and max(epochs) >= 3 and not any(t in name for t in ended)
-                   and list((sweep_dir / "ray").glob(f"*{name}*/checkpoint_*"))]
+        journal = _trial_results(sweep_dir)
+        ended = {name for name, epochs in journal.items() if max(epochs) == EPOCHS}
+        running = [name for name, epochs in journal.items()
+                   if 3 <= max(epochs) < EPOCHS and list((sweep_dir / "ray").glob(f"*{name}*/checkpoint_*"))]
         if ended and running:
             return ended
         time.sleep(0.1)
@@ -207,6 +203,33 @@ def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatc
     assert read_ended(str(tmp_path / "ended"), "abc123")["end_state"] == "completed"
 
 
+def test_the_tables_are_written_at_most_once_a_period_and_at_the_end(tmp_path):
+    """Rewriting both tables at every trial's start and end cost the driver time that grew with
+    the sweep; the journal takes every result at once, the tables follow within the period."""
+    from ray.tune.experiment import Trial
+
+    from hpo.table import HISTORY_FILE, TrialTable
+
+    table = TrialTable(tmp_path, base={"epochs": 2}, searched=["lr"], period=3600)
+    trials = [Trial("CMATHTrial", config={"lr": 1e-3}, trial_id=f"t{i}", stub=True) for i in range(3)]
+    scores = {"val_wf1": 0.5, "val_acc": 0.5, "test_wf1": 0.4, "test_acc": 0.4, "epoch_seconds": 1.0}
+    table.on_trial_start(0, trials, trials[0])  # the first change is written at once
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t0"]
+    table.on_trial_start(0, trials, trials[1])
+    table.on_trial_result(0, trials, trials[1], {"epoch": 1, **scores})
+    table.on_step_end(0, trials)
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t0"]  # within the period: not yet
+    assert [row["epoch"] for row in read_journal(tmp_path)["t1"]] == [1]  # the journal has it at once
+    table.period = 0  # the period has passed
+    table.on_step_end(0, trials)
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t0", "t1"]
+    assert list(pd.read_parquet(tmp_path / HISTORY_FILE)["trial_id"]) == ["t1"]
+    table.period = 3600
+    table.on_trial_start(0, trials, trials[2])
+    table.on_experiment_end(trials)  # and always at the end
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t0", "t1", "t2"]
+
+
 @pytest.mark.slow
 def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path):
     """Ray's saved state lags a killed driver in two ways, made deterministic here: with snapshots
@@ -250,7 +273,7 @@ def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path)
     assert before[-1] < 6, f"killed too late to show it: {before}"
     ray_state = "".join(p.read_text() for p in (sweep_dir / "ray").glob("experiment_state-*.json"))
     assert first in ray_state and second not in ray_state, "the second trial must be unknown to Ray's state"
-    assert read_trials(sweep_dir).set_index("trial_id").loc[first, "end_state"] == "completed"
+    assert read_ended(str(sweep_dir / "ray" / "cmath_ended"), first)["end_state"] == "completed"
     try:
         resume_sweep("stale", tmp_path / "results", log=lambda line: None)
     finally:
