@@ -38,14 +38,29 @@ def _running(ray_dir):
     return found
 
 
+def _settled_checkpoints(trial_dir, keep=2, timeout=10.0):
+    """The paused trial's checkpoints once the driver can delete none of them: Ray keeps `keep`
+    (CheckpointConfig.num_to_keep) and deletes the oldest when it registers a newer one, which the
+    worker reports only after writing it. So with `keep` or fewer folders, or with more because the
+    worker was paused before it could report the last one (then nothing is deleted at all), the
+    set cannot change; the timeout is for the second case."""
+    deadline = time.monotonic() + timeout
+    while True:
+        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+        if len(checkpoints) <= keep or time.monotonic() > deadline:
+            return checkpoints
+        time.sleep(0.05)
+
+
 def _inject(ray_dir, done, events):
     """Kill the first trial's worker; corrupt the second one's checkpoints, all but its oldest,
     then kill it.
 
     The second worker is paused (SIGSTOP) before its checkpoints are touched: a checkpoint on
     disk may not have reached the driver yet, and which one Ray names on restore is whichever
-    it had registered. Paused, the worker sends nothing more; corrupting every checkpoint but
-    the oldest makes the named one unusable whichever it is, and the oldest is the one left."""
+    it had registered. Paused, the worker sends nothing more, and once the driver has deleted
+    what it will (_settled_checkpoints), corrupting every checkpoint but the oldest makes the
+    named one unusable whichever it is, and the oldest is the one left."""
     deadline = time.monotonic() + 240
     victims = {}
     while time.monotonic() < deadline and len(victims) < 2 and not done.is_set():
@@ -56,8 +71,7 @@ def _inject(ray_dir, done, events):
             corrupted = []
             if corrupt:
                 os.kill(pid, signal.SIGSTOP)
-                time.sleep(2)  # results already sent reach the driver, which then prunes old checkpoints
-                checkpoints = sorted(ray_dir.joinpath(name).glob("checkpoint_*"))
+                checkpoints = _settled_checkpoints(ray_dir / name)
                 for checkpoint in checkpoints[1:]:
                     if (checkpoint / "trainer").is_dir():
                         (checkpoint / "trainer" / "trainer.pt").write_bytes(b"not a checkpoint")
