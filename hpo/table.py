@@ -118,11 +118,6 @@ class TrialTable(Callback):
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         row = self.row(trial, number=trials.index(trial))  # creation order: the warm start is number 0
         row["end_state"] = "running"
-        if self.tracker is not None:
-            try:
-                row["mlflow_run_id"] = self.tracker.run_id(trial)
-            except Exception:  # noqa: BLE001 - the tracker warns; the table goes on without the run id
-                row["mlflow_run_id"] = None
         self._note_change()
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
@@ -214,6 +209,9 @@ class TrialTable(Callback):
 
     def write(self) -> None:
         self._add_origins()
+        if self.tracker is not None:  # the tracker's writer opens each run after the trial starts
+            for key, row in self.rows.items():
+                row["mlflow_run_id"] = row.get("mlflow_run_id") or self.tracker.run_ids.get(key)
         rows = sorted(self.rows.values(), key=lambda r: r["number"])
         frame = pd.DataFrame(rows)
         for column in [c for c in frame.columns if c.startswith("param_")]:

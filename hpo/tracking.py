@@ -7,8 +7,11 @@ checkpoint when the trial ends, tags how it ended, and finds a resumed trial's e
 its `cmath.trial_id` tag instead of opening another.
 
 Tune waits for its callbacks before it hands a trial its next epoch, so nothing slow happens
-in them: metrics, tags and uploads go to one background thread (MlflowWriter), in order, and
-the metrics that piled up meanwhile leave in one `log_batch` per run.
+in them: opening a trial's run, its metrics, tags and uploads go to one background thread
+(MlflowWriter), in order, and the metrics that piled up meanwhile leave in one `log_batch` per
+run. The callbacks name a trial's run by the trial's id; the writer looks the run up when it
+makes the call, after the call that opened it. Its queue is bounded: a tracking store that
+cannot keep up slows the sweep's loop instead of filling the driver's memory.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -75,6 +79,7 @@ def warn_failure(owner, where: str, exc: Exception) -> None:
 
 LOST = "lost: started after Ray last saved its state, then the driver was killed; a resume carries it on"
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch
+MAX_QUEUED = 10_000  # calls and metric batches waiting for the writer (each result is one)
 
 
 class MlflowWriter:
@@ -82,16 +87,19 @@ class MlflowWriter:
     Metrics waiting together are merged into one log_batch per run. A failing call warns and
     the rest go on (a tracking store that fails must not end hours of training)."""
 
-    def __init__(self, client: MlflowClient):
+    def __init__(self, client: MlflowClient, resolve: Callable[[str, int | None], str | None] | None = None):
         self.client = client
-        self.queue: queue.Queue = queue.Queue()
+        # resolve(target, step): the run that metrics handed over for `target` go to, or None to
+        # drop them (an epoch already logged); by default the target is the run id
+        self.resolve = resolve or (lambda target, step: target)
+        self.queue: queue.Queue = queue.Queue(maxsize=MAX_QUEUED)
         self.failures = 0
         self.failure_notes: list[str] = []
         self.thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self.thread.start()
 
-    def metrics(self, run_id: str, metrics: list[Metric]) -> None:
-        self.queue.put(("metrics", run_id, metrics))
+    def metrics(self, target: str, metrics: list[Metric], step: int | None = None) -> None:
+        self.queue.put(("metrics", target, (metrics, step)))
 
     def call(self, fn, *args, **kwargs) -> None:
         self.queue.put(("call", fn, (args, kwargs)))
@@ -127,7 +135,9 @@ class MlflowWriter:
         pending: dict[str, list[Metric]] = {}
         for kind, target, payload in items + [("call", None, None)]:
             if kind == "metrics":
-                pending.setdefault(target, []).extend(payload)
+                run_id = self.resolve(target, payload[1])
+                if run_id is not None:
+                    pending.setdefault(run_id, []).extend(payload[0])
                 continue
             for run_id, metrics in pending.items():  # metrics go before the call that followed them
                 for start in range(0, len(metrics), MAX_BATCH_METRICS):
@@ -211,14 +221,18 @@ class MlflowTrials(Callback):
         self.sweep = sweep
         self.base = base
         self.searched = searched
+        # trial key -> its run, and the last epoch logged to it: written by the writer thread only
         self.run_ids: dict[str, str] = {}
-        self.ended: set[str] = set()
         self.last_step: dict[str, int] = {}
+        self.ended: set[str] = set()  # trials whose run the loop has asked the writer to end
         self._client: MlflowClient | None = None
         self._writer: MlflowWriter | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_writer": None}
+        # Tune pickles this on its loop while the writer may add to these dicts: copied first
+        # (a dict copy holds the GIL throughout)
+        return {**self.__dict__, "_client": None, "_writer": None, "run_ids": dict(self.run_ids),
+                "last_step": dict(self.last_step)}
 
     @property
     def client(self) -> MlflowClient:
@@ -229,7 +243,7 @@ class MlflowTrials(Callback):
     @property
     def writer(self) -> MlflowWriter:
         if self._writer is None:
-            self._writer = MlflowWriter(self.client)
+            self._writer = MlflowWriter(self.client, resolve=self._metrics_run)
         return self._writer
 
     def flush(self) -> None:
@@ -248,11 +262,12 @@ class MlflowTrials(Callback):
     def failure_count(self) -> int:
         return getattr(self, "failures", 0) + (self._writer.failures if self._writer is not None else 0)
 
-    def run_id(self, trial: Trial) -> str:
-        """The trial's run: the one already in the store (a resumed trial, or one carried on
-        under its old id), else a new child."""
-        key = trial_key(trial)
+    def open_run(self, key: str, config: dict, reopen: bool = False) -> str:
+        """The trial's run (`key`: hpo.recovery.trial_key): the one already in the store (a
+        resumed trial, or one carried on under its old id), else a new child. In the writer."""
         if key in self.run_ids:
+            if reopen:  # a trial that ran before (an earlier driver, a retry) continues
+                self.client.update_run(self.run_ids[key], status="RUNNING")
             return self.run_ids[key]
         tags = {"cmath.sweep": self.sweep, "cmath.trial_id": key}
         run_id = find_run(self.client, self.experiment, tags)
@@ -261,7 +276,7 @@ class MlflowTrials(Callback):
                 **tags, "mlflow.parentRunId": self.parent_run_id, "cmath.kind": "trial",
                 "cmath.searched": ",".join(self.searched)})
             run_id = run.info.run_id
-            log_params(self.client, run_id, {**self.base, **searched_config(trial.config)})
+            log_params(self.client, run_id, {**self.base, **config})
             self.last_step[key] = 0
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -270,25 +285,38 @@ class MlflowTrials(Callback):
         self.run_ids[key] = run_id
         return run_id
 
+    def _metrics_run(self, key: str, step: int | None) -> str | None:
+        """Where an epoch's metrics go, in the writer: nowhere if the run could not be opened or
+        already has the epoch (replayed after a restore)."""
+        if key not in self.run_ids or (step is not None and step <= self.last_step.get(key, 0)):
+            return None
+        if step is not None:
+            self.last_step[key] = step
+        return self.run_ids[key]
+
+    def _on_run(self, key: str, fn, *args, **kwargs) -> None:
+        """fn(run id, ...) in the writer, on the trial's run."""
+        if key not in self.run_ids:
+            raise RuntimeError(f"trial {key} has no MLflow run (opening it failed)")
+        fn(self.run_ids[key], *args, **kwargs)
+
     @keep_going
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        run_id = self.run_id(trial)
-        if trial_key(trial) in self.ended:  # a trial that ran before (an earlier driver, a retry) continues
-            self.client.update_run(run_id, status="RUNNING")
-            self.ended.discard(trial_key(trial))
+        key = trial_key(trial)
+        reopen = key in self.ended
+        self.ended.discard(key)
+        self.writer.call(self.open_run, key, searched_config(trial.config), reopen)
 
     @keep_going
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if TRIAL_ERROR in result:
             return
+        key = trial_key(trial)
         if RESTORE_NOTE in result:
-            self.writer.call(self._add_restore_note, self.run_id(trial), result[RESTORE_NOTE])
-        step = int(result["epoch"])
-        if step <= self.last_step.get(trial_key(trial), 0):
-            return  # an epoch replayed after a restore: its history is already logged
+            self.writer.call(self._on_run, key, self._add_restore_note, result[RESTORE_NOTE])
         now = int(time.time() * 1000)
-        self.writer.metrics(self.run_id(trial), [Metric(k, v, now, step) for k, v in model_metrics(result).items()])
-        self.last_step[trial_key(trial)] = step
+        step = int(result["epoch"])
+        self.writer.metrics(key, [Metric(k, v, now, step) for k, v in model_metrics(result).items()], step)
 
     def _add_restore_note(self, run_id: str, note: str) -> None:
         run = self.client.get_run(run_id)
@@ -315,6 +343,7 @@ class MlflowTrials(Callback):
     def _end_runs(self, trials: list[Trial]) -> None:
         # The time budget and Ctrl-C end running trials without on_trial_complete: close their
         # runs (KILLED, with best/ where there is one) in the writer, behind their last metrics.
+        self.flush()  # every run the writer was asked to open is open
         for trial in trials:
             if trial_key(trial) in self.run_ids and trial_key(trial) not in self.ended:
                 self._finish(trial, "interrupted", "KILLED")
@@ -322,7 +351,8 @@ class MlflowTrials(Callback):
         # before a driver was killed; a resume carries it on.
         known = {trial_key(t) for t in trials}
         for run in self.child_runs("and attributes.status = 'RUNNING'"):
-            if run.data.tags.get("cmath.trial_id") not in known:
+            key = run.data.tags.get("cmath.trial_id")
+            if key not in known:
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),
                                                              RunTag("cmath.restore_note", LOST)])
                 self.client.set_terminated(run.info.run_id, "KILLED")
@@ -344,22 +374,22 @@ class MlflowTrials(Callback):
     def _finish(self, trial: Trial, state: str, status: str, error: str | None = None) -> None:
         """Tags, error text, the best checkpoint and the run's end, in the writer's order (after
         the trial's last metrics). What is read off the trial is read now, while it is current."""
-        run_id = self.run_id(trial)
+        key = trial_key(trial)
         tags = [RunTag("cmath.end_state", state)]
         if error:
             tags.append(RunTag("cmath.error", error))
-        self.writer.call(self.client.log_batch, run_id, tags=tags)
+        self.writer.call(self._on_run, key, lambda run_id: self.client.log_batch(run_id, tags=tags))
         if error:
-            self.writer.call(self.client.log_text, run_id, error_text(trial), "error.txt")
+            self.writer.call(self._on_run, key, self.client.log_text, error_text(trial), "error.txt")
         replayed = bool((trial.last_result or {}).get(REPLAYED))
         checkpoint = last_checkpoint(trial)
-        self.writer.call(self.upload_best, checkpoint, run_id, replayed)
+        self.writer.call(self._on_run, key, lambda run_id: self.upload_best(checkpoint, run_id, replayed))
         # An interrupted trial may be resumed from its checkpoints; a replayed one without a
         # recorded checkpoint cannot say which one to keep.
         if self.prune and state != "interrupted" and not (replayed and ENDED_CHECKPOINT not in trial.last_result):
             self.writer.call(prune_checkpoints, checkpoint, trial.config.get(CHECKPOINTS_OF))  # once best/ is uploaded
-        self.writer.call(self.client.set_terminated, run_id, status)
-        self.ended.add(trial_key(trial))
+        self.writer.call(self._on_run, key, self.client.set_terminated, status)
+        self.ended.add(key)
 
     def upload_best(self, checkpoint: tuple[pafs.FileSystem, str] | None, run_id: str,
                     replayed: bool = False) -> None:

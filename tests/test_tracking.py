@@ -69,3 +69,56 @@ def test_failed_calls_are_counted_with_what_failed(tmp_path):
     tracker.on_experiment_end(trials=[])
     written = json.loads((tmp_path / FAILURES_FILE).read_text())
     assert written["failures"] == 1 and written["notes"][0].startswith("set_tag: ")
+
+
+def test_a_trials_run_is_opened_by_the_writer_not_on_tunes_loop(tmp_path):
+    """Opening a run (search_runs, create_run, log_params) is no longer made in Tune's callback:
+    with the writer held, the trial's start and results return, and once the writer goes on the
+    run exists with the trial's params and each epoch once (a replayed one is not logged twice)."""
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from hpo.tracking import MlflowTrials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("start")
+    tracker = MlflowTrials(uri, experiment, client.create_run(experiment).info.run_id, "start", {"d": 64}, ["lr"])
+    gate = threading.Event()
+    tracker.writer.call(gate.wait)  # a slow tracking store
+    trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id="t1", stub=True)
+    tracker.on_trial_start(0, [trial], trial)
+    for epoch in (1, 2, 2):
+        tracker.on_trial_result(0, [trial], trial, {"epoch": epoch, "val_wf1": epoch / 10})
+    assert "t1" not in tracker.run_ids  # nothing was made on the loop
+    gate.set()
+    tracker.flush()
+    run = client.get_run(tracker.run_ids["t1"])
+    assert run.data.params == {"d": "64", "lr": "0.001"} and run.data.tags["cmath.trial_id"] == "t1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_wf1")] == [1, 2]
+    tracker.close()
+
+
+def test_the_writers_queue_is_bounded(tmp_path, monkeypatch):
+    """A store that cannot keep up makes the loop wait, not the driver's memory grow."""
+    import queue
+    import time
+
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from hpo import tracking
+
+    monkeypatch.setattr(tracking, "MAX_QUEUED", 2)
+    writer = tracking.MlflowWriter(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    gate, done = threading.Event(), []
+    writer.call(gate.wait)
+    while writer.queue.qsize():  # until the writer holds the gate
+        time.sleep(0.01)
+    writer.call(done.append, 1)
+    writer.call(done.append, 2)
+    with pytest.raises(queue.Full):
+        writer.queue.put(("call", done.append, ((3,), {})), timeout=0.2)
+    gate.set()
+    writer.close()
+    assert done == [1, 2]
