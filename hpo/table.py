@@ -162,6 +162,7 @@ class TrialTable(Callback):
         self._finish(trial, "failed", error=error_summary(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        self._record_ended_before_the_resume(trials)
         known = {trial_key(t): t for t in trials}
         for trial_id, row in self.rows.items():
             if row["end_state"] != "running":
@@ -182,6 +183,24 @@ class TrialTable(Callback):
                                            "restore_notes": LOST, "mlflow_run_id": run.info.run_id,
                                            "started_at": run.info.start_time / 1000}
         self.write()
+
+    def _record_ended_before_the_resume(self, trials: list[Trial]) -> None:
+        """A trial that Ray's restored state has as ended gets no event in a resumed driver; the
+        tables, written on a timer, may have missed its end (or, killed within a period of its
+        start, the trial itself). Its row comes from Ray's record of it and the journal."""
+        for index, trial in enumerate(trials):
+            if trial.status not in (Trial.TERMINATED, Trial.ERROR):
+                continue
+            key = trial_key(trial)
+            if key in self.rows and self.rows[key]["end_state"] != "running":
+                continue
+            row = self.row(trial, number=index)
+            if key in self.history:
+                self._summarise(row, self.history[key])
+            failed = trial.status == Trial.ERROR
+            state = "failed" if failed else end_state(trial.last_result)
+            if state != "interrupted":  # one cut short (Ctrl-C, the time budget) is not over: see below
+                self._finish(trial, state, error=error_summary(trial) if failed else None)
 
     def _finish(self, trial: Trial, state: str, error: str | None = None) -> None:
         row = self.row(trial)

@@ -349,9 +349,19 @@ class MlflowTrials(Callback):
                 self._finish(trial, "interrupted", "KILLED")
         # A run still open for a trial Ray does not know started after Ray's last saved state
         # before a driver was killed; a resume carries it on.
-        known = {trial_key(t) for t in trials}
+        known = {trial_key(t): t for t in trials}
         for run in self.child_runs("and attributes.status = 'RUNNING'"):
             key = run.data.tags.get("cmath.trial_id")
+            trial = known.get(key)
+            if trial is not None and trial.status in (Trial.TERMINATED, Trial.ERROR) and key not in self.ended:
+                # ended before a killed driver's writer closed its run; Ray's restored state knows
+                # how, and the trial gets no event in this driver
+                # (its end state and status only: what Ray names as its checkpoint may be stale)
+                failed = trial.status == Trial.ERROR
+                state = "failed" if failed else end_state(trial.last_result)
+                self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", state)])
+                self.client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+                continue
             if key not in known:
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),
                                                              RunTag("cmath.restore_note", LOST)])

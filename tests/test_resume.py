@@ -230,6 +230,35 @@ def test_the_tables_are_written_at_most_once_a_period_and_at_the_end(tmp_path):
     assert list(read_trials(tmp_path)["trial_id"]) == ["t0", "t1", "t2"]
 
 
+def test_a_trial_ray_restores_as_ended_gets_its_row_from_ray_and_the_journal(tmp_path):
+    """Seen in the killed-driver test: a trial that ended shortly before the kill was in Ray's
+    restored state as ended (so it gets no event in the resumed driver) but not yet in the tables,
+    which are written on a timer. Its row must come back completed, with its epochs."""
+    import json as json_
+
+    from ray.tune.experiment import Trial
+
+    from hpo.table import JOURNAL_FILE, TrialTable
+
+    scores = {"val_wf1": 0.5, "val_acc": 0.5, "test_wf1": 0.4, "test_acc": 0.4, "epoch_seconds": 1.0}
+    (tmp_path / JOURNAL_FILE).write_text("".join(json_.dumps({"trial_id": "t0", "epoch": e, **scores}) + "\n"
+                                                 for e in (1, 2)))
+    from hpo.recovery import read_ended
+
+    table = TrialTable(tmp_path, base={"epochs": 2}, searched=["lr"], ended_dir=str(tmp_path / "ended"))
+    table.setup()
+    ended, cut = (Trial("CMATHTrial", config={"lr": 1e-3}, trial_id=t, stub=True) for t in ("t0", "t1"))
+    ended.status = cut.status = Trial.TERMINATED
+    ended.run_metadata.last_result = {"epoch": 2, "epochs_planned": 2, "done": True, **scores}
+    cut.run_metadata.last_result = {"epoch": 1, "epochs_planned": 2, **scores}  # Ctrl-C: not done
+    table.on_experiment_end([ended, cut])
+    rows = read_trials(tmp_path).set_index("trial_id")
+    assert (rows.loc["t0", "end_state"], rows.loc["t0", "epochs"], rows.loc["t0", "param_lr"],
+            rows.loc["t0", "best_val_wf1"]) == ("completed", 2, 1e-3, 0.5)
+    # one cut short is not over: no ended record, or a resume would replay it instead of going on
+    assert rows.loc["t1", "end_state"] == "interrupted" and read_ended(str(tmp_path / "ended"), "t1") is None
+
+
 @pytest.mark.slow
 def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path):
     """Ray's saved state lags a killed driver in two ways, made deterministic here: with snapshots
