@@ -22,6 +22,13 @@ def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[
     return tuple(sorted({math.ceil(grace_period * reduction_factor ** k - 1e-9) for k in range(count)}))
 
 
+def trial_folders(fs: pafs.FileSystem, experiment: str, trial_id: str) -> list[str]:
+    """A Ray trial's folders in the experiment folder, found by its id: Ray names each
+    `<trainable>_<trial id>_<number>_...`."""
+    return [info.path for info in fs.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
+            if info.type == pafs.FileType.Directory and f"_{trial_id}_" in info.base_name]
+
+
 def last_checkpoint(trial: Trial) -> tuple[pafs.FileSystem, str] | None:
     """The filesystem and path of the trial's latest checkpoint. A replayed trial's is the one
     recorded when it really ended: the Ray state a resume restores can lag behind a killed
@@ -49,11 +56,7 @@ def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None, carried_on
         return
     fs, path = checkpoint
     trial_dir = path.rsplit("/", 1)[0]
-    folders = [trial_dir]
-    if carried_on:  # Ray names a trial's folder <trainable>_<trial id>_<number>_...
-        experiment = trial_dir.rsplit("/", 1)[0]
-        folders += [info.path for info in fs.get_file_info(pafs.FileSelector(experiment))
-                    if info.type == pafs.FileType.Directory and f"_{carried_on}_" in info.base_name]
+    folders = [trial_dir] + (trial_folders(fs, trial_dir.rsplit("/", 1)[0], carried_on) if carried_on else [])
     for folder in dict.fromkeys(folders):
         for info in fs.get_file_info(pafs.FileSelector(folder)):
             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \

@@ -39,6 +39,13 @@ def end_state(result: dict | None, error: bool = False) -> str:
     return "stopped_by_asha" if result.get("done") else "interrupted"
 
 
+def ended_state(trial) -> str | None:
+    """How a trial that Ray has as ended (TERMINATED or ERROR) ended; None while it has not."""
+    if trial.status == trial.ERROR:
+        return "failed"
+    return end_state(trial.last_result) if trial.status == trial.TERMINATED else None
+
+
 class SweepSearch(OptunaSearch):
     def __init__(self, space: SearchSpace, n_startup_trials: int, storage: str | None = None,
                  study_name: str = "cmath", sampler: str = "tpe"):

@@ -22,7 +22,7 @@ from cmath_model.train import summarize
 
 from .checkpoints import checkpoint_uri, last_checkpoint
 from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, searched_config, trial_key, write_ended
-from .search import end_state
+from .search import end_state, ended_state
 from .tracking import LOST, MlflowTrials, error_summary
 from .trainable import final_result, model_metrics
 
@@ -189,18 +189,14 @@ class TrialTable(Callback):
         tables, written on a timer, may have missed its end (or, killed within a period of its
         start, the trial itself). Its row comes from Ray's record of it and the journal."""
         for index, trial in enumerate(trials):
-            if trial.status not in (Trial.TERMINATED, Trial.ERROR):
-                continue
-            key = trial_key(trial)
-            if key in self.rows and self.rows[key]["end_state"] != "running":
+            state, key = ended_state(trial), trial_key(trial)
+            if state is None or (key in self.rows and self.rows[key]["end_state"] != "running"):
                 continue
             row = self.row(trial, number=index)
             if key in self.history:
                 self._summarise(row, self.history[key])
-            failed = trial.status == Trial.ERROR
-            state = "failed" if failed else end_state(trial.last_result)
             if state != "interrupted":  # one cut short (Ctrl-C, the time budget) is not over: see below
-                self._finish(trial, state, error=error_summary(trial) if failed else None)
+                self._finish(trial, state, error=error_summary(trial) if state == "failed" else None)
 
     def _finish(self, trial: Trial, state: str, error: str | None = None) -> None:
         row = self.row(trial)

@@ -41,7 +41,7 @@ from cmath_model.runs import log_artifacts_once, sqlite_file
 from .checkpoints import last_checkpoint, prune_checkpoints
 from .errors import SweepError
 from .recovery import CHECKPOINTS_OF, ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, searched_config, trial_key
-from .search import end_state
+from .search import end_state, ended_state
 from .trainable import model_metrics
 
 MAX_PARAM_CHARS = 500
@@ -352,15 +352,14 @@ class MlflowTrials(Callback):
         known = {trial_key(t): t for t in trials}
         for run in self.child_runs("and attributes.status = 'RUNNING'"):
             key = run.data.tags.get("cmath.trial_id")
-            trial = known.get(key)
-            if trial is not None and trial.status in (Trial.TERMINATED, Trial.ERROR) and key not in self.ended:
+            state = ended_state(known[key]) if key in known else None
+            if state is not None and key not in self.ended:
                 # ended before a killed driver's writer closed its run; Ray's restored state knows
-                # how, and the trial gets no event in this driver
-                # (its end state and status only: what Ray names as its checkpoint may be stale)
-                failed = trial.status == Trial.ERROR
-                state = "failed" if failed else end_state(trial.last_result)
+                # how, and the trial gets no event in this driver (its end state and status only:
+                # what Ray names as its checkpoint may be stale)
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", state)])
-                self.client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+                status = {"failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
+                self.client.set_terminated(run.info.run_id, status)
                 continue
             if key not in known:
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),

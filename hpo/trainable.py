@@ -33,6 +33,7 @@ from cmath_model.data import Dataset
 from cmath_model.train import TRAIN_KEYS, Trainer
 
 from ._compat import TrainingResult, restart_iteration_count
+from .checkpoints import trial_folders
 from .recovery import (CHECKPOINTS_OF, CONTINUES, ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, read_ended,
                        read_json, searched_config)
 
@@ -260,10 +261,8 @@ def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str | 
 
 
 def lost_trial_checkpoints(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, list[str]]:
-    """A Ray trial's checkpoints, newest first, found by its id in the experiment folder (beside
-    the ended records): Ray names each trial's folder `<trainable>_<trial id>_<number>_...`."""
+    """A Ray trial's checkpoints, newest first, from its folder in the experiment folder (where
+    the ended records are too)."""
     fs, ended = pafs.FileSystem.from_uri(ended_dir)
-    experiment = ended.rstrip("/").rsplit("/", 1)[0]
-    folders = [info.path for info in fs.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
-               if info.type == pafs.FileType.Directory and f"_{trial_id}_" in info.base_name]
+    folders = trial_folders(fs, ended.rstrip("/").rsplit("/", 1)[0], trial_id)
     return fs, [path for folder in folders for path in _checkpoints_newest_first(fs, folder)]
