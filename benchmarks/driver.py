@@ -10,7 +10,12 @@ Each N runs in a process of its own, which is the sweep's driver, and reports:
 - written_mb and written_per_trial_kb: bytes the driver process wrote to disk (/proc/self/io);
 - mlflow_calls_per_trial: MlflowClient calls the driver made, over N.
 
-    python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--quick]
+It also times what a sweep's own tables cost the driver once trials have many epochs (which the
+one-epoch trials above do not show): one rewrite of trials.parquet and history.parquet at N
+trials of E epochs, how many rewrites a sweep of N trials made at every trial start and end (2N),
+and how many it makes on hpo.table's timer (one per TABLE_PERIOD_S of fit time, at most).
+
+    python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--table-epochs 60] [--quick]
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import emit_point, parser, peak_rss_mb, run_point, save, synthetic_dataset
+from .common import emit_point, parser, peak_rss_mb, run_point, save, synthetic_dataset, table
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "bench" / "overhead-empty.yaml"
 COLUMNS = ["trials", "slots", "fit_s", "fit_per_trial_ms", "driver_cpu_per_trial_ms", "peak_rss_mb", "written_mb",
            "written_per_trial_kb", "mlflow_calls_per_trial", "completed"]
+TABLE_COLUMNS = ["trials", "epochs", "write_ms", "rewrites_per_event", "est_seconds_at_every_event"]
 
 
 def count_mlflow_calls() -> dict[str, int]:
@@ -77,11 +83,36 @@ def point(trials: int, slots: int, work: str, data: str) -> dict:
                 completed=outcome.counts["completed"] + outcome.counts["stopped_by_asha"])
 
 
+def table_write(trials: int, epochs: int, work: Path) -> dict:
+    """One rewrite of the sweep's tables holding `trials` trials of `epochs` epochs each."""
+    from ray.tune.experiment import Trial
+
+    from hpo.table import TrialTable
+
+    folder = work / f"table-{trials}x{epochs}"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = TrialTable(folder, base={"epochs": epochs}, searched=["lr"], period=float("inf"))
+    scores = {"val_wf1": 0.5, "val_acc": 0.5, "test_wf1": 0.4, "test_acc": 0.4, "train_loss": 1.0,
+              "epoch_seconds": 1.0, **{f"val_f1_{c}": 0.5 for c in range(6)}, **{f"test_f1_{c}": 0.4 for c in range(6)}}
+    for n in range(trials):
+        trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id=f"{n:08x}", stub=True)
+        table.row(trial, number=n)
+        for epoch in range(1, epochs + 1):
+            table.on_trial_result(0, [], trial, {"epoch": epoch, **scores})
+    started = time.perf_counter()
+    table.write()
+    seconds = time.perf_counter() - started
+    shutil.rmtree(folder, ignore_errors=True)
+    return dict(trials=trials, epochs=epochs, write_ms=1000 * seconds, rewrites_per_event=2 * trials,
+                est_seconds_at_every_event=2 * trials * seconds / 2)  # the average table is half the final one
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--trials", default="100,300,1000", help="sweep sizes, comma-separated")
     p.add_argument("--slots", type=int, default=8, help="trials at a time (Ray's logical CPUs)")
     p.add_argument("--keep", action="store_true", help="keep the sweeps' folders (under <out>/work/)")
+    p.add_argument("--table-epochs", type=int, default=60, help="epochs per trial for the table rewrite timing")
     args = p.parse_args(argv)
     if args.point:
         import json
@@ -104,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     base = rows[0]
     for row in rows:
         row["driver_cpu_vs_first"] = row["driver_cpu_per_trial_ms"] / base["driver_cpu_per_trial_ms"]
-    save("driver", args, rows, COLUMNS + ["driver_cpu_vs_first"], goal="driver time per trial at N=1000 within 1.25x "
+    tables = [table_write(n, args.table_epochs, work) for n in sizes]
+    print(table(tables, TABLE_COLUMNS))
+    save("driver", args, rows, COLUMNS + ["driver_cpu_vs_first"], tables=tables, goal="driver time per trial at N=1000 within 1.25x "
          "of N=100; memory no faster than linear",
          notes="Empty trials (d 16, 1 epoch on tiny); each N in its own driver process; slots are Ray logical CPUs "
                "on this machine's cores. driver_cpu is the driver process's user+system CPU seconds during the "
