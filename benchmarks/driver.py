@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         row["driver_cpu_vs_first"] = row["driver_cpu_per_trial_ms"] / base["driver_cpu_per_trial_ms"]
     tables = [table_write(n, args.table_epochs, work) for n in sizes]
     print(table(tables, TABLE_COLUMNS))
-    save("driver", args, rows, COLUMNS + ["driver_cpu_vs_first"], tables=tables, goal="driver time per trial at N=1000 within 1.25x "
-         "of N=100; memory no faster than linear",
+    save("driver", args, rows, COLUMNS + ["driver_cpu_vs_first"], tables=tables,
+         goal="driver time per trial at N=1000 within 1.25x of N=100; memory no faster than linear",
          notes="Empty trials (d 16, 1 epoch on tiny); each N in its own driver process; slots are Ray logical CPUs "
                "on this machine's cores. driver_cpu is the driver process's user+system CPU seconds during the "
                "sweep; written is /proc/self/io write_bytes of the driver (tables, journal, sqlite stores, Tune's "

@@ -3,8 +3,9 @@
 Ray Tune's `Tuner.restore` brings back the trials (finished ones are kept, unfinished ones
 continue from their latest checkpoints, failed ones stay failed), the Optuna searcher's state
 and the callbacks. Trials that started after Ray's last saved state are carried on by new Ray
-trials under their old ids (hpo.search.SweepSearch.restore). The MLflow callback finds each trial's existing run by its tag, so no trial
-gets a second run; the sweep's parent run is reopened from sweep.json.
+trials under their old ids (hpo.search.SweepSearch.restore). The MLflow callback finds each
+trial's existing run by its tag, so no trial gets a second run; the sweep's parent run is
+reopened from sweep.json.
 """
 
 from __future__ import annotations

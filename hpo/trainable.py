@@ -34,8 +34,17 @@ from cmath_model.train import TRAIN_KEYS, Trainer
 
 from ._compat import TrainingResult, restart_iteration_count
 from .checkpoints import trial_folders
-from .recovery import (CHECKPOINTS_OF, CONTINUES, ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, read_ended,
-                       read_json, searched_config)
+from .recovery import (
+    CHECKPOINTS_OF,
+    CONTINUES,
+    ENDED_CHECKPOINT,
+    REPLAYED,
+    RESTORE_NOTE,
+    TRIAL_ERROR,
+    read_ended,
+    read_json,
+    searched_config,
+)
 
 SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
 # setup: building the trial's model and optimiser; checkpoint: its checkpoints so far, Ray's copy to storage included

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from hpo.errors import SweepError
 from hpo.processes import pids_using, stop
-from hpo.resume import resume_sweep
 from hpo.recovery import read_ended
+from hpo.resume import resume_sweep
 from hpo.table import read_journal, read_trials
 from hpo.tracking import default_tracking_uri
 
