@@ -78,7 +78,7 @@ def launch(tmp_path, tiny_path):
             process.wait()
 
 
-def _check_resumed(sweep_dir, results, finished_before):
+def _check_resumed(sweep_dir, results, finished_before, journal_before):
     trials = read_trials(sweep_dir)
     # A trial started after Ray's last saved state is unknown to it: the resume carries it on
     # under its own id, from its newest checkpoint (from epoch 1 if it had none): no trial is
@@ -94,8 +94,8 @@ def _check_resumed(sweep_dir, results, finished_before):
         # epoch 1 (but one carried on with no checkpoint to start from), and every one reached
         # its last epoch.
         assert max(epochs) == EPOCHS, f"{name} did not reach its last epoch: {epochs}"
-        if "from epoch 1" in str(after.loc[name, "restore_notes"]):
-            continue
+        if "from epoch 1" in str(after.loc[name, "restore_notes"]) or max(journal_before.get(name, [0])) < 2:
+            continue  # carried on with nothing to start from, or stopped before its first checkpoint (epoch 2)
         assert epochs.count(1) == 1, f"{name} restarted from epoch 1: {epochs}"
         redone[name] = int(after.loc[name, "epochs_redone"])
     # A checkpoint every 2 epochs bounds what is redone, plus the lag of Ray's experiment snapshot:
@@ -136,13 +136,14 @@ def test_resume_after_the_driver_is_killed(launch, tmp_path):
     # What had ended is read after the kill: a trial can end between the wait and the signal.
     trials = read_trials(sweep_dir)
     finished_before = trials.set_index("trial_id")["finished_at"].dropna().to_dict()
+    journal_before = _trial_results(sweep_dir)
     try:
         assert pids_using(session), "expected the killed driver's Ray to leave processes behind"
         lines = []
         resume_sweep("killed", tmp_path / "results", log=lines.append)
         assert not pids_using(session)
         assert any("stopping" in line and "left behind" in line for line in lines)
-        _check_resumed(sweep_dir, tmp_path / "results", finished_before)
+        _check_resumed(sweep_dir, tmp_path / "results", finished_before, journal_before)
     finally:
         stop(pids_using(session))
 
@@ -159,11 +160,12 @@ def test_resume_after_ctrl_c(launch, tmp_path):
     assert set(trials["end_state"]) <= {"completed", "interrupted"}
     assert (trials["end_state"] == "completed").sum() < SAMPLES
     finished_before = trials.set_index("trial_id")["finished_at"].dropna().to_dict()
+    journal_before = _trial_results(sweep_dir)
     # A clean exit waits until its private Ray is gone (a trial worker takes seconds to tear down
     # after SIGTERM, 5 s seen on a busy machine): nothing the sweep started outlives it.
     assert not pids_using(record["driver"]["ray_session_dir"])
     resume_sweep("interrupted", tmp_path / "results", log=lambda line: None)
-    _check_resumed(sweep_dir, tmp_path / "results", finished_before)
+    _check_resumed(sweep_dir, tmp_path / "results", finished_before, journal_before)
 
 
 def test_resume_refuses_a_finished_or_running_sweep(tmp_path):
