@@ -5,13 +5,18 @@ measurement's own)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 OUT = Path("results/benchmarks")
@@ -52,10 +57,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_point(module: str, point: dict, timeout: float = 3600) -> dict:
-    """Run `python -m benchmarks.<module> --point '<json>'` and return the JSON it prints last."""
+def run_point(module: str, point: dict, timeout: float = 3600, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m benchmarks.<module> --point '<json>'` (with `env` added to this process's
+    environment) and return the JSON it prints last."""
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--point", json.dumps(point)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
@@ -125,3 +131,39 @@ def synthetic_dataset(work: Path, scale: str, dataset: str = "iemocap") -> Path:
         work.mkdir(parents=True, exist_ok=True)
         write_synthetic(out, dataset, scale)
     return out
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, cpus: int) -> Iterator[dict[str, str]]:
+    """A Ray cluster of `nodes` raylets on this machine (`ray start`: a head and nodes - 1 workers,
+    `cpus` logical CPUs shared out among them), as a driver on a multi-node cluster meets it: its
+    scheduling, object transfers and node heartbeats go through the head's GCS. Yields the
+    environment a driver needs to join it (RAY_ADDRESS, and Ray 2.60's token authentication, which
+    every node and driver of a cluster must share); stops only what it started, by PID (never
+    `ray stop`: it is machine-wide)."""
+    from hpo.processes import pids_using, stop
+
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    joining = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    # Short temp dirs: Ray's unix sockets live inside them and socket paths are limited to 107 bytes.
+    folders = [tempfile.mkdtemp(prefix=f"rn{n}", dir="/tmp") for n in range(nodes)]
+    shares = [cpus // nodes + (1 if n < cpus % nodes else 0) for n in range(nodes)]
+    try:
+        for n, (folder, share) in enumerate(zip(folders, shares)):
+            role = (["--head", "--port", str(port), "--include-dashboard=false"] if n == 0
+                    else ["--address", joining["RAY_ADDRESS"]])
+            done = subprocess.run([ray, "start", *role, "--node-ip-address", "127.0.0.1", "--num-cpus", str(share),
+                                   "--temp-dir", folder, "--disable-usage-stats"], env=env, capture_output=True,
+                                  text=True, timeout=180)
+            if done.returncode != 0:
+                raise RuntimeError(f"ray start of node {n + 1} of {nodes} failed: "
+                                   + " | ".join(done.stderr.strip().splitlines()[-3:]))
+        yield joining
+    finally:
+        for folder in reversed(folders):
+            stop(pids_using(folder))
+            shutil.rmtree(folder, ignore_errors=True)

@@ -10,27 +10,34 @@ Each N runs in a process of its own, which is the sweep's driver, and reports:
 - written_mb and written_per_trial_kb: bytes the driver process wrote to disk (/proc/self/io);
 - mlflow_calls_per_trial: MlflowClient calls the driver made, over N.
 
+With `--nodes K` every N runs on a Ray cluster of K raylets on this machine (a head and K - 1
+worker nodes started with `ray start`, the slots shared out among them), which the driver joins
+by address, as it would a multi-node cluster.
+
 It also times what a sweep's own tables cost the driver once trials have many epochs (which the
 one-epoch trials above do not show): one rewrite of trials.parquet and history.parquet at N
 trials of E epochs, how many rewrites a sweep of N trials made at every trial start and end (2N),
 and how many it makes on hpo.table's timer (one per TABLE_PERIOD_S of fit time, at most).
 
-    python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--table-epochs 60] [--quick]
+    python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--nodes 1] [--table-epochs 60] [--quick]
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import re
 import resource
 import shutil
 import time
 from pathlib import Path
 
-from .common import emit_point, parser, peak_rss_mb, run_point, save, synthetic_dataset, table
+from .common import emit_point, local_cluster, parser, peak_rss_mb, run_point, save, synthetic_dataset, table
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "bench" / "overhead-empty.yaml"
-COLUMNS = ["trials", "slots", "fit_s", "fit_per_trial_ms", "driver_cpu_per_trial_ms", "peak_rss_mb", "written_mb",
-           "written_per_trial_kb", "mlflow_calls_per_trial", "completed"]
+COLUMNS = ["trials", "nodes_seen", "slots", "fit_s", "fit_per_trial_ms", "driver_cpu_per_trial_ms", "peak_rss_mb",
+           "written_mb", "written_per_trial_kb", "mlflow_calls_per_trial", "completed"]
 TABLE_COLUMNS = ["trials", "epochs", "write_ms", "rewrites_per_event", "est_seconds_at_every_event"]
 
 
@@ -66,18 +73,23 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def point(trials: int, slots: int, work: str, data: str) -> dict:
-    """One sweep of `trials` trials in this process (the driver), measured."""
+def point(trials: int, slots: int, work: str, data: str, nodes: int = 1) -> dict:
+    """One sweep of `trials` trials in this process (the driver), measured; on the cluster that
+    RAY_ADDRESS names if set, else on a private local Ray of `slots` CPUs."""
+
     from hpo.sweep import SweepOptions, run_sweep
 
-    calls = count_mlflow_calls()
+    calls, lines = count_mlflow_calls(), []
     written, cpu = written_bytes(), cpu_seconds()
     outcome = run_sweep(SweepOptions(space=SPACE, data=data, num_samples=trials, max_concurrent=slots,
-                                     cpus_per_trial=1, num_cpus=slots, results=work, name=f"driver-{trials}",
-                                     command=f"benchmarks.driver {trials}"), log=lambda line: None)
+                                     cpus_per_trial=1, num_cpus=None if os.environ.get("RAY_ADDRESS") else slots,
+                                     results=work, name=f"driver-{nodes}x{trials}",
+                                     command=f"benchmarks.driver {trials}"), log=lines.append)
     cpu, written = cpu_seconds() - cpu, written_bytes() - written
-    return dict(trials=trials, slots=slots, fit_s=outcome.fit_seconds, fit_per_trial_ms=1000 * outcome.fit_seconds
-                / trials, driver_cpu_per_trial_ms=1000 * cpu / trials, peak_rss_mb=peak_rss_mb(),
+    joined = re.search(r"checked on (\d+) nodes", "\n".join(lines))  # the preflight ran on every node it found
+    return dict(trials=trials, nodes=nodes, nodes_seen=int(joined.group(1)) if joined else 1, slots=slots,
+                fit_s=outcome.fit_seconds, fit_per_trial_ms=1000 * outcome.fit_seconds / trials,
+                driver_cpu_per_trial_ms=1000 * cpu / trials, peak_rss_mb=peak_rss_mb(),
                 written_mb=written / 1e6, written_per_trial_kb=written / 1e3 / trials,
                 mlflow_calls_per_trial=sum(calls.values()) / trials, mlflow_calls=calls,
                 completed=outcome.counts["completed"] + outcome.counts["stopped_by_asha"])
@@ -111,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--trials", default="100,300,1000", help="sweep sizes, comma-separated")
     p.add_argument("--slots", type=int, default=8, help="trials at a time (Ray's logical CPUs)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="raylets: 1 is a private local Ray; K > 1 starts a head and K - 1 worker nodes here")
     p.add_argument("--keep", action="store_true", help="keep the sweeps' folders (under <out>/work/)")
     p.add_argument("--table-epochs", type=int, default=60, help="epochs per trial for the table rewrite timing")
     args = p.parse_args(argv)
@@ -124,11 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.out).resolve() / "work" / f"driver-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
     try:
-        for n in sizes:
-            print(f"driver: {n} trials, {args.slots} at a time", flush=True)
-            rows.append(run_point("driver", dict(trials=n, slots=args.slots, work=str(work), data=data)))
-            print(f"  fit {rows[-1]['fit_s']:.0f}s, driver CPU {rows[-1]['driver_cpu_per_trial_ms']:.0f} ms/trial",
-                  flush=True)
+        with local_cluster(args.nodes, args.slots) if args.nodes > 1 else contextlib.nullcontext({}) as joining:
+            for n in sizes:
+                print(f"driver: {n} trials, {args.slots} at a time on {args.nodes} node(s)", flush=True)
+                rows.append(run_point("driver", dict(trials=n, slots=args.slots, work=str(work), data=data,
+                                                     nodes=args.nodes), env=joining))
+                print(f"  fit {rows[-1]['fit_s']:.0f}s, driver CPU {rows[-1]['driver_cpu_per_trial_ms']:.0f} "
+                      f"ms/trial", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -137,12 +153,14 @@ def main(argv: list[str] | None = None) -> None:
         row["driver_cpu_vs_first"] = row["driver_cpu_per_trial_ms"] / base["driver_cpu_per_trial_ms"]
     tables = [table_write(n, args.table_epochs, work) for n in sizes]
     print(table(tables, TABLE_COLUMNS))
-    save("driver", args, rows, COLUMNS + ["driver_cpu_vs_first"], tables=tables,
+    name = "driver" if args.nodes == 1 else f"driver-{args.nodes}nodes"
+    save(name, args, rows, COLUMNS + ["driver_cpu_vs_first"], tables=tables,
          goal="driver time per trial at N=1000 within 1.25x of N=100; memory no faster than linear",
          notes="Empty trials (d 16, 1 epoch on tiny); each N in its own driver process; slots are Ray logical CPUs "
-               "on this machine's cores. driver_cpu is the driver process's user+system CPU seconds during the "
-               "sweep; written is /proc/self/io write_bytes of the driver (tables, journal, sqlite stores, Tune's "
-               "experiment snapshots); MLflow calls counted by wrapping MlflowClient's public methods.")
+               f"on this machine's cores, on {args.nodes} raylet(s). driver_cpu is the driver process's user+system "
+               "CPU seconds during the sweep; written is /proc/self/io write_bytes of the driver (tables, journal, "
+               "sqlite stores, Tune's experiment snapshots); MLflow calls counted by wrapping MlflowClient's public "
+               "methods.")
 
 
 if __name__ == "__main__":
