@@ -29,6 +29,14 @@ def trial_folders(fs: pafs.FileSystem, experiment: str, trial_id: str) -> list[s
             if info.type == pafs.FileType.Directory and f"_{trial_id}_" in info.base_name]
 
 
+def checkpoint_folders(fs: pafs.FileSystem, trial_dir: str) -> list[str]:
+    """A Ray trial folder's checkpoints, newest first: Ray numbers them in order, zero-padded
+    (`checkpoint_000012`)."""
+    return sorted((info.path for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+                   if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")),
+                  reverse=True)
+
+
 def last_checkpoint(trial: Trial) -> tuple[pafs.FileSystem, str] | None:
     """The filesystem and path of the trial's latest checkpoint. A replayed trial's is the one
     recorded when it really ended: the Ray state a resume restores can lag behind a killed
@@ -58,9 +66,8 @@ def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None, carried_on
     trial_dir = path.rsplit("/", 1)[0]
     folders = [trial_dir] + (trial_folders(fs, trial_dir.rsplit("/", 1)[0], carried_on) if carried_on else [])
     for folder in dict.fromkeys(folders):
-        for info in fs.get_file_info(pafs.FileSelector(folder)):
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
-                    and info.path.rstrip("/") != path:
-                fs.delete_dir(info.path)
+        for older in checkpoint_folders(fs, folder):
+            if older.rstrip("/") != path:
+                fs.delete_dir(older)
     if fs.get_file_info(f"{path}/trainer").type == pafs.FileType.Directory:
         fs.delete_dir(f"{path}/trainer")

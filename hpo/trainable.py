@@ -33,7 +33,7 @@ from cmath_model.data import Dataset
 from cmath_model.train import TRAIN_KEYS, Trainer
 
 from ._compat import TrainingResult, restart_iteration_count
-from .checkpoints import trial_folders
+from .checkpoints import checkpoint_folders, trial_folders
 from .recovery import (
     CHECKPOINTS_OF,
     CONTINUES,
@@ -260,13 +260,9 @@ def final_result(result: dict) -> dict:
             and k not in ("done", "should_checkpoint", REPLAYED, ENDED_CHECKPOINT, RESTORE_NOTE)}
 
 
-def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str | None = None) -> list[str]:
-    found = [info.path for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
-             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-    if first is None:
-        return sorted(found, reverse=True)
-    others = sorted((p for p in found if p.rstrip("/") != first.rstrip("/")), reverse=True)
-    return [first, *others]
+def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str) -> list[str]:
+    """`first` (the checkpoint Ray names), then the trial's others, newest first."""
+    return [first, *(p for p in checkpoint_folders(fs, trial_dir) if p.rstrip("/") != first.rstrip("/"))]
 
 
 def lost_trial_checkpoints(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -274,4 +270,4 @@ def lost_trial_checkpoints(ended_dir: str, trial_id: str) -> tuple[pafs.FileSyst
     the ended records are too)."""
     fs, ended = pafs.FileSystem.from_uri(ended_dir)
     folders = trial_folders(fs, ended.rstrip("/").rsplit("/", 1)[0], trial_id)
-    return fs, [path for folder in folders for path in _checkpoints_newest_first(fs, folder)]
+    return fs, [path for folder in folders for path in checkpoint_folders(fs, folder)]
