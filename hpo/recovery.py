@@ -25,6 +25,7 @@ TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must n
 RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
 REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
 ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
+ENDED_AT = "cmath_ended_at"  # with REPLAYED: when the trial ended (time.time())
 ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
 # In the config of a trial that carries on one a killed driver lost (SweepSearch hands these out
 # first on a resume): the lost trial's id, which its table row, MLflow run and ended record keep,

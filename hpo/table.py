@@ -21,7 +21,7 @@ from ray.tune.experiment import Trial
 from cmath_model.train import summarize
 
 from .checkpoints import checkpoint_uri, last_checkpoint
-from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, searched_config, trial_key, write_ended
+from .recovery import ENDED_AT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, read_ended, searched_config, trial_key, write_ended
 from .search import end_state, ended_state
 from .tracking import LOST, MlflowTrials, error_summary
 from .trainable import final_result, model_metrics
@@ -152,6 +152,7 @@ class TrialTable(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, end_state(trial.last_result))
+        self._write_if_due()
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         row = self.row(trial)
@@ -160,6 +161,7 @@ class TrialTable(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._finish(trial, "failed", error=error_summary(trial))
+        self._write_if_due()
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
         self._record_ended_before_the_resume(trials)
@@ -187,7 +189,8 @@ class TrialTable(Callback):
     def _record_ended_before_the_resume(self, trials: list[Trial]) -> None:
         """A trial that Ray's restored state has as ended gets no event in a resumed driver; the
         tables, written on a timer, may have missed its end (or, killed within a period of its
-        start, the trial itself). Its row comes from Ray's record of it and the journal."""
+        start, the trial itself). Its row comes from Ray's record of it, the journal and its ended
+        record (when it ended)."""
         for index, trial in enumerate(trials):
             state, key = ended_state(trial), trial_key(trial)
             if state is None or (key in self.rows and self.rows[key]["end_state"] != "running"):
@@ -196,20 +199,23 @@ class TrialTable(Callback):
             if key in self.history:
                 self._summarise(row, self.history[key])
             if state != "interrupted":  # one cut short (Ctrl-C, the time budget) is not over: see below
-                self._finish(trial, state, error=error_summary(trial) if state == "failed" else None)
+                recorded = read_ended(self.ended_dir, key) if self.ended_dir else None
+                self._finish(trial, state, error=error_summary(trial) if state == "failed" else None,
+                             finished_at=(recorded or {}).get("finished_at"))
 
-    def _finish(self, trial: Trial, state: str, error: str | None = None) -> None:
-        row = self.row(trial)
-        replayed = bool((trial.last_result or {}).get(REPLAYED)) and row.get("finished_at") is not None
+    def _finish(self, trial: Trial, state: str, error: str | None = None, finished_at: float | None = None) -> None:
+        """Record the trial's end (written with the tables' next write); `finished_at` when it
+        ended before this driver saw it."""
+        row, result = self.row(trial), trial.last_result or {}
+        if result.get(REPLAYED):  # an ended trial replayed after a resume keeps when it really ended
+            finished_at = row.get("finished_at") or result.get(ENDED_AT) or finished_at
         row.update(end_state=state, error=error if error else row.get("error"),
-                   checkpoint=checkpoint_uri(trial))
-        if not replayed:  # an ended trial replayed after a resume keeps when it really ended
-            row["finished_at"] = time.time()
+                   checkpoint=checkpoint_uri(trial), finished_at=finished_at or time.time())
         # The ended record first: once the table says a trial ended, a resume must replay it,
         # even when the driver is killed between the two writes.
         if self.ended_dir:
-            mark_ended(self.ended_dir, trial, state, error)
-        self._note_change()
+            mark_ended(self.ended_dir, trial, state, error, row["finished_at"])
+        self._changed = True
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
         self._write_if_due()  # Tune calls this at every turn of its loop
@@ -255,11 +261,9 @@ class TrialTable(Callback):
                 row["optuna_state"] = by_ray_id[trial_id].state.name
 
 
-def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None) -> None:
+def mark_ended(ended_dir: str, trial: Trial, state: str, error: str | None, finished_at: float) -> None:
     """Tell a later resume that this trial is over (Ray's own state can lag behind a killed driver)."""
     checkpoint = last_checkpoint(trial)
-    write_ended(ended_dir, trial_key(trial), {"end_state": state, "error": error,
+    write_ended(ended_dir, trial_key(trial), {"end_state": state, "error": error, "finished_at": finished_at,
                                             "result": final_result(trial.last_result or {}),
                                             "checkpoint": checkpoint and checkpoint[1]})
-
-

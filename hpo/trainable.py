@@ -37,6 +37,7 @@ from .checkpoints import checkpoint_folders, trial_folders
 from .recovery import (
     CHECKPOINTS_OF,
     CONTINUES,
+    ENDED_AT,
     ENDED_CHECKPOINT,
     REPLAYED,
     RESTORE_NOTE,
@@ -109,6 +110,8 @@ class CMATHTrial(tune.Trainable):
             replay = {**self.ended["result"], "done": True, REPLAYED: True}
             if self.ended.get("checkpoint"):  # Ray's restored state may name an older one, since pruned
                 replay[ENDED_CHECKPOINT] = self.ended["checkpoint"]
+            if self.ended.get("finished_at"):  # the tables may have missed the end: a killed driver
+                replay[ENDED_AT] = self.ended["finished_at"]
             return replay
         if self.ended is not None:
             self.error = RuntimeError(self.ended.get("error") or "failed before the sweep was resumed")
@@ -257,7 +260,7 @@ def final_result(result: dict) -> dict:
     """What a replay of an ended trial needs of its last result (numbers and text, no Tune flags)."""
     return {k: v for k, v in result.items()
             if isinstance(v, (int, float, str))
-            and k not in ("done", "should_checkpoint", REPLAYED, ENDED_CHECKPOINT, RESTORE_NOTE)}
+            and k not in ("done", "should_checkpoint", REPLAYED, ENDED_CHECKPOINT, ENDED_AT, RESTORE_NOTE)}
 
 
 def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str) -> list[str]:

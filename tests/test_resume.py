@@ -200,8 +200,9 @@ def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatc
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(table, "write", killed)
+    trial.run_metadata.last_result = {"epoch": 2, "epochs_planned": 2, "done": True}
     with pytest.raises(KeyboardInterrupt):
-        table._finish(trial, "completed")
+        table.on_trial_complete(0, [trial], trial)
     assert read_ended(str(tmp_path / "ended"), "abc123")["end_state"] == "completed"
 
 
@@ -245,20 +246,43 @@ def test_a_trial_ray_restores_as_ended_gets_its_row_from_ray_and_the_journal(tmp
     scores = {"val_wf1": 0.5, "val_acc": 0.5, "test_wf1": 0.4, "test_acc": 0.4, "epoch_seconds": 1.0}
     (tmp_path / JOURNAL_FILE).write_text("".join(json_.dumps({"trial_id": "t0", "epoch": e, **scores}) + "\n"
                                                  for e in (1, 2)))
-    from hpo.recovery import read_ended
+    from hpo.recovery import read_ended, write_ended
 
+    # its ended record, written when it ended in the killed driver, says when
+    write_ended(str(tmp_path / "ended"), "t0", {"end_state": "completed", "finished_at": 1234.5, "result": {}})
     table = TrialTable(tmp_path, base={"epochs": 2}, searched=["lr"], ended_dir=str(tmp_path / "ended"))
     table.setup()
     ended, cut = (Trial("CMATHTrial", config={"lr": 1e-3}, trial_id=t, stub=True) for t in ("t0", "t1"))
     ended.status = cut.status = Trial.TERMINATED
     ended.run_metadata.last_result = {"epoch": 2, "epochs_planned": 2, "done": True, **scores}
     cut.run_metadata.last_result = {"epoch": 1, "epochs_planned": 2, **scores}  # Ctrl-C: not done
+    writes, write = [], table.write
+    table.write = lambda: (writes.append(1), write())
     table.on_experiment_end([ended, cut])
+    assert len(writes) == 1  # the rows it adds are written with the end's write, not each on its own
     rows = read_trials(tmp_path).set_index("trial_id")
     assert (rows.loc["t0", "end_state"], rows.loc["t0", "epochs"], rows.loc["t0", "param_lr"],
             rows.loc["t0", "best_val_wf1"]) == ("completed", 2, 1e-3, 0.5)
+    assert rows.loc["t0", "finished_at"] == 1234.5  # when it ended, not when the resume saw it
     # one cut short is not over: no ended record, or a resume would replay it instead of going on
     assert rows.loc["t1", "end_state"] == "interrupted" and read_ended(str(tmp_path / "ended"), "t1") is None
+
+
+def test_a_replayed_trial_the_tables_missed_keeps_when_it_ended(tmp_path):
+    """A trial that ended after the tables' last write before a kill is replayed by the resumed
+    driver: its row gets the end time its ended record kept, not the replay's."""
+    from ray.tune.experiment import Trial
+
+    from hpo.recovery import ENDED_AT, REPLAYED
+    from hpo.table import TrialTable
+
+    table = TrialTable(tmp_path, base={"epochs": 2}, searched=["lr"], ended_dir=str(tmp_path / "ended"))
+    trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id="t0", stub=True)
+    trial.run_metadata.last_result = {"epoch": 2, "epochs_planned": 2, "done": True, REPLAYED: True, ENDED_AT: 99.0}
+    table.on_trial_start(0, [trial], trial)
+    table.on_trial_complete(0, [trial], trial)
+    table.write()
+    assert read_trials(tmp_path).set_index("trial_id").loc["t0", "finished_at"] == 99.0
 
 
 @pytest.mark.slow
