@@ -59,6 +59,7 @@ class SweepSearch(OptunaSearch):
         self._best: dict[str, float] = {}
         self._values: dict[str, dict[int, float]] = {}  # per trial: epoch -> metric, written when it ends
         self._lost: list[optuna.trial.FrozenTrial] = []  # see restore
+        self._tpe_started = False  # see _origin
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -77,9 +78,15 @@ class SweepSearch(OptunaSearch):
         return config
 
     def _origin(self) -> str:
-        """Which part of the sampler makes the next suggestion (warm start aside)."""
-        finished = len(searcher_study(self).get_trials(deepcopy=False, states=FINISHED))
-        return "tpe" if self.sampler_kind == "tpe" and finished >= self.n_startup_trials else "random"
+        """Which part of the sampler makes the next suggestion (warm start aside). TPE takes over
+        once n_startup_trials have finished and keeps every later suggestion, so the study's
+        finished trials (a read of every trial, on Tune's loop) are counted only until then."""
+        if self.sampler_kind != "tpe":
+            return "random"
+        if not self._tpe_started:
+            finished = len(searcher_study(self).get_trials(deepcopy=False, states=FINISHED))
+            self._tpe_started = finished >= self.n_startup_trials
+        return "tpe" if self._tpe_started else "random"
 
     def _carry_on(self, trial_id: str, lost: optuna.trial.FrozenTrial) -> dict:
         """Ray trial `trial_id` takes over a lost trial: the same Optuna trial and values, and in

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from hpo._compat import searcher_study
 from hpo.errors import SpaceError
 from hpo.recovery import CHECKPOINTS_OF, CONTINUES
-from hpo.search import SweepSearch, end_state
+from hpo.search import FINISHED, SweepSearch, end_state
 from hpo.space import load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,8 +162,14 @@ def test_searcher_labels_where_each_trial_came_from():
     search.suggest("second")
     search.on_trial_complete("first", _result(10, 10, 0.5))
     search.suggest("third")
+    study = searcher_study(search)
+    counted, get_trials = [], study.get_trials
+    study.get_trials = lambda *args, **kwargs: (counted.append(kwargs.get("states")), get_trials(*args, **kwargs))[1]
+    search.suggest("fourth")  # TPE, once it has taken over, for good: the study's trials are not counted again
+    assert FINISHED not in counted
+    del study.get_trials
     origin = {t.user_attrs["ray_trial_id"]: t.user_attrs["suggested_by"] for t in searcher_study(search).get_trials()}
-    assert origin == {"first": "warm_start", "second": "random", "third": "tpe"}
+    assert origin == {"first": "warm_start", "second": "random", "third": "tpe", "fourth": "tpe"}
     assert searcher_study(search).get_trials()[0].params == {"d": 500, "lr": 3e-3, "modalities": "tav"}
 
 
