@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from benchmarks.footing import rank_correlation
+from benchmarks.footing import first_epoch_at, footing_by_epoch, rank_correlation
 from benchmarks.search import compare, curve, epochs_to_reach
 from hpo.cli import main as hpo_main
 
@@ -56,6 +56,19 @@ def test_rank_correlation_compares_the_grace_epoch_with_each_trials_best():
     # A trial that never reached the grace period is left out, not counted as a zero.
     short = _history({"a": [0.1, 0.2], "b": [0.1, 0.3], "c": [0.4], "d": [0.1, 0.4]})
     assert rank_correlation(short, grace_period=2)[2] == 3
+
+
+def test_footing_settles_at_the_first_epoch_from_which_rho_stays_at_the_goal():
+    # The bests rank a < b < c: epoch 1 has them reversed, epoch 2 half wrong, epochs 3 and 4
+    # right. Only epochs every trial reached are compared.
+    history = _history({"a": [0.3, 0.2, 0.1, 0.35], "b": [0.2, 0.1, 0.3, 0.4], "c": [0.1, 0.15, 0.5, 0.6]})
+    by_epoch = footing_by_epoch(history)
+    assert by_epoch == pytest.approx({1: -1.0, 2: -0.5, 3: 1.0, 4: 1.0})
+    assert list(footing_by_epoch(history[(history["epoch"] <= 3) | (history["trial_id"] != "c")])) == [1, 2, 3]
+    assert first_epoch_at(by_epoch, 0.7) == 3
+    # A dip after the first good epoch moves the settling point past it.
+    assert first_epoch_at({1: 0.9, 2: 0.5, 3: 0.8}, 0.7) == 3
+    assert first_epoch_at({1: 0.9, 2: 0.5}, 0.7) is None
 
 
 @pytest.mark.slow
