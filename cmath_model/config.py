@@ -68,6 +68,8 @@ class CMATHConfig:
     batch_size: int = 16  # dialogues per batch
     epochs: int = 60
     grad_clip: float = 0.0  # 0 = no clipping
+    ema_epochs: float = 0.0  # evaluate and keep a moving average of the weights over about this many
+    #                          epochs of steps (debiased EMA, train.WeightAverage); 0 = the trained weights
     seed: int = 0
     checkpoint_every: int = 0  # write a resumable checkpoint every N epochs; 0 = never
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -143,7 +145,7 @@ class CMATHConfig:
             raise bad("epochs", "must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"{self.dropout} must be in [0, 1)")
-        for key in ("gamma1", "gamma2", "weight_decay", "grad_clip", "sigma_init", "warmup_epochs"):
+        for key in ("gamma1", "gamma2", "weight_decay", "grad_clip", "sigma_init", "warmup_epochs", "ema_epochs"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
         if self.lr <= 0:

@@ -71,7 +71,8 @@ def describe_config(config: CMATHConfig) -> str:
     """The settings a person checks first, on one line."""
     return (f"d {config.d}, lr {config.lr:g}, batch {config.batch_size}, epochs {config.epochs}, "
             f"gamma1 {config.gamma1:g}, gamma2 {config.gamma2:g}, dropout {config.dropout:g}, "
-            f"class weights {config.class_weights}, modalities {config.modalities}")
+            f"class weights {config.class_weights}, modalities {config.modalities}"
+            + (f", weight average over {config.ema_epochs:g} epochs" if config.ema_epochs else ""))
 
 
 def aggregate(per_seed: list[dict]) -> dict:

@@ -10,7 +10,7 @@ from sklearn.metrics import accuracy_score
 from cmath_model import CMATHConfig, NonFiniteLossError, Trainer, load_dataset, recipe_defaults, train
 from cmath_model.data import write_dataset
 from cmath_model.synth import generate
-from cmath_model.train import lr_factor
+from cmath_model.train import WeightAverage, load_model, lr_factor, predict
 
 
 def test_overfits_a_tiny_dataset(tiny):
@@ -37,9 +37,10 @@ def test_epoch_record_has_the_contract_keys(tiny):
     assert np.asarray(record["test_confusion"]).sum() == tiny.splits["test"].num_utterances
 
 
-@pytest.mark.parametrize("schedule", [{}, {"warmup_epochs": 1.5, "lr_schedule": "cosine"}])
+@pytest.mark.parametrize("schedule", [{}, {"warmup_epochs": 1.5, "lr_schedule": "cosine"}, {"ema_epochs": 1.0}])
 def test_checkpoint_round_trip_equals_straight_training(tiny, tmp_path, schedule):
-    # dropout: RNG state matters; the schedule: a resumed run must pick up the same learning rates
+    # dropout: RNG state matters; the schedule: a resumed run must pick up the same learning rates;
+    # the weight average: a resumed run must go on averaging from where it was (val W-F1 scores it)
     cfg = CMATHConfig(d=32, dropout=0.2, lr=1e-3, batch_size=4, epochs=4, **schedule)
     straight = Trainer(cfg, tiny)
     for _ in range(4):
@@ -57,6 +58,35 @@ def test_checkpoint_round_trip_equals_straight_training(tiny, tmp_path, schedule
         assert a["train_loss"] == b["train_loss"] and a["val_wf1"] == b["val_wf1"]
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+    for (name, a), b in zip(straight.eval_model.state_dict().items(), resumed.eval_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_weight_average_is_the_decay_weighted_mean_of_the_weights_it_saw():
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(model, decay=0.5)
+    for value in (1.0, 4.0, 10.0):
+        model.weight.data.fill_(value)
+        average.update(model)
+    # debiased: (0.25 * 1 + 0.5 * 4 + 1 * 10) / 1.75, not leaning on the weights before the first update
+    assert average.model.weight.item() == pytest.approx((0.25 * 1 + 0.5 * 4 + 10) / 1.75)
+    assert model.weight.item() == 10.0
+
+
+def test_with_a_weight_average_the_average_is_scored_and_kept_as_best(tiny, tmp_path):
+    cfg = CMATHConfig(d=32, lr=3e-3, batch_size=4, epochs=3, ema_epochs=2.0, num_threads=1)
+    result = train(cfg, tiny, out_dir=tmp_path)
+    trainer_weights = Trainer(cfg, tiny)  # for the keys only
+    model, _ = load_model(tmp_path / "best")
+    best = max(result["epochs"], key=lambda r: r["val_wf1"])
+    y, pred, _ = predict(model, tiny.splits["test"], 4, torch.device("cpu"))
+    from sklearn.metrics import f1_score
+
+    assert f1_score(y, pred, average="weighted") == pytest.approx(best["test_wf1"])
+    assert set(model.state_dict()) == set(trainer_weights.model.state_dict())
+    # and the average is not the trained weights: a run without it scores differently
+    plain = train(cfg.replace(ema_epochs=0.0), tiny)
+    assert [r["val_wf1"] for r in plain["epochs"]] != [r["val_wf1"] for r in result["epochs"]]
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
