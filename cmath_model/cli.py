@@ -126,8 +126,10 @@ def _train(argv: list[str] | None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     parser.add_argument("--defaults", choices=["recipe", "paper"],
                         help="without --config: start from this project's recipe (default) or the paper's settings")
-    parser.add_argument("--compare", choices=["paper"],
-                        help="also train the paper's default config with the same seeds; Welch t-test on test scores")
+    parser.add_argument("--compare", nargs="+", choices=["paper", "logreg"], default=[],
+                        help="also train the paper's default config with the same seeds (paper), and/or a "
+                             "per-utterance logistic regression on the same features (logreg); Welch t-test on "
+                             "test scores")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.compare and args.seeds < 2:
@@ -164,7 +166,7 @@ def _train(argv: list[str] | None) -> int:
     summary = train_seeds(config, data, args.seeds, out, log=None if args.quiet else print,
                           mlflow_uri=mlflow_uri, experiment=experiment, tags=tags)
     _print_summary(summary, args.seeds)
-    if args.compare:
+    if "paper" in args.compare:
         # The paper's settings on the same data, modalities, seeds and (with --epochs) epochs.
         paper = paper_defaults(config.dataset).replace(
             data=config.data, data_sha256=config.data_sha256, modalities=config.modalities, seed=config.seed,
@@ -179,13 +181,27 @@ def _train(argv: list[str] | None) -> int:
         summary["compare"] = {"against": "paper", "paper_summary": {k: v for k, v in theirs.items() if k != "epochs"},
                               "welch": compared}
         (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-        for key, label in (("test_wf1_at_best_val", "W-F1"), ("test_acc_at_best_val", "ACC")):
-            c = compared[key]
-            print(f"test {label}: this config vs paper defaults, Welch t = {c['t']:.2f}, p = {c['p']:.3g}")
+        _print_welch(compared, "paper defaults")
+    if "logreg" in args.compare:
+        from .baselines import logistic_regression_seeds
+
+        theirs = logistic_regression_seeds(data, config.modality_names, args.seeds)
+        print(f"{theirs['model']} (deterministic: one score for every seed):")
+        _print_summary(theirs, args.seeds)
+        compared = compare_runs(summary, theirs, name="logreg")
+        summary["compare_logreg"] = {"against": "logreg", "logreg_summary": theirs, "welch": compared}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        _print_welch(compared, "logistic regression")
     print(f"wrote {out / 'metrics.json'}")
     if "mlflow" in summary:
         print(describe_mlflow_run(summary["mlflow"]))
     return 0
+
+
+def _print_welch(compared: dict, against: str) -> None:
+    for key, label in (("test_wf1_at_best_val", "W-F1"), ("test_acc_at_best_val", "ACC")):
+        c = compared[key]
+        print(f"test {label}: this config vs {against}, Welch t = {c['t']:.2f}, p = {c['p']:.3g}")
 
 
 def _print_summary(summary: dict, seeds: int) -> None:

@@ -228,13 +228,14 @@ def welch(ours: list[float], theirs: list[float]) -> dict:
     return {"t": float(result.statistic), "p": float(result.pvalue)}
 
 
-def compare_runs(ours: dict, theirs: dict) -> dict:
-    """Per-seed test scores of two multi-seed summaries side by side, with Welch p-values."""
+def compare_runs(ours: dict, theirs: dict, name: str = "paper") -> dict:
+    """Per-seed test scores of two multi-seed summaries side by side (theirs under `name`), with
+    Welch p-values."""
     compared = {}
     for key in ("test_wf1_at_best_val", "test_acc_at_best_val"):
         a = [r[key] for r in ours["per_seed"]]
         b = [r[key] for r in theirs["per_seed"]]
-        compared[key] = {"ours": a, "paper": b, **welch(a, b)}
+        compared[key] = {"ours": a, name: b, **welch(a, b)}
     return compared
 
 
