@@ -17,7 +17,7 @@ import yaml
 from .common import parser, save
 from .search import dataset_setup
 
-COLUMNS = ["dataset", "defaults", "trials", "grace_period", "spearman", "p_value", "first_epoch_at_0.7",
+COLUMNS = ["dataset", "defaults", "seed", "trials", "grace_period", "spearman", "p_value", "first_epoch_at_0.7",
            "best_val_wf1", "fit_s"]
 GOAL = 0.7
 
@@ -61,7 +61,7 @@ def space_with_defaults(space: Path, defaults: str, work: Path) -> Path:
 
 
 def run(dataset: str, defaults: str, trials: int, overrides: dict, work: Path, data_dir: Path, scale: str,
-        meld_dir: str | None) -> dict:
+        meld_dir: str | None, seed: int | None = None) -> dict:
     from hpo.space import load_space
     from hpo.sweep import SweepOptions, run_sweep
 
@@ -71,7 +71,7 @@ def run(dataset: str, defaults: str, trials: int, overrides: dict, work: Path, d
     name = f"footing-{dataset}-{defaults}"
     options = SweepOptions(space=space, data=str(data), num_samples=trials, max_concurrent=2, cpus_per_trial=1,
                            num_cpus=2, results=work, name=name, overrides=overrides, sampler="random",
-                           early_stopping=False, command=f"benchmarks.footing {name}")
+                           early_stopping=False, seed=seed, command=f"benchmarks.footing {name}")
     started = time.perf_counter()
     outcome = run_sweep(options, log=lambda line: None)
     history = pd.read_parquet(outcome.sweep_dir / "history.parquet")
@@ -79,8 +79,9 @@ def run(dataset: str, defaults: str, trials: int, overrides: dict, work: Path, d
     by_epoch = footing_by_epoch(history)
     print(f"footing: {name}: spearman {rho:.2f} over {n} trials in {time.perf_counter() - started:.0f}s; "
           f"by epoch {by_epoch}", flush=True)
-    return {"dataset": dataset, "defaults": defaults, "trials": n, "grace_period": grace, "spearman": round(rho, 3),
-            "p_value": p, "first_epoch_at_0.7": first_epoch_at(by_epoch), "spearman_by_epoch": by_epoch,
+    return {"dataset": dataset, "defaults": defaults, "seed": seed or 0, "trials": n, "grace_period": grace,
+            "spearman": round(rho, 3), "p_value": p, "first_epoch_at_0.7": first_epoch_at(by_epoch),
+            "spearman_by_epoch": by_epoch,
             "best_val_wf1": round(100 * float(history["val_wf1"].max()), 2), "fit_s": outcome.fit_seconds}
 
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--datasets", nargs="+", choices=("small", "meld"), help="default: both (quick: small)")
     p.add_argument("--defaults", nargs="+", choices=("paper", "recipe"), help="default: both")
     p.add_argument("--trials", type=int, help="trials per sweep (default 16; quick 4)")
+    p.add_argument("--seed", type=int, help="seed of the random search (default: the space's, 0); another seed "
+                                            "draws other trials, to check a grace period read off one run")
     args = p.parse_args(argv)
     quick = args.quick
     datasets = args.datasets or (["small"] if quick else ["small", "meld"])
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         for dataset in datasets:
             for defaults in args.defaults or ["paper", "recipe"]:
                 rows.append(run(dataset, defaults, trials, overrides, work, args.data_dir,
-                                "tiny" if quick else "small", args.meld_dir))
+                                "tiny" if quick else "small", args.meld_dir, args.seed))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save("footing", args, rows, COLUMNS, goal=f"spearman >= {GOAL} on small and on MELD",
