@@ -117,7 +117,10 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
                                  num_threads=threads)
     except Exception as exc:  # a bad --set value
         raise SweepError(f"--set: {exc}") from None
-    base, data = resolve_data(base, options.results)
+    # As cmath-train does: modalities nobody asked for are narrowed to what the file holds (the
+    # shared MELD transcripts are text only; the MELD recipe is tav); asked-for ones must exist.
+    asked = "modalities" in space.distributions or "modalities" in space.fixed or "modalities" in options.overrides
+    base, data = resolve_data(base, options.results, fit_modalities=not asked)
     if data.name in ("iemocap", "meld") and data.name != space.dataset:
         raise SweepError(f"{data.path} holds {data.name} data but {space.path} is an {space.dataset} space; "
                          f"use search_spaces/{data.name}.yaml or set dataset: {data.name} in the space")

@@ -196,3 +196,36 @@ def test_a_config_with_unknown_defaults_names_the_file_and_field(tmp_path, text,
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'bad.yaml'}: config field '{field}': .* is not one of"):
         load_config(tmp_path / "bad.yaml")
+
+
+def _meld_text_only(path):
+    rng = np.random.default_rng(0)
+    n = 30 * 6
+    utts = Utterances(
+        dialogue_id=np.repeat([f"d{k}" for k in range(30)], 6), position=np.tile(np.arange(6), 30),
+        speaker=rng.integers(0, 2, n), label=rng.integers(0, 7, n),
+        split=np.repeat(np.array(["train"] * 20 + ["valid"] * 5 + ["test"] * 5), 6),
+        features={"text": rng.normal(size=(n, 8)).astype(np.float32)})
+    classes = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+    return write_dataset(path, utts, dataset="meld", classes=classes, source="test", source_sha256="0" * 64,
+                         split_seed=None)
+
+
+def test_a_sweep_on_text_only_transcripts_runs_the_text_only_model(tmp_path):
+    # search_spaces/meld.yaml on the shared MELD transcripts: the recipe's modalities are tav,
+    # the file has text; as cmath-train does, the sweep narrows to what the file holds ...
+    from hpo.plan import SweepOptions, plan_sweep
+
+    data = _meld_text_only(tmp_path / "meld.parquet")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"dataset": "meld", "search": {"lr": {"type": "loguniform", "low": 1e-4,
+                                                                         "high": 1e-3}}}))
+    plan = plan_sweep(SweepOptions(space=space, data=str(data), results=tmp_path / "r", name="s"))
+    assert plan.base.modalities == "t"
+    # ... unless the space or --set asks for modalities the file lacks: that stays an error
+    for options in ({"overrides": {"modalities": "tav"}}, {}):
+        if not options:
+            space.write_text(yaml.safe_dump({"dataset": "meld", "fixed": {"modalities": "ta"},
+                                             "search": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}}))
+        with pytest.raises(Exception, match="needs the audio modality"):
+            plan_sweep(SweepOptions(space=space, data=str(data), results=tmp_path / "r", name="s", **options))
