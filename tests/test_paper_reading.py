@@ -120,7 +120,7 @@ def test_a_checkpoint_carries_its_input_statistics(tiny, tmp_path):
     assert np.allclose(theirs, ours, atol=1e-6)
 
 
-def _transcripts(path, classes, per_dialogue: int, modalities=("text",)):
+def _transcripts(path, classes, per_dialogue: int, modalities=("text",), dataset="custom"):
     rng = np.random.default_rng(0)
     n_dialogues = 30
     n = n_dialogues * per_dialogue
@@ -130,7 +130,7 @@ def _transcripts(path, classes, per_dialogue: int, modalities=("text",)):
         speaker=rng.integers(0, 2, n), label=rng.integers(0, len(classes), n),
         split=np.repeat(np.array(["train"] * 20 + ["valid"] * 5 + ["test"] * 5), per_dialogue),
         features={m: rng.normal(size=(n, 8)).astype(np.float32) for m in modalities})
-    return write_dataset(path, utts, dataset="custom", classes=classes, source="test", source_sha256="0" * 64,
+    return write_dataset(path, utts, dataset=dataset, classes=classes, source="test", source_sha256="0" * 64,
                          split_seed=None)
 
 
@@ -198,25 +198,13 @@ def test_a_config_with_unknown_defaults_names_the_file_and_field(tmp_path, text,
         load_config(tmp_path / "bad.yaml")
 
 
-def _meld_text_only(path):
-    rng = np.random.default_rng(0)
-    n = 30 * 6
-    utts = Utterances(
-        dialogue_id=np.repeat([f"d{k}" for k in range(30)], 6), position=np.tile(np.arange(6), 30),
-        speaker=rng.integers(0, 2, n), label=rng.integers(0, 7, n),
-        split=np.repeat(np.array(["train"] * 20 + ["valid"] * 5 + ["test"] * 5), 6),
-        features={"text": rng.normal(size=(n, 8)).astype(np.float32)})
-    classes = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
-    return write_dataset(path, utts, dataset="meld", classes=classes, source="test", source_sha256="0" * 64,
-                         split_seed=None)
-
-
 def test_a_sweep_on_text_only_transcripts_runs_the_text_only_model(tmp_path):
     # search_spaces/meld.yaml on the shared MELD transcripts: the recipe's modalities are tav,
     # the file has text; as cmath-train does, the sweep narrows to what the file holds ...
     from hpo.plan import SweepOptions, plan_sweep
 
-    data = _meld_text_only(tmp_path / "meld.parquet")
+    classes = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
+    data = _transcripts(tmp_path / "meld.parquet", classes, per_dialogue=6, dataset="meld")
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"dataset": "meld", "search": {"lr": {"type": "loguniform", "low": 1e-4,
                                                                          "high": 1e-3}}}))
