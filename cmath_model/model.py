@@ -339,6 +339,9 @@ class CMATH(nn.Module):
             self.reconstruction[m].set_input_stats(mean, std)
 
     def forward(self, features: dict[str, torch.Tensor], speaker: torch.Tensor, mask: torch.Tensor) -> Output:
+        if self.cfg.input_dropout and self.training:
+            # Before standardisation, so a dropped dimension reads as the raw value 0.
+            features = {m: F.dropout(features[m], self.cfg.input_dropout) for m in self.modalities}
         extra = self.embedding(speaker)  # (B, L, d)
         h, loss_re = {}, mask.new_zeros((), dtype=torch.float32)
         for m in self.modalities:

@@ -72,6 +72,7 @@ def describe_config(config: CMATHConfig) -> str:
     return (f"d {config.d}, lr {config.lr:g}, batch {config.batch_size}, epochs {config.epochs}, "
             f"gamma1 {config.gamma1:g}, gamma2 {config.gamma2:g}, dropout {config.dropout:g}, "
             f"class weights {config.class_weights}, modalities {config.modalities}"
+            + (f", input dropout {config.input_dropout:g}" if config.input_dropout else "")
             + (f", weight average over {config.ema_epochs:g} epochs" if config.ema_epochs else ""))
 
 

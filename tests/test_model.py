@@ -156,6 +156,24 @@ def test_variational_fusion_uses_the_mean_at_eval_and_samples_in_training():
     assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05  # H'_x = mu + eps * sigma
 
 
+def test_input_dropout_drops_raw_features_in_training_only():
+    torch.manual_seed(0)
+    model = CMATH(small_config(input_dropout=0.5), DIMS, num_classes=4, max_speakers=2)
+    seen = {}
+    for m, module in model.reconstruction.items():
+        module.register_forward_pre_hook(lambda _, args, m=m: seen.__setitem__(m, args[0]))
+    feats, speaker, mask = inputs(B=4, L=50)
+    model.train()
+    model(feats, speaker, mask)
+    for m, x in feats.items():
+        kept = seen[m] != 0
+        assert 0.4 < kept.float().mean().item() < 0.6  # each value dropped with p 0.5
+        assert torch.allclose(seen[m][kept], 2 * x[kept])  # the rest scaled by 1 / (1 - p)
+    model.eval()
+    model(feats, speaker, mask)
+    assert all(torch.equal(seen[m], x) for m, x in feats.items())
+
+
 def test_distillation_terms_are_zero_when_fused_and_modal_agree():
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     h = torch.randn(1, 3, 4)
