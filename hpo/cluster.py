@@ -30,24 +30,29 @@ def check_address(address: str, timeout: float = 3.0) -> None:
 def start_ray(plan: SweepPlan) -> float:
     """Join the given cluster, or start a private local Ray (never one that happens to be running).
     Records the Ray session's folder in the plan: a resume finds what a killed driver left by it."""
+    started = time.perf_counter()
+    plan.ray_session_dir = init_ray(plan.address, plan.options.num_cpus, plan.options.verbose)
+    return time.perf_counter() - started
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> str | None:
+    """ray.init on `address`, or a private local Ray with `num_cpus`; returns the session folder."""
     import logging
 
     import ray
 
-    started = time.perf_counter()
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": plan.options.verbose}
-    if plan.address:
-        check_address(plan.address)
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": verbose}
+    if address:
+        check_address(address)
         try:
-            context = ray.init(address=plan.address, **quiet)
+            context = ray.init(address=address, **quiet)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
-            raise SweepError(f"could not join the Ray cluster at {plan.address} ({str(exc).splitlines()[0][:160]}); "
+            raise SweepError(f"could not join the Ray cluster at {address} ({str(exc).splitlines()[0][:160]}); "
                              f"with token authentication (Ray's default) set RAY_AUTH_MODE=token and give this "
                              f"machine the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     else:
-        context = ray.init(address="local", num_cpus=plan.options.num_cpus, include_dashboard=False, **quiet)
-    plan.ray_session_dir = context.address_info.get("session_dir")
-    return time.perf_counter() - started
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+    return context.address_info.get("session_dir")
 
 
 def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: float = 1.0) -> None:
@@ -56,7 +61,7 @@ def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: flo
     starts a node for them) and wait up to SEC seconds for a node that has them."""
     cpus, gpus = plan.options.cpus_per_trial, plan.options.gpus_per_trial
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    if _fitting_node(bundle):
+    if node_fits(bundle):
         return
     wait = plan.options.wait_for_resources
     if wait > 0:
@@ -67,7 +72,7 @@ def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: flo
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             time.sleep(poll)
-            if _fitting_node(bundle):
+            if node_fits(bundle):
                 return
     biggest = max(_alive_nodes(), key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
     waited = f" after waiting {wait:g}s" if wait > 0 else ""
@@ -84,7 +89,7 @@ def _alive_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
-def _fitting_node(bundle: dict) -> bool:
+def node_fits(bundle: dict) -> bool:
     return any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in _alive_nodes())
 
 
@@ -139,13 +144,17 @@ def describe_cluster(plan: SweepPlan, ray_seconds: float, cluster: dict) -> str:
 
 
 def leave_cluster(plan: SweepPlan, timeout: float = 20.0) -> None:
+    leave_ray(plan.address, plan.ray_session_dir, timeout)
+
+
+def leave_ray(address: str | None, session_dir: str | None, timeout: float = 20.0) -> None:
     """Disconnect; a private Ray is also waited for until none of its processes is left (a trial
     worker can take seconds to tear down after ray.shutdown), so when a sweep returns nothing it
     started is still running. Stragglers past `timeout` are stopped, by PID."""
     import ray
 
     ray.shutdown()
-    session = plan.ray_session_dir if plan.address is None else None  # a private Ray: this process started it
+    session = session_dir if address is None else None  # a private Ray: this process started it
     if session is None:
         return
     deadline = time.monotonic() + timeout
