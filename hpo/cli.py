@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
     export.add_argument("-o", "--output", required=True)
     export.add_argument("--results", default="results")
+    export.add_argument("--top", type=int, metavar="K",
+                        help="first train the K best trials again over --seeds new seeds each (on Ray) and pick "
+                             "the best mean validation score (default with --seeds: 3)")
+    export.add_argument("--seeds", type=int, metavar="N", help="seeds per re-scored trial (default with --top: 3)")
+    export.add_argument("--address", help="re-score on this Ray cluster (default: RAY_ADDRESS, else a private "
+                                          "local Ray)")
+    export.add_argument("--num-cpus", type=int, help="CPUs the private local Ray may use (default: all)")
 
     report = sub.add_parser("report", help="plots and report.md from a sweep (also logged to its MLflow parent run)")
     report.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
@@ -111,12 +118,30 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_best
+    from .export import close_to_best, export_best, find_sweep
+    from .rescore import describe, read_rescore, rescore
 
-    values = export_best(args.sweep, args.output, args.results)
+    sweep_dir = find_sweep(args.sweep, args.results)
+    if args.top is not None or args.seeds is not None:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        rescore(sweep_dir, top=3 if args.top is None else args.top, seeds=3 if args.seeds is None else args.seeds,
+                address=args.address, num_cpus=args.num_cpus)
+    rescored = read_rescore(sweep_dir)
+    if rescored is not None:
+        print(describe(rescored))
+    values = export_best(sweep_dir, args.output, args.results)
     p = values["provenance"]
-    print(f"best trial {p['trial_id']} of {p['sweep']}: val W-F1 {100 * p['best_val_wf1']:.2f} at epoch "
-          f"{p['best_epoch']}")
+    if rescored is not None:
+        r = p["rescore"]
+        print(f"picked trial {p['trial_id']} of {p['sweep']}: val W-F1 {100 * r['best_val_wf1_mean']:.2f} mean "
+              f"over seeds {r['seeds']}, {values['epochs']} epochs")
+    else:
+        print(f"best trial {p['trial_id']} of {p['sweep']}: val W-F1 {100 * p['best_val_wf1']:.2f} at epoch "
+              f"{p['best_epoch']}")
+        close = close_to_best(sweep_dir, args.results)
+        if close:
+            print(f"{close} other trial{'s' if close > 1 else ''} ended within 1 point of it: one seed each "
+                  f"cannot rank them; --top {min(close + 1, 5)} --seeds 3 re-scores them before picking")
     print(f"wrote {args.output}; retrain it with: cmath-train --config {args.output} --seeds 5")
     return 0
 

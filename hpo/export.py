@@ -12,7 +12,7 @@ from cmath_model.config import from_dict
 
 from .errors import SweepError
 from .sweep import SWEEP_FILE, best_row
-from .table import TRIALS_FILE, read_trials
+from .table import TRIALS_FILE, read_trials, records
 
 
 def find_sweep(sweep: str | Path, results: str | Path = "results") -> Path:
@@ -44,30 +44,56 @@ def best_trial(sweep_dir: Path) -> dict:
 
 
 def export_best(sweep: str | Path, output: str | Path, results: str | Path = "results") -> dict:
-    """Write the best trial's config (epochs = its best epoch) plus provenance; returns what was written.
+    """Write the best trial's config plus provenance; returns what was written.
+
+    The best is the re-scoring's pick when the sweep has one (`rescore`, rescored.json): its config
+    as re-scored, every epoch, with the best epoch picked on validation as it was there. Otherwise
+    it is the trial with the highest validation score, with epochs set to that trial's best epoch.
 
     >>> values = export_best("latest", "best.yaml")   # then: cmath-train --config best.yaml --seeds 5
     >>> values["provenance"]["trial_id"], values["provenance"]["best_val_wf1"]
     """
+    from .rescore import read_rescore
+
     sweep_dir = find_sweep(sweep, results)
     record = load_sweep_record(sweep_dir)
     best = best_trial(sweep_dir)
+    rescored = read_rescore(sweep_dir)
+    if rescored is not None:
+        trials = read_trials(sweep_dir)
+        best = records(trials[trials["trial_id"] == rescored["picked"]])[0]
     config = from_dict(json.loads(best["config"]), source=f"{sweep_dir}/{TRIALS_FILE}")
-    # Retraining runs the best epoch's count. Where it runs is the machine's to say, not the
-    # trial's share of the sweep's: `device: auto` takes a GPU if there is one, `num_threads: 0`
-    # every CPU this process may use (a trial had 1 of 2 cores: the retrain ran at 93 % CPU).
-    config = config.replace(epochs=int(best["best_epoch"]), device="auto", num_threads=0, extra={})
+    epochs = config.epochs if rescored is not None else int(best["best_epoch"])
+    # Where retraining runs is the machine's to say, not the trial's share of the sweep's:
+    # `device: auto` takes a GPU if there is one, `num_threads: 0` every CPU this process may use
+    # (a trial had 1 of 2 cores: the retrain ran at 93 % CPU).
+    config = config.replace(epochs=epochs, device="auto", num_threads=0, extra={})
     values = config.to_dict()
     values.pop("extra")
     values["provenance"] = {
         "sweep": record["name"], "sweep_dir": str(sweep_dir.resolve()), "trial_id": best["trial_id"],
         "mlflow_run_id": best.get("mlflow_run_id"), "mlflow_uri": record["mlflow"]["uri"],
         "mlflow_experiment": record["mlflow"]["experiment"], "metric": "val_wf1",
+        "picked_by": "rescore" if rescored is not None else "sweep",
         "best_val_wf1": best["best_val_wf1"], "best_epoch": int(best["best_epoch"]),
         "test_wf1_at_best_val": best["test_wf1_at_best_val"], "data_sha256": config.data_sha256,
         "checkpoint": best.get("checkpoint"), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if rescored is not None:
+        picked = next(r for r in rescored["trials"] if r["trial_id"] == best["trial_id"])
+        values["provenance"]["rescore"] = {k: picked[k] for k in (
+            "seeds", "best_val_wf1_mean", "best_val_wf1_std", "test_wf1_at_best_val_mean",
+            "test_wf1_at_best_val_std")} | {"top": rescored["top"]}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(yaml.safe_dump(values, sort_keys=False))
     return values
+
+
+def close_to_best(sweep: str | Path, results: str | Path = "results", within: float = 0.01) -> int:
+    """How many other trials ended within `within` validation W-F1 of the best: a pick among
+    trials that close is a pick among seeds, which re-scoring (`--top K --seeds N`) settles."""
+    sweep_dir = find_sweep(sweep, results)
+    trials = read_trials(sweep_dir)
+    scores = trials.loc[(trials["end_state"] != "failed") & trials["best_val_wf1"].notna(), "best_val_wf1"]
+    return int((scores >= scores.max() - within).sum() - 1) if len(scores) else 0

@@ -5,6 +5,7 @@ study, trials.parquet, export-best and retraining, and the MLflow UI's REST API.
 """
 
 import json
+import shutil
 import sys
 import time
 import urllib.request
@@ -18,13 +19,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cmath_model.cli import train_main
-from cmath_model.config import load_config
+from cmath_model.config import from_dict, load_config
 from cmath_model.runs import evaluate_checkpoint
 from cmath_model.train import train
 from hpo.checkpoints import asha_rungs
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.export import export_best, find_sweep
+from hpo.rescore import RESCORE_TABLE, SEED_OFFSET, rescore
 from hpo.sweep import SweepOptions, run_sweep
 from hpo.table import HISTORY_FILE, read_trials
 from hpo.tracking import default_tracking_uri
@@ -292,6 +294,49 @@ def test_export_best_command_line(sweep, tmp_path, capsys):
     assert hpo_main(["export-best", "missing", "-o", str(out), "--results", str(sweep["results"])]) == 2
     assert "error: no sweep 'missing'" in capsys.readouterr().err
 
+
+
+def test_rescoring_trains_the_top_trials_on_new_seeds_and_export_takes_the_best_mean(sweep, tmp_path, capsys):
+    copy = tmp_path / "s1"  # re-scoring writes into the sweep folder; the other tests keep theirs as it was
+    shutil.copytree(sweep["dir"], copy)
+    lines = []
+    rescore(copy, top=2, seeds=1, num_cpus=2, log=lines.append)
+    assert not ray.is_initialized()
+    summary = rescore(copy, top=2, seeds=2, num_cpus=2, log=lines.append)  # one more seed: only it is trained
+    assert "2 runs to train, 2 already in rescored.parquet" in "\n".join(lines)
+    table = pd.read_parquet(copy / RESCORE_TABLE)
+    top = sweep["trials"].sort_values(["best_val_wf1", "number"], ascending=[False, True]).head(2)
+    assert len(table) == 4 and set(table["trial_id"]) == set(top["trial_id"]) and table["error"].isna().all()
+    assert sorted(set(table["seed"])) == [SEED_OFFSET, SEED_OFFSET + 1]  # the trials' seed is 0
+    means = table.groupby("trial_id")["best_val_wf1"].mean()
+    assert summary["picked"] == means.idxmax()
+    assert {r["trial_id"]: r["best_val_wf1_mean"] for r in summary["trials"]} == pytest.approx(means.to_dict())
+    # a row is what that trial's config trains to on that seed
+    row = table.iloc[-1]
+    config = json.loads(sweep["trials"].set_index("trial_id").loc[row["trial_id"], "config"])
+    retrained = train(from_dict({**config, "seed": int(row["seed"])}))
+    assert retrained["best_val_wf1"] == pytest.approx(row["best_val_wf1"], abs=0.005)
+
+    exported = export_best(copy, tmp_path / "best.yaml")
+    provenance = exported["provenance"]
+    assert provenance["trial_id"] == summary["picked"] and provenance["picked_by"] == "rescore"
+    assert provenance["rescore"]["best_val_wf1_mean"] == pytest.approx(means.max())
+    assert exported["epochs"] == EPOCHS  # every epoch, as re-scored, not the lucky seed's best one
+
+    parent = _parent(sweep).info.run_id
+    children = sweep["client"].search_runs([sweep["runs"][0].info.experiment_id],
+                                           filter_string="tags.`cmath.kind` = 'rescore'")
+    assert sorted(r.data.tags["cmath.seed"] for r in children) == ["1000", "1000", "1001", "1001"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+    assert set(table["mlflow_run_id"]) == {r.info.run_id for r in children}
+
+    assert hpo_main(["export-best", str(copy), "-o", str(tmp_path / "cli.yaml"), "--top", "2", "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 runs to train, 4 already in rescored.parquet" in printed
+    assert f"{summary['picked']}: " in printed and "<- picked" in printed and "picked trial" in printed
+    assert len(pd.read_parquet(copy / RESCORE_TABLE)) == 4
+    assert hpo_main(["export-best", str(copy), "-o", str(tmp_path / "bad.yaml"), "--top", "0"]) == 2
+    assert "re-scoring needs at least one trial" in capsys.readouterr().err
 
 
 def test_ui_serves_the_sweep_runs(sweep, free_port):

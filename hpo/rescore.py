@@ -1,0 +1,247 @@
+"""Re-score a sweep's best few trials over fresh seeds, so that export-best picks a config and not a lucky seed.
+
+A sweep trains each configuration once. When the best trials' validation scores lie within the
+seed-to-seed spread, the top one is mostly the luckiest seed and retrains below its sweep score
+(on MELD five of six finished trials ended within 0.9 W-F1; the pick retrained 1.6 W-F1 under
+the warm start it had beaten). Here the top K trials are trained again with N seeds each, as Ray
+tasks on the sweep's resources per trial, and the highest mean validation score is the pick.
+
+The seeds are the trial's seed + 1000, + 1001, ...: apart from the sweep's and from those that
+`cmath-train --seeds` retrains the export with (seed, seed + 1, ...), so the retrained figures are
+not the ones the pick was made on. Every finished run is a row of rescored.parquet at once (an
+interrupted re-scoring continues where it stopped) and a child run of the sweep's MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from cmath_model.config import from_dict
+from cmath_model.data import load_dataset
+
+from .errors import SweepError
+from .table import TRIALS_FILE, read_trials, records, write_parquet_atomic
+
+RESCORE_TABLE = "rescored.parquet"  # one row per (trial, seed), written as each run ends
+RESCORE_FILE = "rescored.json"  # the finished re-scoring: each trial's mean and spread, and the pick
+SEED_OFFSET = 1000
+RESULT_KEYS = ("best_val_wf1", "best_epoch", "test_wf1_at_best_val", "test_acc_at_best_val")
+
+
+def candidates(trials: pd.DataFrame, top: int) -> list[dict]:
+    """The `top` trials by validation score that did not fail; ties go to the earlier trial."""
+    ok = trials[(trials["end_state"] != "failed") & trials["best_val_wf1"].notna()]
+    return records(ok.sort_values(["best_val_wf1", "number"], ascending=[False, True]).head(top))
+
+
+def rescore_seeds(trial_seed: int, seeds: int) -> list[int]:
+    return [trial_seed + SEED_OFFSET + k for k in range(seeds)]
+
+
+def read_rescore(sweep_dir: Path) -> dict | None:
+    path = sweep_dir / RESCORE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rescore(sweep_dir: Path, top: int = 3, seeds: int = 3, address: str | None = None, num_cpus: int | None = None,
+            log: Callable[[str], None] = print) -> dict:
+    """Train the sweep's `top` best trials with `seeds` new seeds each (runs already in
+    rescored.parquet are kept), write rescored.json and return it."""
+    if top < 1 or seeds < 1:
+        raise SweepError(f"--top {top} --seeds {seeds}: re-scoring needs at least one trial and one seed "
+                         f"(e.g. --top 3 --seeds 3)")
+    if not (sweep_dir / TRIALS_FILE).exists():
+        raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has finished")
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    chosen = candidates(read_trials(sweep_dir), top)
+    if not chosen:
+        raise SweepError(f"{sweep_dir}: no trial has a validation score (all failed?); see {TRIALS_FILE}")
+    table = _read_table(sweep_dir)
+    done = set(zip(table["trial_id"], table["seed"], strict=True))
+    todo = [(row, seed) for row in chosen for seed in rescore_seeds(json.loads(row["config"])["seed"], seeds)
+            if (row["trial_id"], seed) not in done]
+    log(f"re-scoring the top {len(chosen)} trials of {record['name']} over {seeds} seeds: {len(todo)} runs to train"
+        + (f", {len(chosen) * seeds - len(todo)} already in {RESCORE_TABLE}" if len(todo) < len(chosen) * seeds
+           else ""))
+    if todo:
+        _train_on_ray(sweep_dir, record, todo, address, num_cpus, log)
+    table = _read_table(sweep_dir)
+    summary = summarize(table, chosen, seeds)
+    summary["sweep"] = record["name"]
+    (sweep_dir / RESCORE_FILE).write_text(json.dumps(summary, indent=1))
+    _log_summary_to_mlflow(sweep_dir, record, summary, log)
+    return summary
+
+
+def summarize(table: pd.DataFrame, chosen: list[dict], seeds: int) -> dict:
+    """Each chosen trial's mean and spread over its re-scoring seeds; the pick is the highest mean
+    validation score among trials with every seed trained (a config that fails on a seed is no pick)."""
+    rows = []
+    for trial in chosen:
+        wanted = rescore_seeds(json.loads(trial["config"])["seed"], seeds)
+        runs = table[(table["trial_id"] == trial["trial_id"]) & table["seed"].isin(wanted)]
+        ok = runs[runs["error"].isna()]
+        row = {"trial_id": trial["trial_id"], "number": int(trial["number"]), "seeds": sorted(ok["seed"].tolist()),
+               "failed_seeds": sorted(runs.loc[runs["error"].notna(), "seed"].tolist()),
+               "sweep_val_wf1": trial["best_val_wf1"], "sweep_test_wf1": trial["test_wf1_at_best_val"]}
+        for key in ("best_val_wf1", "test_wf1_at_best_val"):
+            values = ok[key].tolist()
+            row[f"{key}_mean"] = statistics.fmean(values) if values else None
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    complete = [r for r in rows if len(r["seeds"]) == seeds]
+    if not complete:
+        raise SweepError(f"no re-scored trial trained on all {seeds} seeds (failures are in {RESCORE_TABLE}'s "
+                         f"error column); fix the cause and run it again, or export without --top/--seeds")
+    picked = max(complete, key=lambda r: (r["best_val_wf1_mean"], -r["number"]))
+    rows.sort(key=lambda r: (r["best_val_wf1_mean"] is None, -(r["best_val_wf1_mean"] or 0), r["number"]))
+    return {"top": len(chosen), "seeds": seeds, "seed_offset": SEED_OFFSET, "picked": picked["trial_id"],
+            "trials": rows, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def describe(summary: dict) -> str:
+    lines = [f"re-scored over {summary['seeds']} seeds (validation W-F1 mean ± std; the sweep's single seed):"]
+    for r in summary["trials"]:
+        mean, std = r["best_val_wf1_mean"], r["best_val_wf1_std"]
+        score = "no seed trained" if mean is None else f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std else "")
+        failed = f", failed on seeds {r['failed_seeds']}" if r["failed_seeds"] else ""
+        mark = "  <- picked" if r["trial_id"] == summary["picked"] else ""
+        lines.append(f"  {r['trial_id']}: {score} (sweep {100 * r['sweep_val_wf1']:.2f}){failed}{mark}")
+    return "\n".join(lines)
+
+
+def _read_table(sweep_dir: Path) -> pd.DataFrame:
+    path = sweep_dir / RESCORE_TABLE
+    if path.exists():
+        return pd.read_parquet(path)
+    return pd.DataFrame({"trial_id": pd.Series(dtype=str), "seed": pd.Series(dtype=int),
+                         "error": pd.Series(dtype=object)})
+
+
+def _append_row(sweep_dir: Path, row: dict) -> None:
+    table = _read_table(sweep_dir)
+    write_parquet_atomic(pd.concat([table, pd.DataFrame([row])], ignore_index=True), sweep_dir / RESCORE_TABLE)
+
+
+def train_one(config: dict, data) -> dict:
+    """One re-scoring run, in a Ray worker: the trial's config with another seed, no checkpoints."""
+    from cmath_model.train import train
+
+    started = time.perf_counter()
+    result = train(from_dict(config), data)
+    return {**{k: result[k] for k in RESULT_KEYS}, "epochs": result["epochs"],
+            "train_seconds": time.perf_counter() - started}
+
+
+def _train_on_ray(sweep_dir: Path, record: dict, todo: list[tuple[dict, int]], address: str | None,
+                  num_cpus: int | None, log: Callable[[str], None]) -> None:
+    import ray
+
+    from .cluster import init_ray, leave_ray, node_fits
+
+    options = record.get("options", {})
+    cpus, gpus = float(options.get("cpus_per_trial", 1.0)), float(options.get("gpus_per_trial", 0.0))
+    first = json.loads(todo[0][0]["config"])
+    data = load_dataset(first["data"], first["data_sha256"])
+    address = address or os.environ.get("RAY_ADDRESS")
+    session = None
+    try:
+        session = init_ray(address, num_cpus)
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        if not node_fits(bundle):
+            raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for a re-scoring run (the sweep's "
+                             f"resources per trial); re-score on the sweep's cluster with --address")
+        data_ref = ray.put(data)
+        remote = ray.remote(train_one).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
+        pending = {remote.remote({**json.loads(row["config"]), "seed": seed}, data_ref): (row, seed)
+                   for row, seed in todo}
+        tracker = _ChildRuns(record)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            row, seed = pending.pop(ref)
+            entry = {"trial_id": row["trial_id"], "number": int(row["number"]), "seed": seed, "error": None}
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                entry["error"] = _one_line(exc)
+                log(f"  {row['trial_id']} seed {seed}: failed: {entry['error']}")
+            else:
+                entry.update({k: result[k] for k in (*RESULT_KEYS, "train_seconds")})
+                entry["mlflow_run_id"] = tracker.log(row, seed, result, log)
+                done = len(todo) - len(pending)
+                log(f"  {row['trial_id']} seed {seed}: val W-F1 {100 * result['best_val_wf1']:.2f} at epoch "
+                    f"{result['best_epoch']}, test {100 * result['test_wf1_at_best_val']:.2f} "
+                    f"[{done}/{len(todo)}]")
+            _append_row(sweep_dir, entry)
+    except KeyboardInterrupt:
+        raise SweepError(f"re-scoring interrupted; finished runs are kept in {sweep_dir / RESCORE_TABLE}: run "
+                         f"the same command again to train the rest") from None
+    finally:
+        leave_ray(address, session)
+
+
+def _one_line(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+class _ChildRuns:
+    """Each re-scoring run as a child of the sweep's MLflow parent run (kind `rescore`). A failing
+    store is reported once and the re-scoring goes on: rescored.parquet has every result."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        self.warned = False
+
+    def log(self, row: dict, seed: int, result: dict, log: Callable[[str], None]) -> str | None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        from .tracking import log_params
+
+        where = self.record["mlflow"]
+        try:
+            client = MlflowClient(where["uri"])
+            run = client.create_run(where["experiment_id"], run_name=f"{row['trial_id']}-seed{seed}", tags={
+                "mlflow.parentRunId": where["parent_run_id"], "cmath.kind": "rescore",
+                "cmath.sweep": self.record["name"], "cmath.trial_id": row["trial_id"], "cmath.seed": str(seed)})
+            config = {k: v for k, v in json.loads(row["config"]).items() if k != "extra"}
+            log_params(client, run.info.run_id, {**config, "seed": seed})
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, int(epoch["epoch"])) for epoch in result["epochs"]
+                       for k, v in epoch.items() if k != "epoch" and isinstance(v, (int, float))]
+            metrics += [Metric(k, float(result[k]), now, 0) for k in RESULT_KEYS]
+            for start in range(0, len(metrics), 1000):
+                client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
+            client.set_terminated(run.info.run_id, "FINISHED")
+            return run.info.run_id
+        except Exception as exc:  # noqa: BLE001
+            if not self.warned:
+                log(f"MLflow: could not log a re-scoring run to {where['uri']} ({type(exc).__name__}: "
+                    f"{str(exc)[:160]}); {RESCORE_TABLE} has every result")
+                self.warned = True
+            return None
+
+
+def _log_summary_to_mlflow(sweep_dir: Path, record: dict, summary: dict, log: Callable[[str], None]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    where = record["mlflow"]
+    try:
+        client = MlflowClient(where["uri"])
+        client.set_tag(where["parent_run_id"], "cmath.rescored_best_trial_id", summary["picked"])
+        client.log_artifact(where["parent_run_id"], str(sweep_dir / RESCORE_FILE))
+        if (sweep_dir / RESCORE_TABLE).exists():
+            client.log_artifact(where["parent_run_id"], str(sweep_dir / RESCORE_TABLE))
+    except Exception as exc:  # noqa: BLE001
+        log(f"MLflow: could not log the re-scoring to the sweep's run ({type(exc).__name__}: {str(exc)[:160]}); "
+            f"{sweep_dir / RESCORE_FILE} has it")
+

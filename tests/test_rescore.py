@@ -1,0 +1,55 @@
+"""Re-scoring's pick, without Ray: the best mean over new seeds, not the sweep's luckiest seed."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from hpo.errors import SweepError
+from hpo.export import close_to_best
+from hpo.rescore import SEED_OFFSET, candidates, describe, summarize
+
+
+def _trials(scores: dict[str, float], failed: tuple[str, ...] = ()) -> pd.DataFrame:
+    return pd.DataFrame([{"trial_id": t, "number": n, "end_state": "failed" if t in failed else "completed",
+                          "best_val_wf1": v, "test_wf1_at_best_val": v, "config": json.dumps({"seed": 0})}
+                         for n, (t, v) in enumerate(scores.items())])
+
+
+def _runs(values: dict[str, list[float | None]]) -> pd.DataFrame:
+    return pd.DataFrame([{"trial_id": t, "seed": SEED_OFFSET + k, "best_val_wf1": v, "test_wf1_at_best_val": v,
+                          "error": None if v is not None else "FloatingPointError: loss is NaN"}
+                         for t, vs in values.items() for k, v in enumerate(vs)])
+
+
+def test_candidates_are_the_best_trials_that_did_not_fail():
+    trials = _trials({"a": 0.50, "b": 0.60, "c": 0.55, "d": 0.70}, failed=("d",))
+    assert [r["trial_id"] for r in candidates(trials, 2)] == ["b", "c"]
+
+
+def test_the_pick_is_the_best_mean_not_the_sweeps_best_seed():
+    # b won the sweep on one seed; over two new seeds c is better
+    trials = _trials({"a": 0.50, "b": 0.60, "c": 0.58})
+    summary = summarize(_runs({"b": [0.52, 0.54], "c": [0.56, 0.57]}), candidates(trials, 2), seeds=2)
+    assert summary["picked"] == "c"
+    assert [r["trial_id"] for r in summary["trials"]] == ["c", "b"]
+    assert summary["trials"][0]["best_val_wf1_mean"] == pytest.approx(0.565)
+    assert "c: 56.50 ± 0.71 (sweep 58.00)  <- picked" in describe(summary)
+
+
+def test_a_trial_that_failed_on_a_seed_is_not_picked():
+    trials = _trials({"b": 0.60, "c": 0.58})
+    summary = summarize(_runs({"b": [0.70, None], "c": [0.56, 0.57]}), candidates(trials, 2), seeds=2)
+    assert summary["picked"] == "c"
+    assert "failed on seeds [1001]" in describe(summary)
+    with pytest.raises(SweepError, match="no re-scored trial trained on all 2 seeds"):
+        summarize(_runs({"b": [0.70, None]}), candidates(trials, 1), seeds=2)
+
+
+def test_export_best_says_when_other_trials_ended_within_a_point(tmp_path):
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text("{}")
+    _trials({"a": 0.553, "b": 0.559, "c": 0.549, "d": 0.50}, failed=("c",)).to_parquet(sweep_dir / "trials.parquet")
+    assert close_to_best(sweep_dir, tmp_path) == 1  # a; c failed, d is 5.9 points behind
+    assert close_to_best(sweep_dir, tmp_path, within=0.1) == 2
