@@ -126,12 +126,11 @@ def _export(args: argparse.Namespace) -> int:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         rescore(sweep_dir, top=3 if args.top is None else args.top, seeds=3 if args.seeds is None else args.seeds,
                 address=args.address, num_cpus=args.num_cpus)
+    values = export_best(sweep_dir, args.output, args.results)
+    p = values["provenance"]
     rescored = read_rescore(sweep_dir)
     if rescored is not None:
         print(describe(rescored))
-    values = export_best(sweep_dir, args.output, args.results)
-    p = values["provenance"]
-    if rescored is not None:
         r = p["rescore"]
         print(f"picked trial {p['trial_id']} of {p['sweep']}: val W-F1 {100 * r['best_val_wf1_mean']:.2f} mean "
               f"over seeds {r['seeds']}, {values['epochs']} epochs")

@@ -53,7 +53,7 @@ def export_best(sweep: str | Path, output: str | Path, results: str | Path = "re
     >>> values = export_best("latest", "best.yaml")   # then: cmath-train --config best.yaml --seeds 5
     >>> values["provenance"]["trial_id"], values["provenance"]["best_val_wf1"]
     """
-    from .rescore import read_rescore
+    from .rescore import RESCORE_FILE, read_rescore
 
     sweep_dir = find_sweep(sweep, results)
     record = load_sweep_record(sweep_dir)
@@ -61,6 +61,10 @@ def export_best(sweep: str | Path, output: str | Path, results: str | Path = "re
     rescored = read_rescore(sweep_dir)
     if rescored is not None:
         trials = read_trials(sweep_dir)
+        if len(trials) != rescored.get("sweep_trials", len(trials)):
+            raise SweepError(f"{sweep_dir}: the re-scoring ({RESCORE_FILE}) saw {rescored['sweep_trials']} trials, "
+                             f"the sweep has {len(trials)} now; re-score again with --top {rescored['top']} --seeds "
+                             f"{rescored['seeds']} (runs already trained are kept) or delete {RESCORE_FILE}")
         best = records(trials[trials["trial_id"] == rescored["picked"]])[0]
     config = from_dict(json.loads(best["config"]), source=f"{sweep_dir}/{TRIALS_FILE}")
     epochs = config.epochs if rescored is not None else int(best["best_epoch"])

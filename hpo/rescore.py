@@ -75,6 +75,7 @@ def rescore(sweep_dir: Path, top: int = 3, seeds: int = 3, address: str | None =
     table = _read_table(sweep_dir)
     summary = summarize(table, chosen, seeds)
     summary["sweep"] = record["name"]
+    summary["sweep_trials"] = len(read_trials(sweep_dir))  # a sweep resumed since has trials this did not see
     (sweep_dir / RESCORE_FILE).write_text(json.dumps(summary, indent=1))
     _log_summary_to_mlflow(sweep_dir, record, summary, log)
     return summary

@@ -5,9 +5,10 @@ import json
 import pandas as pd
 import pytest
 
+from cmath_model.config import CMATHConfig
 from hpo.errors import SweepError
-from hpo.export import close_to_best
-from hpo.rescore import SEED_OFFSET, candidates, describe, summarize
+from hpo.export import close_to_best, export_best
+from hpo.rescore import RESCORE_FILE, SEED_OFFSET, candidates, describe, summarize
 
 
 def _trials(scores: dict[str, float], failed: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -53,3 +54,23 @@ def test_export_best_says_when_other_trials_ended_within_a_point(tmp_path):
     _trials({"a": 0.553, "b": 0.559, "c": 0.549, "d": 0.50}, failed=("c",)).to_parquet(sweep_dir / "trials.parquet")
     assert close_to_best(sweep_dir, tmp_path) == 1  # a; c failed, d is 5.9 points behind
     assert close_to_best(sweep_dir, tmp_path, within=0.1) == 2
+
+
+def test_export_takes_the_rescored_pick_with_every_epoch_and_refuses_a_stale_one(tmp_path):
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    record = {"name": "s", "mlflow": {"uri": "sqlite:///x", "experiment": "s"}}
+    (sweep_dir / "sweep.json").write_text(json.dumps(record))
+    config = json.dumps(CMATHConfig(epochs=12, seed=0).to_dict())
+    trials = _trials({"b": 0.60, "c": 0.58}).assign(config=config, best_epoch=[11, 5], mlflow_run_id=None,
+                                                    checkpoint=None)
+    trials.to_parquet(sweep_dir / "trials.parquet")
+    summary = summarize(_runs({"b": [0.52, 0.54], "c": [0.56, 0.57]}), candidates(trials, 2), seeds=2)
+    (sweep_dir / RESCORE_FILE).write_text(json.dumps({**summary, "sweep_trials": 2}))
+    exported = export_best(sweep_dir, tmp_path / "best.yaml")
+    assert exported["provenance"]["trial_id"] == "c" and exported["provenance"]["picked_by"] == "rescore"
+    assert exported["epochs"] == 12  # not c's single-seed best epoch (5)
+    assert exported["provenance"]["rescore"]["seeds"] == [SEED_OFFSET, SEED_OFFSET + 1]
+    pd.concat([trials, _trials({"d": 0.7}).assign(config=config)]).to_parquet(sweep_dir / "trials.parquet")
+    with pytest.raises(SweepError, match="saw 2 trials, the sweep has 3 now; re-score again with --top 2 --seeds 2"):
+        export_best(sweep_dir, tmp_path / "best.yaml")
