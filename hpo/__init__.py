@@ -2,11 +2,12 @@
 
 The library behind `cmath-hpo` (each verb is a thin call of one of these):
 
-    from hpo import SweepOptions, run_sweep, resume_sweep, export_best, make_report
+    from hpo import SweepOptions, run_sweep, resume_sweep, rescore_best, export_best, make_report
 
     outcome = run_sweep(SweepOptions(space="search_spaces/quickstart.yaml", num_samples=8))
-    export_best(outcome.sweep_dir, "best.yaml")     # then: cmath-train --config best.yaml --seeds 5
-    make_report(outcome.sweep_dir)                  # plots + report.md in <sweep>/report/
+    rescore_best(outcome.sweep_dir, top=3, seeds=3)  # optional: the top 3 trials again, 3 new seeds each
+    export_best(outcome.sweep_dir, "best.yaml")      # then: cmath-train --config best.yaml --seeds 5
+    make_report(outcome.sweep_dir)                   # plots + report.md in <sweep>/report/
 
 `import hpo` imports no Ray: each name loads its module when first used.
 """
@@ -14,7 +15,7 @@ The library behind `cmath-hpo` (each verb is a thin call of one of these):
 from importlib import import_module
 
 _HOMES = {"SweepOptions": "plan", "plan_sweep": "plan", "run_sweep": "sweep", "SweepOutcome": "sweep",
-          "resume_sweep": "resume", "export_best": "export", "make_report": "report"}
+          "resume_sweep": "resume", "rescore_best": "rescore", "export_best": "export", "make_report": "report"}
 __all__ = sorted(_HOMES)
 
 

@@ -119,13 +119,13 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import close_to_best, export_best, find_sweep
-    from .rescore import describe, read_rescore, rescore
+    from .rescore import describe, read_rescore, rescore_best
 
     sweep_dir = find_sweep(args.sweep, args.results)
     if args.top is not None or args.seeds is not None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-        rescore(sweep_dir, top=3 if args.top is None else args.top, seeds=3 if args.seeds is None else args.seeds,
-                address=args.address, num_cpus=args.num_cpus)
+        rescore_best(sweep_dir, top=3 if args.top is None else args.top,
+                     seeds=3 if args.seeds is None else args.seeds, address=args.address, num_cpus=args.num_cpus)
     values = export_best(sweep_dir, args.output, args.results)
     p = values["provenance"]
     rescored = read_rescore(sweep_dir)

@@ -50,10 +50,17 @@ def read_rescore(sweep_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def rescore(sweep_dir: Path, top: int = 3, seeds: int = 3, address: str | None = None, num_cpus: int | None = None,
-            log: Callable[[str], None] = print) -> dict:
+def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str | Path = "results",
+                 address: str | None = None, num_cpus: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Train the sweep's `top` best trials with `seeds` new seeds each (runs already in
-    rescored.parquet are kept), write rescored.json and return it."""
+    rescored.parquet are kept), write rescored.json and return it; export_best then takes its pick.
+
+    >>> summary = rescore_best("latest", top=3, seeds=3)
+    >>> summary["picked"], [(t["trial_id"], t["best_val_wf1_mean"]) for t in summary["trials"]]
+    """
+    from .export import find_sweep
+
+    sweep_dir = find_sweep(sweep, results)
     if top < 1 or seeds < 1:
         raise SweepError(f"--top {top} --seeds {seeds}: re-scoring needs at least one trial and one seed "
                          f"(e.g. --top 3 --seeds 3)")

@@ -40,10 +40,10 @@ def test_the_public_api_is_importable_from_hpo_without_ray_until_used():
     import sys
 
     check = ("import sys, hpo; assert 'ray' not in sys.modules, 'import hpo imported ray'\n"
-             "from hpo import SweepOptions, export_best, make_report, resume_sweep, run_sweep\n"
+             "from hpo import SweepOptions, export_best, make_report, rescore_best, resume_sweep, run_sweep\n"
              "from hpo.sweep import run_sweep as direct\n"
              "assert run_sweep is direct and all(f.__doc__ and '>>>' in f.__doc__ for f in "
-             "(run_sweep, resume_sweep, export_best, make_report))\n"
+             "(run_sweep, resume_sweep, rescore_best, export_best, make_report))\n"
              "assert SweepOptions(space='x').num_samples == 8")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]

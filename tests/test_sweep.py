@@ -26,7 +26,7 @@ from hpo.checkpoints import asha_rungs
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.export import export_best, find_sweep
-from hpo.rescore import RESCORE_TABLE, SEED_OFFSET, rescore
+from hpo.rescore import RESCORE_TABLE, SEED_OFFSET, rescore_best
 from hpo.sweep import SweepOptions, run_sweep
 from hpo.table import HISTORY_FILE, read_trials
 from hpo.tracking import default_tracking_uri
@@ -300,9 +300,9 @@ def test_rescoring_trains_the_top_trials_on_new_seeds_and_export_takes_the_best_
     copy = tmp_path / "s1"  # re-scoring writes into the sweep folder; the other tests keep theirs as it was
     shutil.copytree(sweep["dir"], copy)
     lines = []
-    rescore(copy, top=2, seeds=1, num_cpus=2, log=lines.append)
+    rescore_best(copy, top=2, seeds=1, num_cpus=2, log=lines.append)
     assert not ray.is_initialized()
-    summary = rescore(copy, top=2, seeds=2, num_cpus=2, log=lines.append)  # one more seed: only it is trained
+    summary = rescore_best(copy, top=2, seeds=2, num_cpus=2, log=lines.append)  # one more seed: only it is trained
     assert "2 runs to train, 2 already in rescored.parquet" in "\n".join(lines)
     table = pd.read_parquet(copy / RESCORE_TABLE)
     top = sweep["trials"].sort_values(["best_val_wf1", "number"], ascending=[False, True]).head(2)
