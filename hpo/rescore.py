@@ -45,6 +45,14 @@ def rescore_seeds(trial_seed: int, seeds: int) -> list[int]:
     return [trial_seed + SEED_OFFSET + k for k in range(seeds)]
 
 
+def runs_to_train(chosen: list[dict], table: pd.DataFrame, seeds: int) -> list[tuple[dict, int]]:
+    """(trial, seed) pairs without a finished run in the table; a run that failed is tried again."""
+    ok = table[table["error"].isna()]
+    done = set(zip(ok["trial_id"], ok["seed"], strict=True))
+    return [(row, seed) for row in chosen for seed in rescore_seeds(json.loads(row["config"])["seed"], seeds)
+            if (row["trial_id"], seed) not in done]
+
+
 def read_rescore(sweep_dir: Path) -> dict | None:
     path = sweep_dir / RESCORE_FILE
     return json.loads(path.read_text()) if path.exists() else None
@@ -70,10 +78,7 @@ def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str |
     chosen = candidates(read_trials(sweep_dir), top)
     if not chosen:
         raise SweepError(f"{sweep_dir}: no trial has a validation score (all failed?); see {TRIALS_FILE}")
-    table = _read_table(sweep_dir)
-    done = set(zip(table["trial_id"], table["seed"], strict=True))
-    todo = [(row, seed) for row in chosen for seed in rescore_seeds(json.loads(row["config"])["seed"], seeds)
-            if (row["trial_id"], seed) not in done]
+    todo = runs_to_train(chosen, _read_table(sweep_dir), seeds)
     log(f"re-scoring the top {len(chosen)} trials of {record['name']} over {seeds} seeds: {len(todo)} runs to train"
         + (f", {len(chosen) * seeds - len(todo)} already in {RESCORE_TABLE}" if len(todo) < len(chosen) * seeds
            else ""))
@@ -133,8 +138,10 @@ def _read_table(sweep_dir: Path) -> pd.DataFrame:
                          "error": pd.Series(dtype=object)})
 
 
-def _append_row(sweep_dir: Path, row: dict) -> None:
+def append_row(sweep_dir: Path, row: dict) -> None:
+    """Add a run's row, in place of an earlier failed one of the same trial and seed."""
     table = _read_table(sweep_dir)
+    table = table[(table["trial_id"] != row["trial_id"]) | (table["seed"] != row["seed"])]
     write_parquet_atomic(pd.concat([table, pd.DataFrame([row])], ignore_index=True), sweep_dir / RESCORE_TABLE)
 
 
@@ -187,7 +194,7 @@ def _train_on_ray(sweep_dir: Path, record: dict, todo: list[tuple[dict, int]], a
                 log(f"  {row['trial_id']} seed {seed}: val W-F1 {100 * result['best_val_wf1']:.2f} at epoch "
                     f"{result['best_epoch']}, test {100 * result['test_wf1_at_best_val']:.2f} "
                     f"[{done}/{len(todo)}]")
-            _append_row(sweep_dir, entry)
+            append_row(sweep_dir, entry)
     except KeyboardInterrupt:
         raise SweepError(f"re-scoring interrupted; finished runs are kept in {sweep_dir / RESCORE_TABLE}: run "
                          f"the same command again to train the rest") from None

@@ -8,7 +8,17 @@ import pytest
 from cmath_model.config import CMATHConfig
 from hpo.errors import SweepError
 from hpo.export import close_to_best, export_best
-from hpo.rescore import RESCORE_FILE, SEED_OFFSET, candidates, describe, summarize
+from hpo.rescore import (
+    RESCORE_FILE,
+    RESCORE_TABLE,
+    SEED_OFFSET,
+    append_row,
+    candidates,
+    describe,
+    runs_to_train,
+    summarize,
+)
+from hpo.table import records
 
 
 def _trials(scores: dict[str, float], failed: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -74,3 +84,15 @@ def test_export_takes_the_rescored_pick_with_every_epoch_and_refuses_a_stale_one
     pd.concat([trials, _trials({"d": 0.7}).assign(config=config)]).to_parquet(sweep_dir / "trials.parquet")
     with pytest.raises(SweepError, match="saw 2 trials, the sweep has 3 now; re-score again with --top 2 --seeds 2"):
         export_best(sweep_dir, tmp_path / "best.yaml")
+
+
+def test_a_failed_run_is_trained_again_and_its_row_replaced(tmp_path):
+    chosen = candidates(_trials({"b": 0.60, "c": 0.58}), 2)
+    for row in records(_runs({"b": [0.52, None], "c": [0.56]})):
+        append_row(tmp_path, row)
+    todo = runs_to_train(chosen, pd.read_parquet(tmp_path / RESCORE_TABLE), seeds=2)
+    assert [(row["trial_id"], seed) for row, seed in todo] == [("b", SEED_OFFSET + 1), ("c", SEED_OFFSET + 1)]
+    append_row(tmp_path, {"trial_id": "b", "seed": SEED_OFFSET + 1, "best_val_wf1": 0.53, "error": None})
+    table = pd.read_parquet(tmp_path / RESCORE_TABLE)
+    assert len(table) == 3 and table["error"].isna().all()
+    assert runs_to_train(chosen[:1], table, seeds=2) == []
