@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from .errors import SweepError
 from .plan import SweepPlan
-from .processes import pids_using, stop
+from .processes import command_line, is_node_daemon, pids_using, stop
 from .storage import check_storage_on_every_node
 
 
@@ -150,7 +150,8 @@ def leave_cluster(plan: SweepPlan, timeout: float = 20.0) -> None:
 def leave_ray(address: str | None, session_dir: str | None, timeout: float = 20.0) -> None:
     """Disconnect; a private Ray is also waited for until none of its processes is left (a trial
     worker can take seconds to tear down after ray.shutdown), so when a sweep returns nothing it
-    started is still running. Stragglers past `timeout` are stopped, by PID."""
+    started is still running. Stragglers past `timeout`, and at once the processes of a node
+    that joined this Ray, are stopped by PID."""
     import ray
 
     ray.shutdown()
@@ -158,6 +159,8 @@ def leave_ray(address: str | None, session_dir: str | None, timeout: float = 20.
     if session is None:
         return
     deadline = time.monotonic() + timeout
-    while pids_using(session) and time.monotonic() < deadline:
+    while (left := pids_using(session)) and time.monotonic() < deadline:
+        if all(is_node_daemon(command_line(pid)) for pid in left):
+            break  # a node that joined this Ray: it would wait about a minute for its head, which is gone
         time.sleep(0.25)
-    stop(pids_using(session))
+    stop(pids_using(session), timeout=3.0)

@@ -50,6 +50,16 @@ def pids_using(folder: str) -> list[int]:
                   if e.name.isdigit() and int(e.name) != os.getpid() and _uses(int(e.name), folder))
 
 
+# A Ray node's own processes, as against its workers (`ray::IDLE`, `ray::CMATHTrial...`): after
+# ray.shutdown() they only exit once they give up on the head, a minute or so later.
+NODE_DAEMONS = ("/raylet/raylet ", "/ray/_private/log_monitor.py", "/ray/dashboard/agent.py",
+                "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def is_node_daemon(cmdline: str) -> bool:
+    return any(part in cmdline for part in NODE_DAEMONS)
+
+
 def stop(pids: list[int], timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL whatever is still there after `timeout` seconds."""
     started = {pid: command_line(pid) for pid in pids}
