@@ -35,7 +35,7 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 BUCKET = "cmath"
 EPOCHS = 10
-SAMPLES = 6
+SAMPLES = 4  # two waves of trials on the two nodes: a finished and a running trial on the worker
 SPACE = {
     "dataset": "iemocap",
     "search": {"lr": {"type": "loguniform", "low": 5.0e-4, "high": 2.0e-3}},
@@ -121,8 +121,9 @@ def cluster(tmp_path_factory, s3):
                "head_dir": head_dir, "worker_dir": worker_dir, "nodes": {k: v[:12] for k, v in node_of.items()},
                "node_ids": node_of, "private": private, "nfs": nfs}
     finally:
-        stop(pids_using(worker_dir))
-        stop(pids_using(head_dir))
+        # After SIGTERM a raylet waits ~10 s for its head; nothing of either node is needed by then.
+        stop(pids_using(worker_dir), timeout=3)
+        stop(pids_using(head_dir), timeout=3)
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(worker_dir, ignore_errors=True)
 
@@ -263,8 +264,9 @@ def test_sweep_on_shared_storage_survives_losing_the_worker(cluster, tiny_path):
     storage = cluster["nfs"] / "sweeps"
     started = time.monotonic()
     log = open(cluster["nfs"] / "two-nodes.log", "w")
-    driver = subprocess.Popen(_sweep_command(_space(cluster["private"]), tiny_path, results, name,
-                                             "--num-samples", str(SAMPLES), "--address", cluster["address"],
+    driver = subprocess.Popen(_sweep_command(_space(cluster["private"], d=128), tiny_path, results, name,
+                                             "--num-samples", str(SAMPLES), "--max-concurrent", "2",
+                                             "--address", cluster["address"],
                                              "--storage", str(storage), "--max-retries", "2"),
                               env=cluster["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     sweep_dir = results / name
