@@ -14,7 +14,7 @@ import ray
 import yaml
 
 from hpo.errors import SweepError
-from hpo.processes import pids_using
+from hpo.processes import is_node_daemon, pids_using
 from hpo.sweep import SweepOptions, run_sweep
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -29,6 +29,25 @@ def space(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(SPACE))
     return path
+
+
+SITE = "/venv/lib/python3.11/site-packages/ray"
+
+
+@pytest.mark.parametrize("cmdline, daemon", [
+    # A node's own processes, as Ray 2.60 names them on this machine: they outlive the head.
+    (f"{SITE}/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/ray/session_x/sockets/raylet", True),
+    (f"/venv/bin/python -u {SITE}/_private/log_monitor.py --session-dir=/tmp/ray/session_x", True),
+    ("ray::DashboardAgent", True),
+    ("ray::RuntimeEnvAgent", True),
+    # Workers, which leave_ray keeps waiting for, and the head's own processes, which exit by themselves.
+    ("ray::IDLE", False),
+    ("ray::ImplicitFunc.train", False),
+    (f"{SITE}/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray/session_x/logs", False),
+    (f"/venv/bin/python {SITE}/dashboard/dashboard.py --host=127.0.0.1 --port=8265", False),
+])
+def test_a_joined_nodes_daemons_are_told_from_workers(cmdline, daemon):
+    assert is_node_daemon(cmdline) is daemon
 
 
 def test_without_a_node_that_fits_the_sweep_waits_then_refuses(space, tiny_path, tmp_path):
