@@ -9,6 +9,10 @@ source_sha256, split_seed.
 In memory a split is a flat (N, D) tensor per modality plus per-dialogue index rows, so a
 batch is one gather into padded (B, L, D) tensors with a (B, L) mask: no Python loop per
 utterance, and the whole object pickles cheaply into Ray's object store.
+
+`inspect_dataset` runs every check of `load_dataset` and returns what planning needs
+(`DatasetInfo`) without building tensors: this module imports torch only where it makes them,
+so a sweep's plan and dry run need no torch.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from .config import MODALITIES, file_sha256
+from .config import MODALITIES, MODALITY_LETTERS, CMATHConfig, file_sha256
 from .errors import DataError, closest
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "valid", "test")
 METADATA_KEY = b"cmath"
@@ -163,6 +170,8 @@ class Split:
 
     def batches(self, batch_size: int, modalities: tuple[str, ...],
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
+        import torch
+
         order = (torch.randperm(self.num_dialogues, generator=generator) if generator is not None
                  else torch.arange(self.num_dialogues))
         for start in range(0, self.num_dialogues, batch_size):
@@ -182,6 +191,30 @@ class Batch:
                      self.label.to(device), self.mask.to(device), self.dialogues)
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A checked dataset file without its tensors: what a sweep's plan records and checks."""
+
+    name: str
+    classes: list[str]
+    modality_dims: dict[str, int]
+    path: str
+    sha256: str
+    meta: dict
+    sizes: dict[str, tuple[int, int]]  # split -> (dialogues, utterances)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def require_modalities(self, modalities: tuple[str, ...]) -> None:
+        missing = [m for m in modalities if m not in self.modality_dims]
+        if missing:
+            have = "".join(m[0] for m in self.modality_dims)
+            raise DataError(f"{self.path}: the run needs the {missing[0]} modality but the file has only "
+                            f"{', '.join(self.modality_dims)}; set modalities: {have} or use a file with {missing[0]}")
+
+
 @dataclass
 class Dataset:
     name: str
@@ -193,6 +226,12 @@ class Dataset:
     meta: dict
 
     @property
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(name=self.name, classes=self.classes, modality_dims=self.modality_dims, path=self.path,
+                           sha256=self.sha256, meta=self.meta,
+                           sizes={k: (s.num_dialogues, s.num_utterances) for k, s in self.splits.items()})
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 
@@ -201,11 +240,7 @@ class Dataset:
         return int(max(s.speaker[:-1].max() for s in self.splits.values())) + 1
 
     def require_modalities(self, modalities: tuple[str, ...]) -> None:
-        missing = [m for m in modalities if m not in self.modality_dims]
-        if missing:
-            have = "".join(m[0] for m in self.modality_dims)
-            raise DataError(f"{self.path}: the run needs the {missing[0]} modality but the file has only "
-                            f"{', '.join(self.modality_dims)}; set modalities: {have} or use a file with {missing[0]}")
+        self.info.require_modalities(modalities)
 
     def feature_stats(self, modalities: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-dimension (mean, std) of each modality over the training utterances only, so
@@ -215,6 +250,8 @@ class Dataset:
 
     def class_frequencies(self) -> np.ndarray:
         """Label frequencies over train + valid, as SDT's class weights use."""
+        import torch
+
         labels = torch.cat([self.splits[s].label[:-1] for s in ("train", "valid")]).numpy()
         counts = np.bincount(labels, minlength=self.num_classes).astype(np.float64)
         return counts / counts.sum()
@@ -232,7 +269,36 @@ def _nearest_file(path: Path) -> str:
 
 
 def load_dataset(path: str | Path, expected_sha256: str | None = None) -> Dataset:
-    """Read and check a canonical Parquet dataset. Every problem is one DataError line."""
+    """Read and check a canonical Parquet dataset. Every problem is one DataError line.
+
+    Args:
+        path: the Parquet file.
+        expected_sha256: refuse a file whose SHA-256 differs (a config pinned to its data).
+
+    Returns:
+        The dataset with each split's tensors.
+    """
+    path, sha, table, meta = _read(path, expected_sha256)
+    info, arrays = _check(path, sha, table, meta)
+    return Dataset(name=info.name, classes=info.classes, modality_dims=info.modality_dims,
+                   splits={name: _build_split(*parts) for name, parts in arrays.items()},
+                   path=info.path, sha256=info.sha256, meta=info.meta)
+
+
+def inspect_dataset(path: str | Path, expected_sha256: str | None = None) -> DatasetInfo:
+    """Every check of `load_dataset` (the same DataError lines), without building tensors.
+
+    Args:
+        path: the Parquet file.
+        expected_sha256: refuse a file whose SHA-256 differs.
+
+    Returns:
+        The file's name, classes, modalities, hash and split sizes.
+    """
+    return _check(*_read(path, expected_sha256))[0]
+
+
+def _read(path: str | Path, expected_sha256: str | None) -> tuple[Path, str, pa.Table, dict]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such dataset file{_nearest_file(path)}; make one from transcripts "
@@ -248,8 +314,28 @@ def load_dataset(path: str | Path, expected_sha256: str | None = None) -> Datase
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]}); "
                         "it may be truncated: regenerate it with cmath-data") from None
-    meta = _read_meta(path, table)
-    return _to_dataset(path, sha, table, meta)
+    return path, sha, table, _read_meta(path, table)
+
+
+def pin_data(config: CMATHConfig, data: DatasetInfo | Dataset, fit_modalities: bool = False) -> CMATHConfig:
+    """The config pinned to a checked data file: its absolute path and SHA-256.
+
+    Args:
+        config: the run's config.
+        data: the file, as `inspect_dataset` or `load_dataset` read it.
+        fit_modalities: narrow modalities the file lacks to those it has (a text-only file runs
+            the text-only model) instead of refusing them.
+
+    Returns:
+        The pinned config; DataError if it needs a modality the file does not have.
+    """
+    changes: dict = {"data": str(Path(data.path).resolve()), "data_sha256": data.sha256}
+    if fit_modalities:
+        have = "".join(c for c in config.modalities if MODALITY_LETTERS[c] in data.modality_dims)
+        changes["modalities"] = have or config.modalities
+    config = config.replace(**changes)
+    data.require_modalities(config.modality_names)
+    return config
 
 
 def dataset_name(path: str | Path) -> str | None:
@@ -275,7 +361,8 @@ def _read_meta(path: Path, table: pa.Table) -> dict:
     return meta
 
 
-def _to_dataset(path: Path, sha: str, table: pa.Table, meta: dict) -> Dataset:
+def _check(path: Path, sha: str, table: pa.Table, meta: dict) -> tuple[DatasetInfo, dict[str, tuple]]:
+    """The file's info, and per split the arrays `_build_split` turns into tensors."""
     required = ["dialogue_id", "position", "speaker", "label", "split"]
     missing = [c for c in required if c not in table.column_names]
     if missing:
@@ -303,19 +390,23 @@ def _to_dataset(path: Path, sha: str, table: pa.Table, meta: dict) -> Dataset:
         bad = labels[(labels < 0) | (labels >= len(classes))][0]
         raise DataError(f"{path}: label {bad} is outside the {len(classes)} classes {classes}")
 
-    splits = {}
+    arrays = {}
     split_col = columns["split"].astype(str)
     for name in SPLITS:
         rows = np.flatnonzero(split_col == name)
         if len(rows) == 0:
             raise DataError(f"{path}: the {name} split is empty; re-import with a validation fraction "
                             "(--resplit 0.2) or check the split column")
-        splits[name] = _build_split(path, rows, columns, features)
-    return Dataset(name=meta["dataset"], classes=classes, modality_dims=dims, splits=splits,
-                   path=str(path), sha256=sha, meta=meta)
+        arrays[name] = (*_order_split(path, rows, columns), columns, features)
+    sizes = {name: (len(parts[1]), len(parts[0])) for name, parts in arrays.items()}
+    info = DatasetInfo(name=meta["dataset"], classes=classes, modality_dims=dims, path=str(path), sha256=sha,
+                       meta=meta, sizes=sizes)
+    return info, arrays
 
 
-def _build_split(path: Path, rows: np.ndarray, columns: dict, features: dict) -> Split:
+def _order_split(path: Path, rows: np.ndarray, columns: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                       np.ndarray, np.ndarray]:
+    """A split's rows in dialogue order, its dialogue ids, lengths, and each row's (dialogue, position)."""
     dialogue = columns["dialogue_id"][rows].astype(str)
     position = columns["position"][rows].astype(np.int64)
     # Sort by (dialogue order of first appearance, position) so each dialogue is contiguous.
@@ -332,6 +423,12 @@ def _build_split(path: Path, rows: np.ndarray, columns: dict, features: dict) ->
     if not np.array_equal(offset, position):
         bad = ids[rank[np.flatnonzero(offset != position)[0]]]
         raise DataError(f"{path}: dialogue '{bad}' has positions that are not 0..n-1 without gaps or repeats")
+    return rows, ids, lengths, rank, offset
+
+
+def _build_split(rows: np.ndarray, ids: np.ndarray, lengths: np.ndarray, rank: np.ndarray, offset: np.ndarray,
+                 columns: dict, features: dict) -> Split:
+    import torch
 
     n = len(rows)
     index = np.full((len(ids), int(lengths.max())), n, dtype=np.int64)

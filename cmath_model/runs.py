@@ -12,8 +12,8 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import DATASETS, MODALITY_LETTERS, CMATHConfig, default_config
-from .data import Dataset, dataset_name, load_dataset
+from .config import DATASETS, CMATHConfig, default_config
+from .data import Dataset, dataset_name, load_dataset, pin_data
 from .errors import ConfigError
 from .metrics import classification_metrics
 from .synth import default_dataset_path
@@ -31,15 +31,8 @@ def resolve_data(config: CMATHConfig, results_dir: str | Path = DEFAULT_RESULTS,
     With fit_modalities, a config whose modalities the file lacks is narrowed to what the file
     has (a text-only file runs the text-only model); otherwise that is an error.
     """
-    path = config.data or str(default_dataset_path(results_dir, config.dataset))
-    data = load_dataset(path, config.data_sha256)
-    changes: dict = {"data": str(Path(path).resolve()), "data_sha256": data.sha256}
-    if fit_modalities:
-        have = "".join(c for c in config.modalities if MODALITY_LETTERS[c] in data.modality_dims)
-        changes["modalities"] = have or config.modalities
-    config = config.replace(**changes)
-    data.require_modalities(config.modality_names)
-    return config, data
+    data = load_dataset(config.data or default_dataset_path(results_dir, config.dataset), config.data_sha256)
+    return pin_data(config, data, fit_modalities), data
 
 
 def defaults_for(path: str | None, defaults: str = "recipe") -> tuple[CMATHConfig, str]:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 
-from cmath_model import CMATHConfig, NonFiniteLossError, Trainer, load_dataset, recipe_defaults, train
+from cmath_model import CMATHConfig, NonFiniteLossError, Trainer, load_dataset, recipe_defaults
 from cmath_model.data import write_dataset
 from cmath_model.synth import generate
-from cmath_model.train import WeightAverage, load_model, lr_factor, predict
+from cmath_model.train import WeightAverage, load_model, lr_factor, predict, train
 
 
 def test_overfits_a_tiny_dataset(tiny):
