@@ -136,7 +136,8 @@ def _train(argv: list[str] | None) -> int:
         raise ConfigError("--compare needs --seeds 2 or more (a t-test needs a spread)")
 
     from .config import load_config, load_provenance, paper_defaults
-    from .runs import compare_runs, defaults_for, describe_config, describe_mlflow_run, resolve_data, train_seeds
+    from .runs import compare_runs, defaults_for, describe_config, resolve_data, train_seeds
+    from .tracking import describe_run
 
     if args.config and args.defaults:
         raise ConfigError(f"--defaults with --config {args.config}: the file decides; put 'defaults: "
@@ -194,7 +195,7 @@ def _train(argv: list[str] | None) -> int:
         _print_welch(compared, "logistic regression")
     print(f"wrote {out / 'metrics.json'}")
     if "mlflow" in summary:
-        print(describe_mlflow_run(summary["mlflow"]))
+        print(describe_run(summary["mlflow"]))
     return 0
 
 

@@ -4,11 +4,8 @@ aggregate them, write metrics.json, and (optionally) log the run to MLflow."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
 import time
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from .data import Dataset, dataset_name, load_dataset, pin_data
 from .errors import ConfigError
 from .metrics import classification_metrics
 from .synth import default_dataset_path
+from .tracking import describe_run, log_artifacts_once, log_metrics, metrics_at, mlflow_experiment, open_run
 from .train import load_model, pick_device, predict, train
 
 DEFAULT_RESULTS = Path("results")
@@ -129,89 +127,33 @@ class _MlflowRun:
     suffixed by seed when there are several), the summary and the best checkpoints."""
 
     def __init__(self, uri: str, experiment: str, config: CMATHConfig, out: Path, tags: dict[str, str]):
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
-        self.mlflow = mlflow
+        self.client = MlflowClient(uri)
         self.out = out
-        mlflow.set_tracking_uri(uri)
-        experiment_id = mlflow_experiment(mlflow.MlflowClient(uri), experiment, uri)
-        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=out.name,
-                                    tags={"cmath.kind": "final_training", **tags})
         self.uri, self.experiment = uri, experiment
+        experiment_id = mlflow_experiment(self.client, experiment, uri)
         params = {k: v for k, v in config.to_dict().items() if k != "extra"}
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        self.run_id = open_run(self.client, experiment_id, out.name, {"cmath.kind": "final_training", **tags}, params)
 
     def where(self) -> dict:
-        return {"uri": self.uri, "experiment": self.experiment, "run_id": self.run.info.run_id,
-                "run_name": self.run.info.run_name}
+        return {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id, "run_name": self.out.name}
 
     def describe(self) -> str:
-        return describe_mlflow_run(self.where())
+        return describe_run(self.where())
 
     def reporter(self, seed: int) -> Callable[[dict], None]:
-        from mlflow.entities import Metric
-
-        client = self.mlflow.MlflowClient()
-
         def report(record: dict) -> None:
-            now = int(time.time() * 1000)
-            metrics = [Metric(f"{k}/seed{seed}", float(v), now, record["epoch"])
-                       for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"]
-            client.log_batch(self.run.info.run_id, metrics=metrics)
+            values = {k: v for k, v in record.items() if k != "epoch"}
+            log_metrics(self.client, self.run_id, metrics_at(values, record["epoch"], suffix=f"/seed{seed}"))
 
         return report
 
     def finish(self, summary: dict | None, status: str) -> None:
         if summary is not None:
-            self.mlflow.log_metrics({k: float(v) for k, v in summary.items()
-                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            log_artifacts_once(self.mlflow.MlflowClient(), self.run.info.run_id, self.out)
-        self.mlflow.end_run(status=status)
-
-
-def local_artifact_dir(artifact_uri: str) -> Path | None:
-    """The folder of a run's artifacts when the store keeps them on this machine's disk, else None."""
-    parsed = urllib.parse.urlparse(artifact_uri)
-    if parsed.scheme == "file":
-        return Path(urllib.parse.unquote(parsed.path))
-    return Path(artifact_uri) if parsed.scheme == "" else None
-
-
-def log_artifacts_once(client, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-    """`log_artifacts`, keeping one copy on disk. With a local store (the default beside a sweep's
-    results) a copy would double every checkpoint on the same disk; large files are hard-linked
-    into the run's artifact folder instead, so each name stays valid when the other is deleted.
-    Only weights (*.pt, written once) are linked: a small file such as metrics.json can be
-    rewritten in place later, which would change both. A remote store (a tracking server, an
-    object store) gets a real upload."""
-    root = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
-    if root is None:
-        client.log_artifacts(run_id, str(local_dir), artifact_path)
-        return
-    local_dir = Path(local_dir)
-    destination = root / artifact_path if artifact_path else root
-    for source in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        target = destination / source.relative_to(local_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        if source.suffix == ".pt":
-            try:
-                os.link(source, target)
-                continue
-            except OSError:  # another filesystem, or one without hard links: copy
-                pass
-        shutil.copy2(source, target)
-
-
-def describe_mlflow_run(where: dict) -> str:
-    """Where a cmath-train run is logged and how to look at it."""
-    database = sqlite_file(where["uri"])
-    if database is not None and database.name == "mlflow.db":  # the sweeps' store layout
-        view = f"cmath-hpo ui --results {database.parent}"
-    else:
-        view = f"cmath-hpo ui --mlflow-uri {where['uri']}" if database else f"open {where['uri']}"
-    return (f"mlflow: run '{where['run_name']}' ({where['run_id']}) in experiment '{where['experiment']}' "
-            f"at {where['uri']}; to see it: {view}")
+            log_metrics(self.client, self.run_id, metrics_at(summary, 0))
+            log_artifacts_once(self.client, self.run_id, self.out)
+        self.client.set_terminated(self.run_id, status)
 
 
 def welch(ours: list[float], theirs: list[float]) -> dict:
@@ -236,24 +178,6 @@ def compare_runs(ours: dict, theirs: dict, name: str = "paper") -> dict:
         b = [r[key] for r in theirs["per_seed"]]
         compared[key] = {"ours": a, name: b, **welch(a, b)}
     return compared
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
-def mlflow_experiment(client, name: str, uri: str) -> str:
-    """The experiment's id, created if needed. With a sqlite store its artifacts go beside the
-    database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    database = sqlite_file(uri)
-    location = (database.resolve().parent / "mlartifacts" / name).as_uri() if database else None
-    return client.create_experiment(name, artifact_location=location)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, batch_size: int = 16) -> dict:

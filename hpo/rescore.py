@@ -25,6 +25,7 @@ import pandas as pd
 
 from cmath_model.config import from_dict
 from cmath_model.data import load_dataset
+from cmath_model.tracking import log_metrics, metrics_at, open_run
 
 from .errors import SweepError
 from .table import TRIALS_FILE, read_trials, records, write_parquet_atomic
@@ -217,27 +218,23 @@ class _ChildRuns:
         self.warned = False
 
     def log(self, row: dict, seed: int, result: dict, log: Callable[[str], None]) -> str | None:
-        from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
-
-        from .tracking import log_params
 
         where = self.record["mlflow"]
         try:
             client = MlflowClient(where["uri"])
-            run = client.create_run(where["experiment_id"], run_name=f"{row['trial_id']}-seed{seed}", tags={
-                "mlflow.parentRunId": where["parent_run_id"], "cmath.kind": "rescore",
-                "cmath.sweep": self.record["name"], "cmath.trial_id": row["trial_id"], "cmath.seed": str(seed)})
             config = {k: v for k, v in json.loads(row["config"]).items() if k != "extra"}
-            log_params(client, run.info.run_id, {**config, "seed": seed})
+            run_id = open_run(client, where["experiment_id"], f"{row['trial_id']}-seed{seed}", tags={
+                "mlflow.parentRunId": where["parent_run_id"], "cmath.kind": "rescore",
+                "cmath.sweep": self.record["name"], "cmath.trial_id": row["trial_id"], "cmath.seed": str(seed)},
+                params={**config, "seed": seed})
             now = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), now, int(epoch["epoch"])) for epoch in result["epochs"]
-                       for k, v in epoch.items() if k != "epoch" and isinstance(v, (int, float))]
-            metrics += [Metric(k, float(result[k]), now, 0) for k in RESULT_KEYS]
-            for start in range(0, len(metrics), 1000):
-                client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
-            client.set_terminated(run.info.run_id, "FINISHED")
-            return run.info.run_id
+            metrics = [m for epoch in result["epochs"] for m in
+                       metrics_at({k: v for k, v in epoch.items() if k != "epoch"}, int(epoch["epoch"]), now)]
+            metrics += metrics_at({k: result[k] for k in RESULT_KEYS}, 0, now)
+            log_metrics(client, run_id, metrics)
+            client.set_terminated(run_id, "FINISHED")
+            return run_id
         except Exception as exc:  # noqa: BLE001
             if not self.warned:
                 log(f"MLflow: could not log a re-scoring run to {where['uri']} ({type(exc).__name__}: "

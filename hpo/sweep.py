@@ -98,9 +98,7 @@ def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
     """Write sweep.json and open the MLflow parent run that carries its provenance."""
     from mlflow.tracking import MlflowClient
 
-    from cmath_model.runs import mlflow_experiment
-
-    from .tracking import log_params
+    from cmath_model.tracking import mlflow_experiment, open_run
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     record = provenance(plan)
@@ -108,13 +106,13 @@ def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
     write_json(plan.sweep_dir / SWEEP_FILE, record)
     client = MlflowClient(plan.tracking_uri)
     experiment = mlflow_experiment(client, plan.experiment, plan.tracking_uri)
-    parent = client.create_run(experiment, run_name=plan.name, tags={
+    base = {f"base.{k}": v for k, v in plan.base.to_dict().items() if k != "extra"}
+    parent_id = open_run(client, experiment, plan.name, tags={
         "cmath.sweep": plan.name, "cmath.kind": "sweep", "cmath.git_commit": str(record["git_commit"]),
-        "cmath.data_sha256": plan.data.sha256, "cmath.command": record["command"][:5000]})
-    parent_id = parent.info.run_id
+        "cmath.data_sha256": plan.data.sha256, "cmath.command": record["command"][:5000]},
+        params={**parent_params(plan), **base})
     record["mlflow"].update(experiment_id=experiment, parent_run_id=parent_id)
     write_json(plan.sweep_dir / SWEEP_FILE, record)
-    log_params(client, parent_id, {**parent_params(plan), **{f"base.{k}": v for k, v in plan.base.to_dict().items()}})
     client.log_artifact(parent_id, str(plan.sweep_dir / SWEEP_FILE))
     client.log_artifact(parent_id, str(plan.space.path))
     return record, client, parent_id, experiment

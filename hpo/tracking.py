@@ -24,19 +24,25 @@ import queue
 import re
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from cmath_model.runs import log_artifacts_once, sqlite_file
+from cmath_model.tracking import (  # noqa: F401 - default_tracking_uri: hpo.plan's and the tests' import
+    default_tracking_uri,
+    log_artifacts_once,
+    log_metrics,
+    metrics_at,
+    open_run,
+    sqlite_file,
+)
 
 from .checkpoints import last_checkpoint, prune_checkpoints
 from .errors import SweepError
@@ -78,7 +84,6 @@ def warn_failure(owner, where: str, exc: Exception) -> None:
 
 
 LOST = "lost: started after Ray last saved its state, then the driver was killed; a resume carries it on"
-MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch
 MAX_QUEUED = 10_000  # calls and metric batches waiting for the writer (each result is one)
 
 
@@ -140,8 +145,7 @@ class MlflowWriter:
                     pending.setdefault(run_id, []).extend(payload[0])
                 continue
             for run_id, metrics in pending.items():  # metrics go before the call that followed them
-                for start in range(0, len(metrics), MAX_BATCH_METRICS):
-                    self._guarded(self.client.log_batch, run_id, metrics=metrics[start:start + MAX_BATCH_METRICS])
+                self._guarded(log_metrics, self.client, run_id, metrics)
             pending = {}
             if target is not None:
                 args, kwargs = payload
@@ -152,10 +156,6 @@ class MlflowWriter:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             warn_failure(self, getattr(fn, "__name__", str(fn)), exc)
-
-
-def default_tracking_uri(results: str | Path) -> str:
-    return f"sqlite:///{(Path(results) / 'mlflow.db').resolve()}"
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -181,16 +181,6 @@ def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = client.search_runs([experiment], filter_string=query, max_results=2)
     return runs[0].info.run_id if runs else None
-
-
-def params_of(values: dict) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in values.items() if k != "extra"]
-
-
-def log_params(client: MlflowClient, run_id: str, values: dict) -> None:
-    params = params_of(values)
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=params[start:start + 100])
 
 
 def error_text(trial: Trial) -> str:
@@ -272,11 +262,10 @@ class MlflowTrials(Callback):
         tags = {"cmath.sweep": self.sweep, "cmath.trial_id": key}
         run_id = find_run(self.client, self.experiment, tags)
         if run_id is None:
-            run = self.client.create_run(self.experiment, run_name=key, tags={
+            params = {k: v for k, v in {**self.base, **config}.items() if k != "extra"}
+            run_id = open_run(self.client, self.experiment, key, tags={
                 **tags, "mlflow.parentRunId": self.parent_run_id, "cmath.kind": "trial",
-                "cmath.searched": ",".join(self.searched)})
-            run_id = run.info.run_id
-            log_params(self.client, run_id, {**self.base, **config})
+                "cmath.searched": ",".join(self.searched)}, params=params)
             self.last_step[key] = 0
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -314,9 +303,8 @@ class MlflowTrials(Callback):
         key = trial_key(trial)
         if RESTORE_NOTE in result:
             self.writer.call(self._on_run, key, self._add_restore_note, result[RESTORE_NOTE])
-        now = int(time.time() * 1000)
         step = int(result["epoch"])
-        self.writer.metrics(key, [Metric(k, v, now, step) for k, v in model_metrics(result).items()], step)
+        self.writer.metrics(key, metrics_at(model_metrics(result), step), step)
 
     def _add_restore_note(self, run_id: str, note: str) -> None:
         run = self.client.get_run(run_id)

@@ -12,10 +12,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cmath_model.runs import sqlite_file
+from cmath_model.tracking import default_tracking_uri, sqlite_file
 
 from .errors import SweepError
-from .tracking import default_tracking_uri
 
 
 def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127.0.0.1",

@@ -69,7 +69,7 @@ def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path, capsys):
 
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
-    from cmath_model.runs import local_artifact_dir
+    from cmath_model.tracking import local_artifact_dir
 
     weights = local_artifact_dir(run.info.artifact_uri) / "seed0" / "best" / "model.pt"
     assert weights.stat().st_ino == (tmp_path / "r" / "seed0" / "best" / "model.pt").stat().st_ino  # one copy

@@ -200,7 +200,7 @@ def test_ended_trials_keep_only_their_latest_best_checkpoint(sweep):
 def test_each_checkpoint_is_on_disk_once(sweep):
     """The local MLflow store's copy of a trial's weights is the sweep folder's file under a
     second name (a hard link), not a second copy on the same disk."""
-    from cmath_model.runs import local_artifact_dir
+    from cmath_model.tracking import local_artifact_dir
 
     for row in sweep["trials"].itertuples():
         in_sweep = sweep["dir"] / "ray" / row.checkpoint.split("/ray/", 1)[1] / "model.pt"

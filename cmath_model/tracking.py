@@ -1,0 +1,118 @@
+"""MLflow for every run this project logs: where a store keeps things, and one way to log a run.
+
+`cmath-train`, a sweep's trials and parent run, and the re-scoring of a sweep's best trials all
+log through these functions, with an explicit `MlflowClient` (never MLflow's global tracking
+URI or active run, which a library must not change under its caller). MLflow is imported only
+inside them: reading a store's address needs no MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.parse
+from pathlib import Path
+
+MAX_PARAM_CHARS = 500  # MLflow refuses longer parameter values
+MAX_BATCH_PARAMS = 100  # MLflow's limits per log_batch
+MAX_BATCH_METRICS = 1000
+
+
+def default_tracking_uri(results: str | Path) -> str:
+    """The sweeps' own store: `<results>/mlflow.db`, as an absolute sqlite URI."""
+    return f"sqlite:///{(Path(results) / 'mlflow.db').resolve()}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def mlflow_experiment(client, name: str, uri: str) -> str:
+    """The experiment's id, created if needed. With a sqlite store its artifacts go beside the
+    database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    database = sqlite_file(uri)
+    location = (database.resolve().parent / "mlartifacts" / name).as_uri() if database else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def open_run(client, experiment_id: str, name: str, tags: dict[str, str], params: dict) -> str:
+    """Create a run with its tags and parameters; returns its id."""
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    log_params(client, run_id, params)
+    return run_id
+
+
+def log_params(client, run_id: str, values: dict) -> None:
+    """Every value as a parameter (as text, cut to MLflow's limit), in as few calls as MLflow allows."""
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in values.items()]
+    for start in range(0, len(params), MAX_BATCH_PARAMS):
+        client.log_batch(run_id, params=params[start:start + MAX_BATCH_PARAMS])
+
+
+def metrics_at(values: dict, step: int, timestamp_ms: int | None = None, suffix: str = "") -> list:
+    """The numeric entries of `values` (not booleans) as MLflow metrics at `step`."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    return [Metric(f"{k}{suffix}", float(v), now, step) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def log_metrics(client, run_id: str, metrics: list) -> None:
+    """Metrics in as few calls as MLflow allows."""
+    for start in range(0, len(metrics), MAX_BATCH_METRICS):
+        client.log_batch(run_id, metrics=metrics[start:start + MAX_BATCH_METRICS])
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when the store keeps them on this machine's disk, else None."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path))
+    return Path(artifact_uri) if parsed.scheme == "" else None
+
+
+def log_artifacts_once(client, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """`log_artifacts`, keeping one copy on disk. With a local store (the default beside a sweep's
+    results) a copy would double every checkpoint on the same disk; large files are hard-linked
+    into the run's artifact folder instead, so each name stays valid when the other is deleted.
+    Only weights (*.pt, written once) are linked: a small file such as metrics.json can be
+    rewritten in place later, which would change both. A remote store (a tracking server, an
+    object store) gets a real upload."""
+    root = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if root is None:
+        client.log_artifacts(run_id, str(local_dir), artifact_path)
+        return
+    local_dir = Path(local_dir)
+    destination = root / artifact_path if artifact_path else root
+    for source in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        target = destination / source.relative_to(local_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        if source.suffix == ".pt":
+            try:
+                os.link(source, target)
+                continue
+            except OSError:  # another filesystem, or one without hard links: copy
+                pass
+        shutil.copy2(source, target)
+
+
+def describe_run(where: dict) -> str:
+    """Where a run is logged and how to look at it (`where`: uri, experiment, run_id, run_name)."""
+    database = sqlite_file(where["uri"])
+    if database is not None and database.name == "mlflow.db":  # the sweeps' store layout
+        view = f"cmath-hpo ui --results {database.parent}"
+    else:
+        view = f"cmath-hpo ui --mlflow-uri {where['uri']}" if database else f"open {where['uri']}"
+    return (f"mlflow: run '{where['run_name']}' ({where['run_id']}) in experiment '{where['experiment']}' "
+            f"at {where['uri']}; to see it: {view}")
