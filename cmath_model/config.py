@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,6 @@ class CMATHConfig:
     checkpoint_every: int = 0  # write a resumable checkpoint every N epochs; 0 = never
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch CPU threads; 0 = the CPUs this process may use
-
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (sweep, trial)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,6 +168,14 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(CMATHConfig))
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> CMATHConfig:
+    """A config from plain values (a YAML file, a trial's record), each coerced to its field's type.
+
+    Args:
+        values: field -> value; an unknown field is a ConfigError naming the nearest known one.
+        source: the file or record named in errors.
+    """
+    if values.get("extra") == {}:  # an empty field of configs written before 2026-12-06: nothing to keep
+        values = {k: v for k, v in values.items() if k != "extra"}
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"{source}: unknown field '{unknown[0]}'{did_you_mean(unknown[0], FIELD_NAMES)}; "

@@ -133,8 +133,8 @@ class _MlflowRun:
         self.out = out
         self.uri, self.experiment = uri, experiment
         experiment_id = mlflow_experiment(self.client, experiment, uri)
-        params = {k: v for k, v in config.to_dict().items() if k != "extra"}
-        self.run_id = open_run(self.client, experiment_id, out.name, {"cmath.kind": "final_training", **tags}, params)
+        self.run_id = open_run(self.client, experiment_id, out.name, {"cmath.kind": "final_training", **tags},
+                               config.to_dict())
 
     def where(self) -> dict:
         return {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id, "run_name": self.out.name}

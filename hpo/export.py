@@ -71,9 +71,8 @@ def export_best(sweep: str | Path, output: str | Path, results: str | Path = "re
     # Where retraining runs is the machine's to say, not the trial's share of the sweep's:
     # `device: auto` takes a GPU if there is one, `num_threads: 0` every CPU this process may use
     # (a trial had 1 of 2 cores: the retrain ran at 93 % CPU).
-    config = config.replace(epochs=epochs, device="auto", num_threads=0, extra={})
+    config = config.replace(epochs=epochs, device="auto", num_threads=0)
     values = config.to_dict()
-    values.pop("extra")
     values["provenance"] = {
         "sweep": record["name"], "sweep_dir": str(sweep_dir.resolve()), "trial_id": best["trial_id"],
         "mlflow_run_id": best.get("mlflow_run_id"), "mlflow_uri": record["mlflow"]["uri"],

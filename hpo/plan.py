@@ -197,7 +197,7 @@ def first_configs(plan: SweepPlan, count: int = 5) -> list[dict]:
 
 def describe_plan(plan: SweepPlan) -> str:
     o = plan.options
-    skip = {*plan.searched, "extra", "data", "data_sha256"}
+    skip = {*plan.searched, "data", "data_sha256"}
     fixed = ", ".join(f"{k}={v}" for k, v in plan.base.to_dict().items() if k not in skip)
     lines = [
         f"sweep {plan.name} -> {plan.sweep_dir}",

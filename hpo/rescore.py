@@ -223,7 +223,7 @@ class _ChildRuns:
         where = self.record["mlflow"]
         try:
             client = MlflowClient(where["uri"])
-            config = {k: v for k, v in json.loads(row["config"]).items() if k != "extra"}
+            config = json.loads(row["config"])
             run_id = open_run(client, where["experiment_id"], f"{row['trial_id']}-seed{seed}", tags={
                 "mlflow.parentRunId": where["parent_run_id"], "cmath.kind": "rescore",
                 "cmath.sweep": self.record["name"], "cmath.trial_id": row["trial_id"], "cmath.seed": str(seed)},

@@ -42,7 +42,7 @@ TOP_LEVEL = ("name", "dataset", "defaults", "metric", "seed", "startup_trials", 
 METRICS = ("val_wf1",)
 TYPES = ("int", "float", "uniform", "loguniform", "categorical")
 # The sweep sets these itself: the dataset and its hash, per-trial provenance and placement.
-NOT_SEARCHABLE = ("data", "data_sha256", "extra", "device", "num_threads")
+NOT_SEARCHABLE = ("data", "data_sha256", "device", "num_threads")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
 SAMPLERS = ("tpe", "random")
 FIELD_TYPES = {name: CMATHConfig.__dataclass_fields__[name].type for name in FIELD_NAMES}

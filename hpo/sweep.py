@@ -106,7 +106,7 @@ def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
     write_json(plan.sweep_dir / SWEEP_FILE, record)
     client = MlflowClient(plan.tracking_uri)
     experiment = mlflow_experiment(client, plan.experiment, plan.tracking_uri)
-    base = {f"base.{k}": v for k, v in plan.base.to_dict().items() if k != "extra"}
+    base = {f"base.{k}": v for k, v in plan.base.to_dict().items()}
     parent_id = open_run(client, experiment, plan.name, tags={
         "cmath.sweep": plan.name, "cmath.kind": "sweep", "cmath.git_commit": str(record["git_commit"]),
         "cmath.data_sha256": plan.data.sha256, "cmath.command": record["command"][:5000]},

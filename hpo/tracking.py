@@ -262,10 +262,9 @@ class MlflowTrials(Callback):
         tags = {"cmath.sweep": self.sweep, "cmath.trial_id": key}
         run_id = find_run(self.client, self.experiment, tags)
         if run_id is None:
-            params = {k: v for k, v in {**self.base, **config}.items() if k != "extra"}
             run_id = open_run(self.client, self.experiment, key, tags={
                 **tags, "mlflow.parentRunId": self.parent_run_id, "cmath.kind": "trial",
-                "cmath.searched": ",".join(self.searched)}, params=params)
+                "cmath.searched": ",".join(self.searched)}, params={**self.base, **config})
             self.last_step[key] = 0
         else:
             self.client.update_run(run_id, status="RUNNING")

@@ -61,6 +61,19 @@ def test_config_round_trip_through_yaml(tiny_path, tmp_path):
     assert written["lr"] == 1e-3 and written["d"] == 40
 
 
+def test_a_config_with_the_retired_empty_extra_field_still_loads(tmp_path):
+    """Checkpoints and configs written before `extra` was removed carry `extra: {}`; one that held
+    anything is refused like any unknown field."""
+    from cmath_model.config import load_config
+    from cmath_model.errors import ConfigError
+
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({"dataset": "iemocap", "d": 40, "extra": {}}))
+    assert load_config(tmp_path / "old.yaml").d == 40
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"dataset": "iemocap", "extra": {"sweep": "s"}}))
+    with pytest.raises(ConfigError, match="unknown field 'extra'"):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert train_main(["--data", str(tiny_path), "--epochs", "3", "--set", "d=32", "--out", str(tmp_path / "r"),
