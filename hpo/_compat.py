@@ -16,7 +16,7 @@ def __getattr__(name: str):
     # TrainingResult: what Tune's controller hands Trainable.restore, a checkpoint with the metrics
     # it was saved with. CMATHTrial.restore overrides restore to fall back to older checkpoints;
     # Ray exports no public name for it. Imported on first use: the planning modules import this
-    # file and need no Ray.
+    # file (hpo.space, for distribution_contains) and load no Ray.
     if name == "TrainingResult":
         from ray.train._internal.checkpoint_manager import _TrainingResult
 

@@ -1,25 +1,14 @@
-"""A trial's checkpoints: where ASHA may stop it (so it checkpoints there), which checkpoint it
-ended with, and what of it is kept once it has ended."""
+"""A trial's checkpoints: which checkpoint it ended with, and what of it is kept once it has
+ended. (Where ASHA may stop a trial, so that it checkpoints there, is part of the plan:
+hpo.plan.asha_rungs.)"""
 
 from __future__ import annotations
-
-import math
 
 import pyarrow.fs as pafs
 from ray.tune.experiment import Trial
 
 from .recovery import ENDED_CHECKPOINT
 from .storage import full_uri
-
-
-def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[int, ...]:
-    """The epochs at which ASHA compares a trial with its peers and may stop it. Ray's `_Bracket`
-    puts its milestones at grace * rf^k (k while that is within max_t) and decides on the first
-    result at or past one: epoch ceil(grace * rf^k), 13 for 2 * 2.5^2 = 12.5. A trial
-    checkpoints there, so a trial that is stopped keeps its best weights."""
-    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
-    # The tolerance keeps a milestone that is an integer in exact arithmetic (10 * 2 ** 1) on it.
-    return tuple(sorted({math.ceil(grace_period * reduction_factor ** k - 1e-9) for k in range(count)}))
 
 
 def trial_folders(fs: pafs.FileSystem, experiment: str, trial_id: str) -> list[str]:

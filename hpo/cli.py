@@ -118,11 +118,13 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import close_to_best, export_best, find_sweep
-    from .rescore import describe, read_rescore, rescore_best
+    from .export import close_to_best, export_best
+    from .record import find_sweep, read_rescore
 
     sweep_dir = find_sweep(args.sweep, args.results)
     if args.top is not None or args.seeds is not None:
+        from .rescore import rescore_best
+
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         rescore_best(sweep_dir, top=3 if args.top is None else args.top,
                      seeds=3 if args.seeds is None else args.seeds, address=args.address, num_cpus=args.num_cpus)
@@ -130,6 +132,8 @@ def _export(args: argparse.Namespace) -> int:
     p = values["provenance"]
     rescored = read_rescore(sweep_dir)
     if rescored is not None:
+        from .rescore import describe
+
         print(describe(rescored))
         r = p["rescore"]
         print(f"picked trial {p['trial_id']} of {p['sweep']}: val W-F1 {100 * r['best_val_wf1_mean']:.2f} mean "

@@ -1,17 +1,68 @@
-"""Ray for a sweep: start a private one or join a cluster, check it can run the sweep, size the
-concurrency from it, and leave it with nothing of a private Ray left running."""
+"""Ray for a sweep: start a private one or join a cluster, check it can run the sweep, say how
+many trials it holds at once, and leave it with nothing of a private Ray left running."""
 
 from __future__ import annotations
 
-import math
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from .errors import SweepError
-from .plan import SweepPlan
+from .plan import SweepPlan, cluster_slots, describe_concurrency, with_slots
 from .processes import command_line, is_node_daemon, pids_using, stop
 from .storage import check_storage_on_every_node
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The Ray a sweep's driver joined or started, as the sweep reports and records it."""
+
+    session_dir: str | None  # a resume finds what a killed driver's private Ray left by it
+    start_seconds: float
+    resources: dict[str, float]  # the cluster's totals (Ray's names: CPU, GPU, ...)
+    nodes: int
+    preflight_seconds: float | None  # the storage check on every node (None on a private Ray)
+
+
+@contextmanager
+def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Iterator[tuple[SweepPlan, Cluster]]:
+    """Join the plan's cluster (or start a private Ray), check it can run the sweep, and leave
+    it when the block ends, however it ends.
+
+    Args:
+        plan: the sweep's plan.
+        log: where the wait for an autoscaled node is reported.
+
+    Yields:
+        The plan sized for the cluster's slots (a new plan), and the cluster.
+    """
+    started = time.perf_counter()
+    session = init_ray(plan.address, plan.local_cpus, plan.options.verbose)
+    try:
+        seconds = time.perf_counter() - started
+        check_cluster(plan, log)
+        # On a private Ray there is only this machine; a cluster's nodes must share the storage.
+        preflight = check_storage_on_every_node(plan.storage_path) if plan.address else None
+        import ray
+
+        resources = ray.cluster_resources()
+        cluster = Cluster(session_dir=session, start_seconds=seconds, resources=resources,
+                          nodes=len(_alive_nodes()), preflight_seconds=preflight)
+        yield with_slots(plan, cluster_slots(resources, plan.options)), cluster
+    finally:
+        leave_ray(plan.address, session)
+
+
+def describe_cluster(plan: SweepPlan, cluster: Cluster) -> str:
+    """Where the sweep runs, what the cluster has, and how many trials it runs at once."""
+    r = cluster.resources
+    where = f"joined {plan.address}" if plan.address else "local"
+    checked = (f"; storage {plan.storage_path} checked on {cluster.nodes} nodes in {cluster.preflight_seconds:.1f}s"
+               if cluster.preflight_seconds is not None else "")
+    return (f"ray: {where} in {cluster.start_seconds:.1f}s; cluster {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU"
+            f"{checked}; mlflow {plan.tracking_uri}\n{describe_concurrency(plan)}")
 
 
 def check_address(address: str, timeout: float = 3.0) -> None:
@@ -27,16 +78,9 @@ def check_address(address: str, timeout: float = 3.0) -> None:
                          f"port (ray start --head prints it) or leave out --address for a local Ray") from None
 
 
-def start_ray(plan: SweepPlan) -> float:
-    """Join the given cluster, or start a private local Ray (never one that happens to be running).
-    Records the Ray session's folder in the plan: a resume finds what a killed driver left by it."""
-    started = time.perf_counter()
-    plan.ray_session_dir = init_ray(plan.address, plan.options.num_cpus, plan.options.verbose)
-    return time.perf_counter() - started
-
-
 def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> str | None:
-    """ray.init on `address`, or a private local Ray with `num_cpus`; returns the session folder."""
+    """ray.init on `address`, or a private local Ray with `num_cpus` (never one that happens to
+    be running); returns the Ray session's folder."""
     import logging
 
     import ray
@@ -90,61 +134,8 @@ def _alive_nodes() -> list[dict]:
 
 
 def node_fits(bundle: dict) -> bool:
+    """Whether some alive node has every resource of `bundle` (Ray's names: CPU, GPU)."""
     return any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in _alive_nodes())
-
-
-def size_concurrency(plan: SweepPlan, resources: dict) -> None:
-    """Without --max-concurrent: the trials the cluster holds at once (its slots), but at most a
-    quarter of the budget, rounded up.
-
-    TPE proposes a trial only once the random start-up has finished, and K - 1 more trials start
-    meanwhile, so start-up + K - 1 trials are random. SearchSpace.startup_size keeps that at or
-    below half the budget for any K <= ceil(N / 4): TPE proposes at least half the trials. With
-    every slot in use, a cluster with as many slots as trials would ask for all of them at once,
-    before any has finished, and TPE would never be consulted."""
-    fits = resources.get("CPU", 0) / plan.options.cpus_per_trial
-    if plan.options.gpus_per_trial:
-        fits = min(fits, resources.get("GPU", 0) / plan.options.gpus_per_trial)
-    plan.slots = max(1, int(fits + 1e-9))
-    if not plan.max_concurrent:
-        plan.max_concurrent = min(plan.slots, math.ceil(plan.options.num_samples / 4))
-    plan.n_startup = plan.space.startup_size(plan.options.num_samples, plan.max_concurrent)
-
-
-def describe_concurrency(plan: SweepPlan) -> str:
-    k, n = plan.max_concurrent, plan.options.num_samples
-    why = ("--max-concurrent" if plan.options.max_concurrent else
-           f"the cluster's {plan.slots} slots, at most a quarter of the {n} trials so TPE proposes at least half")
-    return (f"{k} trials at a time ({why}); {plan.n_startup} random start-up trials, then TPE"
-            if plan.options.sampler == "tpe" else f"{k} trials at a time ({why}); random search")
-
-
-def join_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> tuple[float, dict]:
-    """Start or join Ray, then check it can run this sweep: a node with a trial's resources, and
-    storage that every node reads and writes (on a private local Ray there is only this machine).
-    Sizes the concurrency from the cluster. Returns Ray's start-up seconds and what was checked."""
-    import ray
-
-    ray_seconds = start_ray(plan)
-    check_cluster(plan, log)
-    preflight = check_storage_on_every_node(plan.storage_path) if plan.address else None
-    resources = ray.cluster_resources()
-    size_concurrency(plan, resources)
-    return ray_seconds, {"resources": resources, "preflight_seconds": preflight,
-                         "nodes": len(_alive_nodes())}
-
-
-def describe_cluster(plan: SweepPlan, ray_seconds: float, cluster: dict) -> str:
-    r = cluster["resources"]
-    where = f"joined {plan.address}" if plan.address else "local"
-    checked = (f"; storage {plan.storage_path} checked on {cluster['nodes']} nodes in "
-               f"{cluster['preflight_seconds']:.1f}s" if cluster["preflight_seconds"] is not None else "")
-    return (f"ray: {where} in {ray_seconds:.1f}s; cluster {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU{checked}; "
-            f"mlflow {plan.tracking_uri}\n{describe_concurrency(plan)}")
-
-
-def leave_cluster(plan: SweepPlan, timeout: float = 20.0) -> None:
-    leave_ray(plan.address, plan.ray_session_dir, timeout)
 
 
 def leave_ray(address: str | None, session_dir: str | None, timeout: float = 20.0) -> None:

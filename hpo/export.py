@@ -11,30 +11,12 @@ import yaml
 from cmath_model.config import from_dict
 
 from .errors import SweepError
-from .sweep import SWEEP_FILE, best_row
-from .table import TRIALS_FILE, read_trials, records
-
-
-def find_sweep(sweep: str | Path, results: str | Path = "results") -> Path:
-    """SWEEP is a sweep folder, a sweep name under the results folder, or `latest`."""
-    if str(sweep) == "latest":
-        started = sorted(Path(results).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_ctime)
-        if started:
-            return started[-1].parent
-    for candidate in (Path(sweep), Path(results) / str(sweep)):
-        if (candidate / SWEEP_FILE).exists():
-            return candidate
-    known = sorted(p.parent.name for p in Path(results).glob(f"*/{SWEEP_FILE}"))
-    hint = f"sweeps in {results}: {', '.join(known)}" if known else f"no sweeps in {results}"
-    raise SweepError(f"no sweep '{sweep}' (looked for {SWEEP_FILE} in {sweep} and {Path(results) / str(sweep)}); "
-                     f"{hint}")
-
-
-def load_sweep_record(sweep_dir: Path) -> dict:
-    return json.loads((sweep_dir / SWEEP_FILE).read_text())
+from .record import RESCORE_FILE, find_sweep, read_record, read_rescore
+from .trials import TRIALS_FILE, best_row, read_trials, records, scored
 
 
 def best_trial(sweep_dir: Path) -> dict:
+    """The sweep's best trial by validation score; SweepError when no trial has one yet."""
     if not (sweep_dir / TRIALS_FILE).exists():
         raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has finished")
     best = best_row(read_trials(sweep_dir))
@@ -50,13 +32,19 @@ def export_best(sweep: str | Path, output: str | Path, results: str | Path = "re
     as re-scored, every epoch, with the best epoch picked on validation as it was there. Otherwise
     it is the trial with the highest validation score, with epochs set to that trial's best epoch.
 
+    Args:
+        sweep: a sweep folder, a sweep name under `results`, or `latest`.
+        output: the YAML file to write (`cmath-train --config` reads it).
+        results: the folder sweeps are written to.
+
+    Returns:
+        The values written: the config's fields and `provenance` (sweep, trial, scores, MLflow run).
+
     >>> values = export_best("latest", "best.yaml")   # then: cmath-train --config best.yaml --seeds 5
     >>> values["provenance"]["trial_id"], values["provenance"]["best_val_wf1"]
     """
-    from .rescore import RESCORE_FILE, read_rescore
-
     sweep_dir = find_sweep(sweep, results)
-    record = load_sweep_record(sweep_dir)
+    record = read_record(sweep_dir)
     best = best_trial(sweep_dir)
     rescored = read_rescore(sweep_dir)
     if rescored is not None:
@@ -96,7 +84,5 @@ def export_best(sweep: str | Path, output: str | Path, results: str | Path = "re
 def close_to_best(sweep: str | Path, results: str | Path = "results", within: float = 0.01) -> int:
     """How many other trials ended within `within` validation W-F1 of the best: a pick among
     trials that close is a pick among seeds, which re-scoring (`--top K --seeds N`) settles."""
-    sweep_dir = find_sweep(sweep, results)
-    trials = read_trials(sweep_dir)
-    scores = trials.loc[(trials["end_state"] != "failed") & trials["best_val_wf1"].notna(), "best_val_wf1"]
+    scores = scored(read_trials(find_sweep(sweep, results)))["best_val_wf1"]
     return int((scores >= scores.max() - within).sum() - 1) if len(scores) else 0

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, trial_key
-from .search import end_state
+from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, error_summary, trial_key
 from .space import show
-from .tracking import error_summary
+from .trials import end_state
 
 
 class ProgressPrinter(Callback):

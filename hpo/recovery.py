@@ -14,6 +14,8 @@ starts from its checkpoints.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pyarrow.fs as pafs
 from ray.tune import Callback
@@ -26,12 +28,14 @@ RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back aft
 REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
 ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
 ENDED_AT = "cmath_ended_at"  # with REPLAYED: when the trial ended (time.time())
-ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
+# ENDED_FOLDER (hpo.plan): in the experiment's storage folder, <trial_id>.json written when a trial ends
 # In the config of a trial that carries on one a killed driver lost (SweepSearch hands these out
 # first on a resume): the lost trial's id, which its table row, MLflow run and ended record keep,
 # and the Ray trial whose checkpoints it starts from (the same, unless that one was lost too).
 CONTINUES = "cmath_continues"
 CHECKPOINTS_OF = "cmath_checkpoints_of"
+LOST = "lost: started after Ray last saved its state, then the driver was killed; a resume carries it on"
+MAX_ERROR_CHARS = 500
 
 
 def trial_key(trial) -> str:
@@ -43,6 +47,21 @@ def trial_key(trial) -> str:
 def searched_config(config: dict) -> dict:
     """A trial's config without the keys that say which lost trial it carries on."""
     return {k: v for k, v in config.items() if k not in (CONTINUES, CHECKPOINTS_OF)}
+
+
+def error_text(trial: Trial) -> str:
+    """A failed trial's traceback, from Ray's error file ("" when there is none)."""
+    path = trial.error_file
+    return Path(path).read_text(errors="replace") if path and Path(path).exists() else ""
+
+
+def error_summary(trial: Trial) -> str:
+    """The exception line of a failed trial (Ray's error file holds the whole traceback)."""
+    lines = [line.strip() for line in error_text(trial).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
+            return line[:MAX_ERROR_CHARS]
+    return (lines[-1] if lines else "unknown error")[:MAX_ERROR_CHARS]
 
 
 def ended_marker(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, str]:

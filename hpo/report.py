@@ -24,13 +24,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cmath_model.metrics import accuracy, confusion_matrix, per_class_f1, weighted_f1  # noqa: E402
 
-from .checkpoints import asha_rungs  # noqa: E402
 from .errors import SweepError  # noqa: E402
-from .export import find_sweep, load_sweep_record  # noqa: E402
-from .plan import OPTUNA_FILE  # noqa: E402
+from .plan import asha_rungs  # noqa: E402
+from .record import OPTUNA_FILE, find_sweep, read_record  # noqa: E402
 from .space import show  # noqa: E402
-from .sweep import best_row  # noqa: E402
-from .table import HISTORY_FILE, TRIALS_FILE, read_trials  # noqa: E402
+from .trials import HISTORY_FILE, TRIALS_FILE, best_row, read_trials  # noqa: E402
 
 # Conversation-length buckets of the paper's Fig. 5 (utterances per dialogue).
 LENGTH_BUCKETS = {"iemocap": [(1, 39), (40, 69), (70, None)], "meld": [(1, 9), (10, 20), (21, None)]}
@@ -48,7 +46,7 @@ def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflo
     sweep_dir = find_sweep(sweep, results)
     if not (sweep_dir / TRIALS_FILE).exists():
         raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has started")
-    record = load_sweep_record(sweep_dir)
+    record = read_record(sweep_dir)
     trials = read_trials(sweep_dir).sort_values("number").reset_index(drop=True)
     history = pd.read_parquet(sweep_dir / HISTORY_FILE) if (sweep_dir / HISTORY_FILE).exists() else pd.DataFrame()
     out = sweep_dir / "report"
@@ -128,6 +126,9 @@ def _rungs(record: dict) -> tuple[int, ...]:
     asha = record.get("asha") or {}
     if not record.get("early_stopping", True) or not asha.get("max_t"):
         return ()
+    if "rungs" in asha:
+        return tuple(asha["rungs"])
+    # a sweep.json from before the rungs were recorded
     return asha_rungs(asha["grace_period"], asha["reduction_factor"], asha["max_t"])
 
 

@@ -28,18 +28,11 @@ from cmath_model.data import load_dataset
 from cmath_model.tracking import log_metrics, metrics_at, open_run
 
 from .errors import SweepError
-from .table import TRIALS_FILE, read_trials, records, write_parquet_atomic
+from .record import RESCORE_FILE, RESCORE_TABLE, find_sweep, read_record
+from .trials import TRIALS_FILE, ranked, read_trials, write_parquet_atomic
 
-RESCORE_TABLE = "rescored.parquet"  # one row per (trial, seed), written as each run ends
-RESCORE_FILE = "rescored.json"  # the finished re-scoring: each trial's mean and spread, and the pick
 SEED_OFFSET = 1000
 RESULT_KEYS = ("best_val_wf1", "best_epoch", "test_wf1_at_best_val", "test_acc_at_best_val")
-
-
-def candidates(trials: pd.DataFrame, top: int) -> list[dict]:
-    """The `top` trials by validation score that did not fail; ties go to the earlier trial."""
-    ok = trials[(trials["end_state"] != "failed") & trials["best_val_wf1"].notna()]
-    return records(ok.sort_values(["best_val_wf1", "number"], ascending=[False, True]).head(top))
 
 
 def rescore_seeds(trial_seed: int, seeds: int) -> list[int]:
@@ -54,29 +47,34 @@ def runs_to_train(chosen: list[dict], table: pd.DataFrame, seeds: int) -> list[t
             if (row["trial_id"], seed) not in done]
 
 
-def read_rescore(sweep_dir: Path) -> dict | None:
-    path = sweep_dir / RESCORE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str | Path = "results",
                  address: str | None = None, num_cpus: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Train the sweep's `top` best trials with `seeds` new seeds each (runs already in
     rescored.parquet are kept), write rescored.json and return it; export_best then takes its pick.
 
+    Args:
+        sweep: a sweep folder, a sweep name under `results`, or `latest`.
+        top: how many of the best trials to train again.
+        seeds: new seeds per trial (the trial's seed + 1000, + 1001, ...).
+        results: the folder sweeps are written to.
+        address: the Ray cluster to train on (None: RAY_ADDRESS, else a private local Ray).
+        num_cpus: CPUs of the private local Ray (None: all).
+        log: where progress lines go.
+
+    Returns:
+        rescored.json's content: each trial's mean and spread over its seeds, and the pick.
+
     >>> summary = rescore_best("latest", top=3, seeds=3)
     >>> summary["picked"], [(t["trial_id"], t["best_val_wf1_mean"]) for t in summary["trials"]]
     """
-    from .export import find_sweep
-
     sweep_dir = find_sweep(sweep, results)
     if top < 1 or seeds < 1:
         raise SweepError(f"--top {top} --seeds {seeds}: re-scoring needs at least one trial and one seed "
                          f"(e.g. --top 3 --seeds 3)")
     if not (sweep_dir / TRIALS_FILE).exists():
         raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has finished")
-    record = json.loads((sweep_dir / "sweep.json").read_text())
-    chosen = candidates(read_trials(sweep_dir), top)
+    record = read_record(sweep_dir)
+    chosen = ranked(read_trials(sweep_dir), top)
     if not chosen:
         raise SweepError(f"{sweep_dir}: no trial has a validation score (all failed?); see {TRIALS_FILE}")
     todo = runs_to_train(chosen, _read_table(sweep_dir), seeds)
@@ -223,11 +221,10 @@ class _ChildRuns:
         where = self.record["mlflow"]
         try:
             client = MlflowClient(where["uri"])
-            config = json.loads(row["config"])
             run_id = open_run(client, where["experiment_id"], f"{row['trial_id']}-seed{seed}", tags={
                 "mlflow.parentRunId": where["parent_run_id"], "cmath.kind": "rescore",
                 "cmath.sweep": self.record["name"], "cmath.trial_id": row["trial_id"], "cmath.seed": str(seed)},
-                params={**config, "seed": seed})
+                params={**json.loads(row["config"]), "seed": seed})
             now = int(time.time() * 1000)
             metrics = [m for epoch in result["epochs"] for m in
                        metrics_at({k: v for k, v in epoch.items() if k != "epoch"}, int(epoch["epoch"]), now)]

@@ -5,7 +5,8 @@ continue from their latest checkpoints, failed ones stay failed), the Optuna sea
 and the callbacks. Trials that started after Ray's last saved state are carried on by new Ray
 trials under their old ids (hpo.search.SweepSearch.restore). The MLflow callback finds each
 trial's existing run by its tag, so no trial gets a second run; the sweep's parent run is
-reopened from sweep.json.
+reopened from sweep.json. The resumed sweep then takes the same path as a new one
+(hpo.sweep.fit_sweep).
 """
 
 from __future__ import annotations
@@ -16,12 +17,61 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SweepError
-from .export import find_sweep, load_sweep_record
-from .plan import SWEEP_FILE, SweepOptions, plan_sweep
+from .plan import SweepOptions, plan_sweep
 from .processes import is_running, pids_using, stop
-from .provenance import driver_record, write_json
+from .record import find_sweep, read_record
 from .space import parse_space
-from .sweep import SweepOutcome, fit_sweep
+from .sweep import SweepOutcome, check_tracking_uri, fit_sweep
+
+
+def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
+                 address: str | None = None, trainable: type | None = None,
+                 driver_gone: bool = False) -> SweepOutcome:
+    """Continue a sweep after Ctrl-C, a killed driver or a lost machine: ended trials stay ended,
+    unfinished ones continue from their last checkpoints, the searcher keeps its history, and
+    each trial keeps its one MLflow run. Refuses while the sweep's driver may still run.
+
+    Args:
+        sweep: a sweep folder, a sweep name under `results`, or `latest`.
+        results: the folder sweeps are written to.
+        log: where progress lines go.
+        address: join this Ray cluster instead of the one the sweep used.
+        trainable: a CMATHTrial subclass to run instead (see hpo.sweep.run_sweep).
+        driver_gone: the sweep's driver ran on another host and is gone.
+
+    Returns:
+        The sweep's outcome, as `run_sweep` returns it.
+
+    >>> outcome = resume_sweep("latest")                       # or a name under results/, or a folder
+    >>> outcome.status, outcome.counts
+    ('finished', {'completed': 5, 'stopped_by_asha': 3, 'failed': 0, 'interrupted': 0})
+    """
+    started = time.perf_counter()
+    sweep_dir = find_sweep(sweep, results)
+    record = read_record(sweep_dir)
+    if record.get("status") == "finished":
+        raise SweepError(f"sweep '{record['name']}' already finished; export it with "
+                         f"`cmath-hpo export-best {sweep_dir}` or start a new one")
+    if record.get("status") == "time_budget_spent":
+        raise SweepError(f"sweep '{record['name']}' ended at its --time-budget, which Ray does not continue; export "
+                         f"what it found (`cmath-hpo export-best {sweep_dir}`) or start a new sweep")
+    values = {**record["options"], "name": record["name"], "results": str(sweep_dir.parent)}
+    if address is not None:
+        values["address"] = address
+    plan = plan_sweep(SweepOptions(**values), space=parse_space(record["space"]["content"], record["space"]["path"]),
+                      resuming=True)
+    if plan.data.sha256 != record["data"]["sha256"]:
+        raise SweepError(f"{plan.data.path} changed since the sweep started (SHA-256 {plan.data.sha256[:12]}…, "
+                         f"was {record['data']['sha256'][:12]}…); restore the original file to resume")
+    check_tracking_uri(plan.tracking_uri)
+
+    from ray import tune
+
+    if not tune.Tuner.can_restore(plan.experiment_path):
+        raise SweepError(f"no Ray Tune state at {plan.experiment_path}: the sweep ended before its first trial; "
+                         f"start it again with a new --name")
+    stop_leftovers(record, log, driver_gone)
+    return fit_sweep(plan, started, log, trainable, resumed=record)
 
 
 def check_driver_gone(record: dict, driver_gone: bool = False) -> None:
@@ -53,66 +103,3 @@ def stop_leftovers(record: dict, log: Callable[[str], None], driver_gone: bool =
         log(f"stopping {len(leftovers)} processes the previous driver's Ray left behind: {leftovers}")
         stop(leftovers)
     return leftovers
-
-
-def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
-                 address: str | None = None, trainable: type | None = None,
-                 driver_gone: bool = False) -> SweepOutcome:
-    """Continue a sweep after Ctrl-C, a killed driver or a lost machine: ended trials stay ended,
-    unfinished ones continue from their last checkpoints, the searcher keeps its history, and
-    each trial keeps its one MLflow run. Refuses while the sweep's driver may still run.
-
-    >>> outcome = resume_sweep("latest")                       # or a name under results/, or a folder
-    >>> outcome.status, outcome.counts
-    ('finished', {'completed': 5, 'stopped_by_asha': 3, 'failed': 0, 'interrupted': 0})
-    """
-    started = time.perf_counter()
-    sweep_dir = find_sweep(sweep, results)
-    record = load_sweep_record(sweep_dir)
-    if record.get("status") == "finished":
-        raise SweepError(f"sweep '{record['name']}' already finished; export it with "
-                         f"`cmath-hpo export-best {sweep_dir}` or start a new one")
-    if record.get("status") == "time_budget_spent":
-        raise SweepError(f"sweep '{record['name']}' ended at its --time-budget, which Ray does not continue; export "
-                         f"what it found (`cmath-hpo export-best {sweep_dir}`) or start a new sweep")
-    values = {**record["options"], "name": record["name"], "results": str(sweep_dir.parent)}
-    if address is not None:
-        values["address"] = address
-    options = SweepOptions(**values, trainable=trainable)
-    space = parse_space(record["space"]["content"], record["space"]["path"])
-    plan = plan_sweep(options, space=space, resuming=True)
-    if plan.data.sha256 != record["data"]["sha256"]:
-        raise SweepError(f"{plan.data.path} changed since the sweep started (SHA-256 {plan.data.sha256[:12]}…, "
-                         f"was {record['data']['sha256'][:12]}…); restore the original file to resume")
-    experiment_path = plan.experiment_path
-
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
-    if not tune.Tuner.can_restore(experiment_path):
-        raise SweepError(f"no Ray Tune state at {experiment_path}: the sweep ended before its first trial; "
-                         f"start it again with a new --name")
-    stop_leftovers(record, log, driver_gone)
-
-    def reopen_record():
-        client = MlflowClient(plan.tracking_uri)
-        parent_id = record["mlflow"]["parent_run_id"]
-        client.update_run(parent_id, status="RUNNING")
-        record.setdefault("resumes", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                 "previous_driver": record.get("driver")})
-        record["driver"] = driver_record(plan)
-        record["status"] = "running"
-        write_json(sweep_dir / SWEEP_FILE, record)
-        client.set_tag(parent_id, "cmath.resumes", str(len(record["resumes"])))
-        log(f"resuming sweep {plan.name} from {experiment_path}")
-        return record, client, parent_id, record["mlflow"].get("experiment_id")
-
-    def restore_tuner(experiment, parent_id):
-        from .tuner import build_trainable, tune_environment
-
-        tune_environment()
-        # The trainable's parameters (base config, dataset) are not part of Ray's saved state.
-        return tune.Tuner.restore(experiment_path, trainable=build_trainable(plan), resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
-
-    return fit_sweep(plan, reopen_record, restore_tuner, started, log)

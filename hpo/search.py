@@ -22,28 +22,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ._compat import is_enqueued, searcher_study, searcher_told, searcher_trials, storage_id, stored_trial, study_trial
 from .recovery import CHECKPOINTS_OF, CONTINUES
-from .space import SearchSpace, make_sampler
+from .space import METRIC, MODE, SearchSpace, make_sampler
+from .trials import end_state
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def end_state(result: dict | None, error: bool = False) -> str:
-    """completed, stopped_by_asha, interrupted or failed, from a trial's last result.
-
-    Tune marks the result a scheduler stopped on as done; a trial stopped from outside (the
-    time budget, Ctrl-C) ends without a done result, before its planned epochs."""
-    if error or not result:
-        return "failed"
-    if result.get("epoch", 0) >= result.get("epochs_planned", math.inf):
-        return "completed"
-    return "stopped_by_asha" if result.get("done") else "interrupted"
-
-
-def ended_state(trial) -> str | None:
-    """How a trial that Ray has as ended (TERMINATED or ERROR) ended; None while it has not."""
-    if trial.status == trial.ERROR:
-        return "failed"
-    return end_state(trial.last_result) if trial.status == trial.TERMINATED else None
 
 
 class SweepSearch(OptunaSearch):
@@ -52,7 +34,7 @@ class SweepSearch(OptunaSearch):
         self.n_startup_trials = n_startup_trials
         self.sampler_kind = sampler
         rdb = optuna.storages.RDBStorage(storage) if storage else None
-        super().__init__(space=dict(space.distributions), metric=space.metric, mode=space.mode,
+        super().__init__(space=dict(space.distributions), metric=METRIC, mode=MODE,
                          points_to_evaluate=[dict(p) for p in space.warm_start] or None,
                          sampler=make_sampler(sampler, space.seed, n_startup_trials),
                          storage=rdb, study_name=study_name)

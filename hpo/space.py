@@ -5,7 +5,7 @@ Schema (every key but `search` is optional):
     name: iemocap                 # default: the file's stem; the sweep name starts with it
     dataset: iemocap              # whose defaults unlisted fields take: iemocap | meld
     defaults: recipe              # recipe | paper (docs/model.md, "Departures from the paper")
-    metric: val_wf1               # maximised; the only one (best epochs and export-best use it too)
+    metric: val_wf1               # optional, and the only one: sweeps maximise validation W-F1
     seed: 0                       # seeds the sampler (TPE and its random start-up)
     startup_trials: auto          # random trials before TPE; auto keeps >= half the budget TPE-guided
     search:                       # any CMATHConfig field; one of these types:
@@ -37,9 +37,11 @@ from ._compat import distribution_contains
 from .errors import SpaceError
 
 TOP_LEVEL = ("name", "dataset", "defaults", "metric", "seed", "startup_trials", "search", "fixed", "warm_start", "asha")
-# Only val_wf1: a trial's best epoch, its best/ checkpoint, the best trial and export-best are all
-# chosen on validation W-F1, so any other metric would drive TPE and ASHA against them.
-METRICS = ("val_wf1",)
+# Only val_wf1, maximised: a trial's best epoch, its best/ checkpoint, the best trial and export-best
+# are all chosen on validation W-F1, so any other metric would drive TPE and ASHA against them. A
+# space may still say `metric: val_wf1` (older spaces do); any other value is refused.
+METRIC = "val_wf1"
+MODE = "max"
 TYPES = ("int", "float", "uniform", "loguniform", "categorical")
 # The sweep sets these itself: the dataset and its hash, per-trial provenance and placement.
 NOT_SEARCHABLE = ("data", "data_sha256", "device", "num_threads")
@@ -54,7 +56,6 @@ class SearchSpace:
     name: str
     dataset: str
     defaults: str  # recipe | paper: what unlisted config fields start from
-    metric: str
     seed: int
     startup_trials: int | None  # None = auto
     distributions: dict[str, od.BaseDistribution]
@@ -64,10 +65,6 @@ class SearchSpace:
     reduction_factor: float
     max_t: int | None
     raw: dict = field(default_factory=dict)
-
-    @property
-    def mode(self) -> str:
-        return "max"
 
     def base_config(self, **overrides: Any) -> CMATHConfig:
         """The dataset's defaults (recipe or paper), then `fixed`, then the caller's overrides."""
@@ -121,8 +118,8 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
     defaults = raw.get("defaults", "recipe")
     if defaults not in DEFAULTS:
         raise fail("defaults", f"'{defaults}' is not one of {', '.join(DEFAULTS)}")
-    metric = raw.get("metric", "val_wf1")
-    if metric not in METRICS:
+    metric = raw.get("metric", METRIC)
+    if metric != METRIC:
         raise fail("metric", f"'{metric}' is not supported: sweeps maximise val_wf1, on which best epochs, "
                              "checkpoints and export-best are chosen; remove the metric line")
     seed = _integer(raw.get("seed", 0), "seed", fail, minimum=0)
@@ -183,7 +180,7 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
         raise fail("asha.grace_period", f"{grace} exceeds the {base.epochs} epochs every trial runs")
 
     return SearchSpace(path=path, name=str(raw.get("name") or path.stem), dataset=dataset, defaults=defaults,
-                       metric=metric, seed=seed, startup_trials=startup, distributions=distributions, fixed=dict(fixed),
+                       seed=seed, startup_trials=startup, distributions=distributions, fixed=dict(fixed),
                        warm_start=warm_start, grace_period=grace, reduction_factor=factor, max_t=max_t, raw=raw)
 
 

@@ -1,9 +1,9 @@
 """`cmath-hpo sweep` as a library: plan (no Ray), then run on Ray Tune + Optuna + ASHA + MLflow.
 
-A sweep, new or resumed, takes one path (`fit_sweep`): join or start Ray and check it can run the
-sweep (hpo.cluster), open the sweep's record (sweep.json and the MLflow parent run), build or
-restore the Tuner (hpo.tuner), fit, then close the record and leave Ray. The plan and its checks
-are in hpo.plan, the provenance in hpo.provenance.
+A sweep, new or resumed, takes one path (`fit_sweep`), top to bottom: join or start Ray and
+check it can run the sweep (hpo.cluster), open the sweep's record (sweep.json and the MLflow
+parent run, hpo.provenance), build or restore the Tuner (hpo.tuner), fit, leave Ray, then tally
+the trials and close the record. The plan and its checks are in hpo.plan.
 """
 
 from __future__ import annotations
@@ -16,21 +16,26 @@ from pathlib import Path
 
 import optuna
 
-from .cluster import describe_cluster, join_cluster, leave_cluster
-from .plan import SWEEP_FILE, SweepOptions, SweepPlan, plan_sweep
-from .provenance import driver_record, parent_params, provenance, write_json
+from cmath_model.tracking import sqlite_file
+
+from .cluster import describe_cluster, joined_cluster
+from .errors import SweepError
+from .plan import SweepOptions, SweepPlan, plan_sweep
+from .provenance import SweepRecord
+from .record import FAILURES_FILE
 from .space import show
-from .table import TRIALS_FILE, read_trials, records
-from .tracking import check_tracking_uri
+from .trials import END_STATES, TRIALS_FILE, best_row, read_trials
 
 __all__ = ["SweepOptions", "SweepOutcome", "fit_sweep", "plan_sweep", "run_sweep"]
 
 
 @dataclass
 class SweepOutcome:
+    """How a sweep ended: its counts by end state, its best trial and its timings."""
+
     name: str
     sweep_dir: Path
-    status: str  # finished | incomplete
+    status: str  # finished | incomplete | time_budget_spent
     counts: dict[str, int]
     best: dict | None
     wall_seconds: float
@@ -47,84 +52,72 @@ class SweepOutcome:
         return 1 if (c["failed"] and c["failed"] == sum(c.values())) or self.mlflow_failures else 0
 
 
-def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> SweepOutcome:
+def run_sweep(options: SweepOptions, log: Callable[[str], None] = print, trainable: type | None = None) -> SweepOutcome:
     """Run a sweep and return its outcome once every trial has ended (and a private Ray is gone).
+
+    Args:
+        options: what to sweep, how many trials, where (`cmath-hpo sweep`'s flags).
+        log: where progress lines go.
+        trainable: a subclass of hpo.trainable.CMATHTrial to run instead (to add behaviour to
+            every trial, e.g. the faults the tests inject).
+
+    Returns:
+        The outcome; its `exit_code` is what `cmath-hpo sweep` exits with.
 
     >>> outcome = run_sweep(SweepOptions(space="search_spaces/quickstart.yaml", num_samples=8))
     >>> outcome.best["trial_id"], outcome.best["best_val_wf1"], outcome.sweep_dir
     """
-    from .tuner import build_tuner
-
     started = time.perf_counter()
     plan = plan_sweep(options)
     check_tracking_uri(plan.tracking_uri)
-
-    def open_record():
-        record, client, parent_id, experiment = open_sweep(plan)
-        log(f"sweep {plan.name}: {options.num_samples} trials -> {plan.sweep_dir}")
-        return record, client, parent_id, experiment
-
-    return fit_sweep(plan, open_record, lambda experiment, parent_id: build_tuner(plan, experiment, parent_id, log),
-                     started, log)
+    return fit_sweep(plan, started, log, trainable)
 
 
-def fit_sweep(plan: SweepPlan, open_record: Callable[[], tuple], make_tuner: Callable[[str | None, str], object],
-              started: float, log: Callable[[str], None]) -> SweepOutcome:
-    """What every sweep does on Ray, new or resumed. `open_record()` opens the sweep's record
-    (returns record, MLflow client, parent run id, experiment id) only once the cluster can run
-    a trial, so a refused sweep leaves no trace; `make_tuner(experiment, parent_id)` builds or
-    restores the Tuner. Ray is left whatever happens; the parent run is marked FAILED if the fit
-    raised."""
-    parent_id = None
-    try:
-        ray_seconds, cluster = join_cluster(plan, log)
-        record, client, parent_id, experiment = open_record()
-        log(describe_cluster(plan, ray_seconds, cluster))
-        tuner = make_tuner(experiment, parent_id)
-        fit_started = time.perf_counter()
-        record["fit_started_at"] = time.time()  # benchmarks.overhead lines trial times up against it
-        tuner.fit()
-        fit_seconds = time.perf_counter() - fit_started
-    except BaseException:
-        if parent_id is not None:
-            client.set_terminated(parent_id, "FAILED")
-        raise
-    finally:
-        leave_cluster(plan)
-    return finish_sweep(plan, record, client, parent_id, started, fit_seconds, ray_seconds, log)
+def fit_sweep(plan: SweepPlan, started: float, log: Callable[[str], None], trainable: type | None = None,
+              resumed: dict | None = None) -> SweepOutcome:
+    """What every sweep does on Ray, new or resumed. The record is opened only once the cluster
+    can run a trial, so a refused sweep leaves no trace; Ray is left whatever happens, and the
+    parent run is marked FAILED if the fit raises.
+
+    Args:
+        plan: the sweep's plan (sized for the cluster once it is joined).
+        started: `time.perf_counter()` when the sweep was asked for.
+        log: where progress lines go.
+        trainable: a CMATHTrial subclass to run instead (see run_sweep).
+        resumed: the sweep.json of a sweep to continue (None: a new sweep).
+
+    Returns:
+        The sweep's outcome.
+    """
+    from .tuner import build_tuner, restore_tuner
+
+    with joined_cluster(plan, log) as (plan, cluster):
+        if resumed is None:
+            record = SweepRecord.open(plan, cluster)
+            log(f"sweep {plan.name}: {plan.options.num_samples} trials -> {plan.sweep_dir}")
+        else:
+            record = SweepRecord.reopen(plan, cluster, resumed)
+            log(f"resuming sweep {plan.name} from {plan.experiment_path}")
+        log(describe_cluster(plan, cluster))
+        try:
+            tuner = (build_tuner(plan, record, log, trainable) if resumed is None
+                     else restore_tuner(plan, trainable))
+            record.fit_started()
+            fit_started = time.perf_counter()
+            tuner.fit()
+            fit_seconds = time.perf_counter() - fit_started
+        except BaseException:
+            record.failed()
+            raise
+    return finish_sweep(plan, record, cluster.start_seconds, started, fit_seconds, log)
 
 
-def open_sweep(plan: SweepPlan) -> tuple[dict, object, str, str]:
-    """Write sweep.json and open the MLflow parent run that carries its provenance."""
-    from mlflow.tracking import MlflowClient
-
-    from cmath_model.tracking import mlflow_experiment, open_run
-
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    record = provenance(plan)
-    record["driver"] = driver_record(plan)
-    write_json(plan.sweep_dir / SWEEP_FILE, record)
-    client = MlflowClient(plan.tracking_uri)
-    experiment = mlflow_experiment(client, plan.experiment, plan.tracking_uri)
-    base = {f"base.{k}": v for k, v in plan.base.to_dict().items()}
-    parent_id = open_run(client, experiment, plan.name, tags={
-        "cmath.sweep": plan.name, "cmath.kind": "sweep", "cmath.git_commit": str(record["git_commit"]),
-        "cmath.data_sha256": plan.data.sha256, "cmath.command": record["command"][:5000]},
-        params={**parent_params(plan), **base})
-    record["mlflow"].update(experiment_id=experiment, parent_run_id=parent_id)
-    write_json(plan.sweep_dir / SWEEP_FILE, record)
-    client.log_artifact(parent_id, str(plan.sweep_dir / SWEEP_FILE))
-    client.log_artifact(parent_id, str(plan.space.path))
-    return record, client, parent_id, experiment
-
-
-
-def finish_sweep(plan: SweepPlan, record: dict, client, parent_id: str, started: float, fit_seconds: float,
-                 ray_seconds: float, log: Callable[[str], None]) -> SweepOutcome:
+def finish_sweep(plan: SweepPlan, record: SweepRecord, ray_seconds: float, started: float, fit_seconds: float,
+                 log: Callable[[str], None]) -> SweepOutcome:
+    """Tally the trials, close the sweep's record and print its summary."""
     trials = read_trials(plan.sweep_dir) if (plan.sweep_dir / TRIALS_FILE).exists() else None
-    counts = {state: 0 for state in ("completed", "stopped_by_asha", "failed", "interrupted")}
-    best = None
-    train_seconds = 0.0
+    counts = {state: 0 for state in END_STATES}
+    best, train_seconds = None, 0.0
     if trials is not None and len(trials):
         for state, n in trials["end_state"].value_counts().items():
             counts[state] = int(n)
@@ -139,34 +132,14 @@ def finish_sweep(plan: SweepPlan, record: dict, client, parent_id: str, started:
         status = "time_budget_spent"
         prune_unfinished_study_trials(plan)
     wall = time.perf_counter() - started
-    failures = read_failures(plan.sweep_dir)
     metrics = {f"trials_{k}": v for k, v in counts.items()}
     metrics.update(wall_seconds=wall, fit_seconds=fit_seconds, trial_train_seconds=train_seconds)
     if best is not None:
         metrics.update(best_val_wf1=best["best_val_wf1"], best_test_wf1_at_best_val=best["test_wf1_at_best_val"])
-    try:  # the parent run's end: a failing store is counted like the trials' calls, not raised
-        if best is not None:
-            client.set_tag(parent_id, "cmath.best_trial_id", best["trial_id"])
-        client.log_batch(parent_id, metrics=[_metric(k, v) for k, v in metrics.items()])
-        if trials is not None:
-            client.log_artifact(parent_id, str(plan.sweep_dir / TRIALS_FILE))
-    except Exception as exc:  # noqa: BLE001
-        failures["failures"] += 1
-        failures["notes"].append(f"closing the sweep's parent run: {type(exc).__name__}: {str(exc)[:200]}")
-    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status=status, counts=counts,
-                  wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
-                  trial_train_seconds=train_seconds, best=best, mlflow_failures=failures["failures"],
-                  mlflow_failure_notes=failures["notes"])
-    write_json(plan.sweep_dir / SWEEP_FILE, record)
-    try:
-        client.log_artifact(parent_id, str(plan.sweep_dir / SWEEP_FILE))
-        client.set_terminated(parent_id, "FINISHED" if finished and not failures["failures"] else "KILLED")
-    except Exception as exc:  # noqa: BLE001 - sweep.json has the record; the summary says what failed
-        failures["failures"] += 1
-        failures["notes"].append(f"closing the sweep's parent run: {type(exc).__name__}: {str(exc)[:200]}")
-        record.update(mlflow_failures=failures["failures"], mlflow_failure_notes=failures["notes"])
-        write_json(plan.sweep_dir / SWEEP_FILE, record)
-
+    ended = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": status, "counts": counts,
+             "wall_seconds": wall, "fit_seconds": fit_seconds, "ray_init_seconds": ray_seconds,
+             "trial_train_seconds": train_seconds, "best": best}
+    failures = record.close(ended, metrics, best and best["trial_id"], finished, read_failures(plan.sweep_dir))
     outcome = SweepOutcome(name=plan.name, sweep_dir=plan.sweep_dir, status=status, counts=counts, best=best,
                            wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
                            trial_train_seconds=train_seconds, mlflow_failures=failures["failures"],
@@ -175,10 +148,30 @@ def finish_sweep(plan: SweepPlan, record: dict, client, parent_id: str, started:
     return outcome
 
 
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, instead of letting MLflow retry for minutes."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SweepError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                             f"(mlflow server --host 127.0.0.1 --port ...) or pass a reachable --mlflow-uri") from None
+    elif sqlite_file(uri) is not None:
+        folder = sqlite_file(uri).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SweepError(f"MLflow store {uri}: cannot create {folder} ({exc.strerror}); "
+                             f"pass --results or --mlflow-uri to a writable place") from None
+
+
 def read_failures(sweep_dir: Path) -> dict:
     """The MLflow failures the sweep's tracker counted (hpo.tracking writes them at the sweep's end)."""
-    from .tracking import FAILURES_FILE
-
     try:
         found = json.loads((sweep_dir / FAILURES_FILE).read_text())
         return {"failures": int(found["failures"]), "notes": list(found.get("notes", []))}
@@ -187,6 +180,7 @@ def read_failures(sweep_dir: Path) -> dict:
 
 
 def prune_unfinished_study_trials(plan: SweepPlan) -> None:
+    """Tell the study that trials still RUNNING in it were pruned where they stopped."""
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
@@ -194,21 +188,8 @@ def prune_unfinished_study_trials(plan: SweepPlan) -> None:
         study.tell(trial.number, state=TrialState.PRUNED)
 
 
-def _metric(key: str, value: float):
-    from mlflow.entities import Metric
-
-    return Metric(key, float(value), int(time.time() * 1000), 0)
-
-
-def best_row(trials) -> dict | None:
-    """Highest validation score at any epoch, over trials that did not fail; ties go to the earlier trial."""
-    ok = trials[(trials["end_state"] != "failed") & trials["best_val_wf1"].notna()]
-    if not len(ok):
-        return None
-    return records(ok.sort_values(["best_val_wf1", "number"], ascending=[False, True]).head(1))[0]
-
-
 def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
+    """The lines printed when a sweep ends: counts, timings, the best trial, what MLflow lost."""
     c = outcome.counts
     lines = [f"sweep {outcome.name} {outcome.status}: {c['completed']} completed, {c['stopped_by_asha']} stopped by "
              f"ASHA, {c['failed']} failed" + (f", {c['interrupted']} interrupted" if c["interrupted"] else "")
@@ -229,5 +210,3 @@ def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
                      f"trials.parquet and history.parquet have every result; check the tracking store")
     lines.append(str(outcome.sweep_dir))
     return "\n".join(lines)
-
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -21,45 +20,33 @@ from ray.tune.experiment import Trial
 from cmath_model.train import summarize
 
 from .checkpoints import checkpoint_uri, last_checkpoint
-from .recovery import ENDED_AT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, read_ended, searched_config, trial_key, write_ended
-from .search import end_state, ended_state
-from .tracking import LOST, MlflowTrials, error_summary
+from .recovery import (
+    ENDED_AT,
+    LOST,
+    REPLAYED,
+    RESTORE_NOTE,
+    TRIAL_ERROR,
+    error_summary,
+    read_ended,
+    searched_config,
+    trial_key,
+    write_ended,
+)
+from .tracking import MlflowTrials
 from .trainable import final_result, model_metrics
+from .trials import (
+    HISTORY_FILE,
+    JOURNAL_FILE,
+    TRIALS_FILE,
+    end_state,
+    ended_state,
+    read_journal,
+    read_trials,
+    records,
+    write_parquet_atomic,
+)
 
-TRIALS_FILE = "trials.parquet"
-HISTORY_FILE = "history.parquet"
-JOURNAL_FILE = "history.jsonl"  # every result as it arrives: survives a killed driver between table writes
 TABLE_PERIOD_S = 10.0  # like Tune's own experiment snapshots
-
-
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def read_trials(sweep_dir: str | Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(sweep_dir) / TRIALS_FILE)
-
-
-def read_journal(sweep_dir: str | Path) -> dict[str, list[dict]]:
-    """The journal by trial: {trial id: [results in the order the driver received them]}. A line
-    cut short (a driver killed mid-write, or one being written) is left out."""
-    found: dict[str, list[dict]] = {}
-    path = Path(sweep_dir) / JOURNAL_FILE
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        found.setdefault(row["trial_id"], []).append(row)
-    return found
-
-
-def records(frame: pd.DataFrame) -> list[dict]:
-    """Rows as plain Python values, missing ones as None (Parquet gives NaN for an empty column)."""
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
-             for k, v in row.items()} for row in frame.to_dict("records")]
 
 
 class TrialTable(Callback):

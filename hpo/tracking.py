@@ -21,11 +21,8 @@ import json
 import logging
 import os
 import queue
-import re
 import tempfile
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,22 +32,25 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from cmath_model.tracking import (  # noqa: F401 - default_tracking_uri: hpo.plan's and the tests' import
-    default_tracking_uri,
-    log_artifacts_once,
-    log_metrics,
-    metrics_at,
-    open_run,
-    sqlite_file,
-)
+from cmath_model.tracking import log_artifacts_once, log_metrics, metrics_at, open_run
 
 from .checkpoints import last_checkpoint, prune_checkpoints
-from .errors import SweepError
-from .recovery import CHECKPOINTS_OF, ENDED_CHECKPOINT, REPLAYED, RESTORE_NOTE, TRIAL_ERROR, searched_config, trial_key
-from .search import end_state, ended_state
+from .record import FAILURES_FILE
+from .recovery import (
+    CHECKPOINTS_OF,
+    ENDED_CHECKPOINT,
+    LOST,
+    REPLAYED,
+    RESTORE_NOTE,
+    TRIAL_ERROR,
+    error_summary,
+    error_text,
+    searched_config,
+    trial_key,
+)
 from .trainable import model_metrics
+from .trials import end_state, ended_state
 
-MAX_PARAM_CHARS = 500
 logger = logging.getLogger("hpo")
 
 
@@ -70,7 +70,6 @@ def keep_going(hook):
 
 
 MAX_FAILURE_NOTES = 5
-FAILURES_FILE = "mlflow_failures.json"  # in the sweep folder: what failed, for the summary and sweep.json
 
 
 def warn_failure(owner, where: str, exc: Exception) -> None:
@@ -83,7 +82,6 @@ def warn_failure(owner, where: str, exc: Exception) -> None:
                    str(exc)[:200])
 
 
-LOST = "lost: started after Ray last saved its state, then the driver was killed; a resume carries it on"
 MAX_QUEUED = 10_000  # calls and metric batches waiting for the writer (each result is one)
 
 
@@ -158,44 +156,10 @@ class MlflowWriter:
             warn_failure(self, getattr(fn, "__name__", str(fn)), exc)
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, instead of letting MLflow retry for minutes."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                response.read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise SweepError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-                             f"(mlflow server --host 127.0.0.1 --port ...) or pass a reachable --mlflow-uri") from None
-    elif sqlite_file(uri) is not None:
-        folder = sqlite_file(uri).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SweepError(f"MLflow store {uri}: cannot create {folder} ({exc.strerror}); "
-                             f"pass --results or --mlflow-uri to a writable place") from None
-
-
 def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str | None:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = client.search_runs([experiment], filter_string=query, max_results=2)
     return runs[0].info.run_id if runs else None
-
-
-def error_text(trial: Trial) -> str:
-    path = trial.error_file
-    return Path(path).read_text(errors="replace") if path and Path(path).exists() else ""
-
-
-def error_summary(trial: Trial) -> str:
-    """The exception line of a failed trial (Ray's error file holds the whole traceback)."""
-    text = error_text(trial)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
-            return line[:MAX_PARAM_CHARS]
-    return (lines[-1] if lines else "unknown error")[:MAX_PARAM_CHARS]
 
 
 class MlflowTrials(Callback):

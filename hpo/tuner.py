@@ -1,6 +1,6 @@
 """The Ray Tune experiment of a sweep: the trainable with its resources, Optuna's TPE behind a
 concurrency limiter, ASHA, and the driver's callbacks (MLflow, tables, progress, no retry of a
-trial's own error)."""
+trial's own error); built for a new sweep, restored for a resumed one."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from collections.abc import Callable
 
 import optuna
 
-from .checkpoints import asha_rungs
+from cmath_model.data import load_dataset
+
 from .plan import SweepPlan
+from .provenance import SweepRecord
+from .space import METRIC, MODE
 
 
 def tune_environment() -> None:
+    """Tune's settings for a sweep's driver, set before Tune reads them."""
     # Forced experiment snapshots after checkpoints keep a restore consistent; Ray warns about each one.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Progress comes from ProgressPrinter; Tune's own tables (verbose=0 in its legacy reporter) stay quiet.
@@ -39,21 +43,21 @@ def tune_environment() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "auto")
 
 
-def build_trainable(plan: SweepPlan):
-    """The trial class with its resources; the base config and the dataset go to the object store once."""
+def build_trainable(plan: SweepPlan, trial_class: type | None = None):
+    """The trial class with its resources; the base config and the dataset go to the object store
+    once. The dataset is the file the plan checked (its SHA-256 pinned)."""
     from ray import tune
 
     from .trainable import CMATHTrial
 
-    trial_class = plan.options.trainable or CMATHTrial
-    rungs = (asha_rungs(plan.space.grace_period, plan.space.reduction_factor, plan.max_t)
-             if plan.options.early_stopping else ())
-    trainable = tune.with_parameters(trial_class, base=plan.base.to_dict(), dataset=plan.data,
-                                     ended_dir=plan.ended_dir, checkpoint_epochs=rungs)
+    dataset = load_dataset(plan.data.path, plan.data.sha256)
+    trainable = tune.with_parameters(trial_class or CMATHTrial, base=plan.base.to_dict(), dataset=dataset,
+                                     ended_dir=plan.ended_dir, checkpoint_epochs=plan.rungs)
     return tune.with_resources(trainable, plan.resources)
 
 
-def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[[str], None]):
+def build_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None], trial_class: type | None = None):
+    """A new sweep's Tuner, its trials logged under the record's MLflow parent run."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -66,7 +70,6 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
 
     tune_environment()
     base = plan.base.to_dict()
-    trainable = build_trainable(plan)
     # The limiter makes Tune ask for a trial only when a slot is free, not queue suggestions ahead:
     # a suggestion made early is made with less history, and could not use TPE at all.
     searcher = ConcurrencyLimiter(SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage,
@@ -78,7 +81,7 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     else:
         scheduler = FIFOScheduler()
     # Ended trials' older checkpoints and resume state are pruned once their best/ is uploaded.
-    tracker = MlflowTrials(plan.tracking_uri, experiment, parent_id, plan.name, base, plan.searched,
+    tracker = MlflowTrials(plan.tracking_uri, record.experiment_id, record.parent_id, plan.name, base, plan.searched,
                            sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints)
     # Absolute: the table is pickled into Ray's tuner.pkl and a resume may run from another folder.
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.optuna_storage, plan.name,
@@ -86,10 +89,9 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
     callbacks = [NoRetryOnTrialError(), tracker, table, printer]
     return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(metric=plan.space.metric, mode=plan.space.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=plan.options.num_samples,
-                                    reuse_actors=True,
+        build_trainable(plan, trial_class),
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=plan.options.num_samples, reuse_actors=True,
                                     time_budget_s=plan.options.time_budget),
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
                                   callbacks=callbacks, verbose=0,
@@ -98,3 +100,13 @@ def build_tuner(plan: SweepPlan, experiment: str, parent_id: str, log: Callable[
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=False),
                                   failure_config=tune.FailureConfig(max_failures=plan.options.max_retries)),
     )
+
+
+def restore_tuner(plan: SweepPlan, trial_class: type | None = None):
+    """A resumed sweep's Tuner: Ray's saved experiment (trials, searcher, callbacks) with the
+    trainable given again, since its parameters (base config, dataset) are not in Ray's state."""
+    from ray import tune
+
+    tune_environment()
+    return tune.Tuner.restore(plan.experiment_path, trainable=build_trainable(plan, trial_class),
+                              resume_unfinished=True, resume_errored=False, restart_errored=False)

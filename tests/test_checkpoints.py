@@ -4,7 +4,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers.async_hyperband import _Bracket
 
-from hpo.checkpoints import asha_rungs
+from hpo.plan import asha_rungs
 
 
 def _ray_decision_epochs(grace: int, factor: float, max_t: int) -> tuple[int, ...]:

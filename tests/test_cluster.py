@@ -27,9 +27,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cmath_model.tracking import default_tracking_uri
 from hpo.processes import pids_using, stop
-from hpo.table import read_journal, read_trials
-from hpo.tracking import default_tracking_uri
+from hpo.trials import read_journal, read_trials
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

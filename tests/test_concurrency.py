@@ -7,8 +7,7 @@ import pytest
 import yaml
 
 from hpo._compat import searcher_study
-from hpo.cluster import describe_concurrency, size_concurrency
-from hpo.plan import SweepOptions, plan_sweep
+from hpo.plan import SweepOptions, cluster_slots, describe_concurrency, plan_sweep, with_slots
 from hpo.search import SweepSearch
 from hpo.space import make_sampler
 
@@ -26,8 +25,7 @@ def plan_for(tmp_path, tiny_path):
     def plan(resources: dict, **options):
         made = plan_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path / "results", name="s",
                                        **options))
-        size_concurrency(made, resources)
-        return made
+        return with_slots(made, cluster_slots(resources, made.options))
 
     return plan
 

@@ -12,12 +12,12 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from cmath_model.errors import DataError
+from cmath_model.tracking import default_tracking_uri
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.sweep import SweepOptions, run_sweep
-from hpo.table import read_trials
-from hpo.tracking import default_tracking_uri
 from hpo.trainable import CMATHTrial
+from hpo.trials import read_trials
 
 SPACE = {
     "dataset": "iemocap",
@@ -53,8 +53,8 @@ def failing_sweep(tmp_path_factory, tiny_path):
     space = _write_space(root / "faults.yaml")
     lines = []
     outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
-                                     num_cpus=2, results=root, name="faults", trainable=RaisingTrial),
-                        log=lines.append)
+                                     num_cpus=2, results=root, name="faults"),
+                        log=lines.append, trainable=RaisingTrial)
     return {"outcome": outcome, "root": root, "trials": read_trials(root / "faults"), "lines": lines}
 
 
@@ -139,8 +139,8 @@ def test_a_tracking_server_that_dies_mid_sweep_is_reported_and_exits_1(tmp_path,
     lines = []
     try:
         outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
-                                         num_cpus=2, results=tmp_path / "results", name="no-store", mlflow_uri=url,
-                                         trainable=KillsTheTrackingServer), log=lines.append)
+                                         num_cpus=2, results=tmp_path / "results", name="no-store", mlflow_uri=url),
+                            log=lines.append, trainable=KillsTheTrackingServer)
     finally:
         stop_ui(server)
     assert server.poll() is not None
@@ -283,7 +283,7 @@ def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, 
                          search={"d": {"type": "categorical", "choices": [32]}}, fixed={"epochs": 1},
                          asha={"grace_period": 1})
     outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=1, num_cpus=2,
-                                     results=tmp_path, name="one", trainable=SlowToStopTrial), log=lambda line: None)
+                                     results=tmp_path, name="one"), log=lambda line: None, trainable=SlowToStopTrial)
     session = json.loads((outcome.sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
     assert outcome.counts["completed"] == 1
     assert not pids_using(session)

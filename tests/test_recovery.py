@@ -12,9 +12,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
+from cmath_model.tracking import default_tracking_uri
 from hpo.sweep import SweepOptions, run_sweep
-from hpo.table import read_journal, read_trials
-from hpo.tracking import default_tracking_uri
+from hpo.trials import read_journal, read_trials
 
 EPOCHS = 12
 SPACE = {

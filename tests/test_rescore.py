@@ -8,17 +8,9 @@ import pytest
 from cmath_model.config import CMATHConfig
 from hpo.errors import SweepError
 from hpo.export import close_to_best, export_best
-from hpo.rescore import (
-    RESCORE_FILE,
-    RESCORE_TABLE,
-    SEED_OFFSET,
-    append_row,
-    candidates,
-    describe,
-    runs_to_train,
-    summarize,
-)
-from hpo.table import records
+from hpo.record import RESCORE_FILE, RESCORE_TABLE
+from hpo.rescore import SEED_OFFSET, append_row, describe, runs_to_train, summarize
+from hpo.trials import ranked, records
 
 
 def _trials(scores: dict[str, float], failed: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -35,13 +27,13 @@ def _runs(values: dict[str, list[float | None]]) -> pd.DataFrame:
 
 def test_candidates_are_the_best_trials_that_did_not_fail():
     trials = _trials({"a": 0.50, "b": 0.60, "c": 0.55, "d": 0.70}, failed=("d",))
-    assert [r["trial_id"] for r in candidates(trials, 2)] == ["b", "c"]
+    assert [r["trial_id"] for r in ranked(trials, 2)] == ["b", "c"]
 
 
 def test_the_pick_is_the_best_mean_not_the_sweeps_best_seed():
     # b won the sweep on one seed; over two new seeds c is better
     trials = _trials({"a": 0.50, "b": 0.60, "c": 0.58})
-    summary = summarize(_runs({"b": [0.52, 0.54], "c": [0.56, 0.57]}), candidates(trials, 2), seeds=2)
+    summary = summarize(_runs({"b": [0.52, 0.54], "c": [0.56, 0.57]}), ranked(trials, 2), seeds=2)
     assert summary["picked"] == "c"
     assert [r["trial_id"] for r in summary["trials"]] == ["c", "b"]
     assert summary["trials"][0]["best_val_wf1_mean"] == pytest.approx(0.565)
@@ -50,11 +42,11 @@ def test_the_pick_is_the_best_mean_not_the_sweeps_best_seed():
 
 def test_a_trial_that_failed_on_a_seed_is_not_picked():
     trials = _trials({"b": 0.60, "c": 0.58})
-    summary = summarize(_runs({"b": [0.70, None], "c": [0.56, 0.57]}), candidates(trials, 2), seeds=2)
+    summary = summarize(_runs({"b": [0.70, None], "c": [0.56, 0.57]}), ranked(trials, 2), seeds=2)
     assert summary["picked"] == "c"
     assert "failed on seeds [1001]" in describe(summary)
     with pytest.raises(SweepError, match="no re-scored trial trained on all 2 seeds"):
-        summarize(_runs({"b": [0.70, None]}), candidates(trials, 1), seeds=2)
+        summarize(_runs({"b": [0.70, None]}), ranked(trials, 1), seeds=2)
 
 
 def test_export_best_says_when_other_trials_ended_within_a_point(tmp_path):
@@ -75,7 +67,7 @@ def test_export_takes_the_rescored_pick_with_every_epoch_and_refuses_a_stale_one
     trials = _trials({"b": 0.60, "c": 0.58}).assign(config=config, best_epoch=[11, 5], mlflow_run_id=None,
                                                     checkpoint=None)
     trials.to_parquet(sweep_dir / "trials.parquet")
-    summary = summarize(_runs({"b": [0.52, 0.54], "c": [0.56, 0.57]}), candidates(trials, 2), seeds=2)
+    summary = summarize(_runs({"b": [0.52, 0.54], "c": [0.56, 0.57]}), ranked(trials, 2), seeds=2)
     (sweep_dir / RESCORE_FILE).write_text(json.dumps({**summary, "sweep_trials": 2}))
     exported = export_best(sweep_dir, tmp_path / "best.yaml")
     assert exported["provenance"]["trial_id"] == "c" and exported["provenance"]["picked_by"] == "rescore"
@@ -87,7 +79,7 @@ def test_export_takes_the_rescored_pick_with_every_epoch_and_refuses_a_stale_one
 
 
 def test_a_failed_run_is_trained_again_and_its_row_replaced(tmp_path):
-    chosen = candidates(_trials({"b": 0.60, "c": 0.58}), 2)
+    chosen = ranked(_trials({"b": 0.60, "c": 0.58}), 2)
     for row in records(_runs({"b": [0.52, None], "c": [0.56]})):
         append_row(tmp_path, row)
     todo = runs_to_train(chosen, pd.read_parquet(tmp_path / RESCORE_TABLE), seeds=2)

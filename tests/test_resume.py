@@ -15,12 +15,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cmath_model.tracking import default_tracking_uri
 from hpo.errors import SweepError
 from hpo.processes import pids_using, stop
 from hpo.recovery import read_ended
 from hpo.resume import resume_sweep
-from hpo.table import read_journal, read_trials
-from hpo.tracking import default_tracking_uri
+from hpo.trials import read_journal, read_trials
 
 EPOCHS = 10
 SAMPLES = 5

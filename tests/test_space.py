@@ -12,8 +12,9 @@ from optuna.trial import TrialState
 from hpo._compat import searcher_study
 from hpo.errors import SpaceError
 from hpo.recovery import CHECKPOINTS_OF, CONTINUES
-from hpo.search import FINISHED, SweepSearch, end_state
+from hpo.search import FINISHED, SweepSearch
 from hpo.space import load_space, parse_space
+from hpo.trials import end_state
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {

@@ -21,16 +21,17 @@ from mlflow.tracking import MlflowClient
 from cmath_model.cli import train_main
 from cmath_model.config import from_dict, load_config
 from cmath_model.runs import evaluate_checkpoint
+from cmath_model.tracking import default_tracking_uri
 from cmath_model.train import train
-from hpo.checkpoints import asha_rungs
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
-from hpo.export import export_best, find_sweep
-from hpo.rescore import RESCORE_TABLE, SEED_OFFSET, rescore_best
+from hpo.export import export_best
+from hpo.plan import asha_rungs
+from hpo.record import RESCORE_TABLE, find_sweep
+from hpo.rescore import SEED_OFFSET, rescore_best
 from hpo.sweep import SweepOptions, run_sweep
-from hpo.table import HISTORY_FILE, read_trials
-from hpo.tracking import default_tracking_uri
 from hpo.trainable import CMATHTrial
+from hpo.trials import HISTORY_FILE, read_trials
 from hpo.ui import start_ui, stop_ui
 
 EPOCHS = 4
@@ -129,8 +130,8 @@ def test_asha_stops_a_trial_below_its_rungs_median_and_prunes_it_in_the_study(tm
                                      "warm_start": [{"lr": lr} for lr in lrs],
                                      "asha": {"grace_period": 1, "reduction_factor": 2}}))
     outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=4, max_concurrent=2, num_cpus=2,
-                                     results=tmp_path, name="ranked", trainable=RankedByLearningRate),
-                        log=lambda line: None)
+                                     results=tmp_path, name="ranked"),
+                        log=lambda line: None, trainable=RankedByLearningRate)
     trials = read_trials(tmp_path / "ranked").set_index("number")
     assert list(trials["param_lr"]) == pytest.approx(lrs)
     assert list(trials.loc[[2, 3], "end_state"]) == ["stopped_by_asha"] * 2

@@ -37,7 +37,8 @@ def test_the_end_of_a_sweep_waits_for_every_queued_call_and_ends_the_writer(tmp_
     driver goes on, and the thread is gone: a daemon thread left running dies with the process."""
     from mlflow.tracking import MlflowClient
 
-    from hpo.tracking import FAILURES_FILE, MlflowTrials
+    from hpo.record import FAILURES_FILE
+    from hpo.tracking import MlflowTrials
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -59,7 +60,8 @@ def test_the_end_of_a_sweep_waits_for_every_queued_call_and_ends_the_writer(tmp_
 def test_failed_calls_are_counted_with_what_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from hpo.tracking import FAILURES_FILE, MlflowTrials
+    from hpo.record import FAILURES_FILE
+    from hpo.tracking import MlflowTrials
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

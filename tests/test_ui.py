@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cmath_model.tracking import default_tracking_uri
 from hpo.processes import is_running
-from hpo.tracking import default_tracking_uri
 
 
 def _answers(url: str) -> bool:

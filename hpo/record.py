@@ -1,0 +1,58 @@
+"""A sweep's folder and the records it keeps there: sweep.json (what the sweep is and how it
+ended) and the re-scoring's results. Finding and reading them needs no Ray, so `export-best`,
+`report` and `resume` start from here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import SweepError
+
+SWEEP_FILE = "sweep.json"
+OPTUNA_FILE = "optuna.db"
+RESCORE_TABLE = "rescored.parquet"  # one row per (trial, seed), written as each run ends
+RESCORE_FILE = "rescored.json"  # the finished re-scoring: each trial's mean and spread, and the pick
+FAILURES_FILE = "mlflow_failures.json"  # what the trials' MLflow calls lost (hpo.tracking writes it at the end)
+
+
+def find_sweep(sweep: str | Path, results: str | Path = "results") -> Path:
+    """A sweep's folder.
+
+    Args:
+        sweep: a sweep folder, a sweep name under `results`, or `latest` (the last one started).
+        results: the folder sweeps are written to.
+
+    Returns:
+        The folder that holds the sweep's sweep.json; SweepError naming the sweeps there if none.
+    """
+    if str(sweep) == "latest":
+        started = sorted(Path(results).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_ctime)
+        if started:
+            return started[-1].parent
+    for candidate in (Path(sweep), Path(results) / str(sweep)):
+        if (candidate / SWEEP_FILE).exists():
+            return candidate
+    known = sorted(p.parent.name for p in Path(results).glob(f"*/{SWEEP_FILE}"))
+    hint = f"sweeps in {results}: {', '.join(known)}" if known else f"no sweeps in {results}"
+    raise SweepError(f"no sweep '{sweep}' (looked for {SWEEP_FILE} in {sweep} and {Path(results) / str(sweep)}); "
+                     f"{hint}")
+
+
+def read_record(sweep_dir: Path) -> dict:
+    """The sweep's sweep.json."""
+    return json.loads((sweep_dir / SWEEP_FILE).read_text())
+
+
+def write_json(path: Path, values: dict) -> None:
+    """Write a JSON record so that a reader (or a killed writer) never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_rescore(sweep_dir: Path) -> dict | None:
+    """The finished re-scoring of the sweep's best trials (rescored.json), None if there is none."""
+    path = sweep_dir / RESCORE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
