@@ -112,7 +112,7 @@ def _parse_set(items: list[str]) -> dict:
     return changes
 
 
-def _train(argv: list[str] | None) -> int:
+def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmath-train", description="Train CMATH (one or more seeds).")
     parser.add_argument("--config", help="YAML config (an exported best config works as is)")
     parser.add_argument("--data", help="canonical Parquet dataset (default: built-in synthetic IEMOCAP-shaped)")
@@ -131,13 +131,14 @@ def _train(argv: list[str] | None) -> int:
                              "per-utterance logistic regression on the same features (logreg); Welch t-test on "
                              "test scores")
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    if args.compare and args.seeds < 2:
-        raise ConfigError("--compare needs --seeds 2 or more (a t-test needs a spread)")
+    return parser
 
-    from .config import load_config, load_provenance, paper_defaults
-    from .runs import compare_runs, defaults_for, describe_config, resolve_data, train_seeds
-    from .tracking import describe_run
+
+def _train_config(args: argparse.Namespace):
+    """The run's config from --config or the defaults for --data, with --set, --data and --epochs
+    on top, and the line that says which defaults were chosen and why."""
+    from .config import load_config
+    from .runs import defaults_for
 
     if args.config and args.defaults:
         raise ConfigError(f"--defaults with --config {args.config}: the file decides; put 'defaults: "
@@ -146,53 +147,47 @@ def _train(argv: list[str] | None) -> int:
         config, chosen = load_config(args.config), f"config: {args.config}"
     else:
         config, chosen = defaults_for(args.data, args.defaults or "recipe")
-    # An exported best config knows its sweep: the final run lands beside the sweep's trials.
-    provenance = load_provenance(args.config) if args.config else {}
-    mlflow_uri = args.mlflow_uri or provenance.get("mlflow_uri")
-    experiment = args.experiment or provenance.get("mlflow_experiment") or "cmath-train"
-    tags = {f"cmath.{key}": str(provenance[key]) for key in ("sweep", "trial_id", "mlflow_run_id")
-            if key in provenance}
     changes = _parse_set(args.set)
     if args.data:
         changes.update(data=args.data, data_sha256=None)
     if args.epochs is not None:
         changes["epochs"] = args.epochs
-    config = config.replace(**changes)
-    fit = not args.config and "modalities" not in changes
-    config, data = resolve_data(config, args.results, fit_modalities=fit)
-    if not args.quiet:
-        print(chosen)
-        print(f"  {describe_config(config)}")
-    out = Path(args.out) if args.out else Path(args.results) / "train" / time.strftime("%Y%m%d-%H%M%S")
-    summary = train_seeds(config, data, args.seeds, out, log=None if args.quiet else print,
-                          mlflow_uri=mlflow_uri, experiment=experiment, tags=tags)
-    _print_summary(summary, args.seeds)
-    if "paper" in args.compare:
-        # The paper's settings on the same data, modalities, seeds and (with --epochs) epochs.
-        paper = paper_defaults(config.dataset).replace(
-            data=config.data, data_sha256=config.data_sha256, modalities=config.modalities, seed=config.seed,
-            device=config.device, num_threads=config.num_threads,
-            **({"epochs": args.epochs} if args.epochs is not None else {}))
-        theirs = train_seeds(paper, data, args.seeds, out / "paper", log=None if args.quiet else print,
-                             mlflow_uri=mlflow_uri, experiment=experiment,
-                             tags={**tags, "cmath.kind": "paper_baseline"})
-        print("paper defaults:")
-        _print_summary(theirs, args.seeds)
-        compared = compare_runs(summary, theirs)
-        summary["compare"] = {"against": "paper", "paper_summary": {k: v for k, v in theirs.items() if k != "epochs"},
-                              "welch": compared}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-        _print_welch(compared, "paper defaults")
-    if "logreg" in args.compare:
-        from .baselines import logistic_regression_seeds
+    return config.replace(**changes), chosen
 
-        theirs = logistic_regression_seeds(data, config.modality_names, args.seeds)
-        print(f"{theirs['model']} (deterministic: one score for every seed):")
+
+def _train(argv: list[str] | None) -> int:
+    args = _train_parser().parse_args(argv)
+    if args.compare and args.seeds < 2:
+        raise ConfigError("--compare needs --seeds 2 or more (a t-test needs a spread)")
+
+    from .config import load_provenance
+    from .runs import compare_with_baseline, describe_config, resolve_data, train_seeds
+    from .tracking import describe_run
+
+    config, chosen = _train_config(args)
+    # Modalities nobody asked for are narrowed to what the file holds (a text-only file trains text only).
+    fit = not args.config and not any(item.startswith("modalities=") for item in args.set)
+    config, data = resolve_data(config, args.results, fit_modalities=fit)
+    # An exported best config knows its sweep: the final run lands beside the sweep's trials.
+    provenance = load_provenance(args.config) if args.config else {}
+    tracking = {"mlflow_uri": args.mlflow_uri or provenance.get("mlflow_uri"),
+                "experiment": args.experiment or provenance.get("mlflow_experiment") or "cmath-train",
+                "tags": {f"cmath.{key}": str(provenance[key]) for key in ("sweep", "trial_id", "mlflow_run_id")
+                         if key in provenance}}
+    log = None if args.quiet else print
+    if log:
+        log(chosen)
+        log(f"  {describe_config(config)}")
+    out = Path(args.out) if args.out else Path(args.results) / "train" / time.strftime("%Y%m%d-%H%M%S")
+    summary = train_seeds(config, data, args.seeds, out, log=log, **tracking)
+    _print_summary(summary, args.seeds)
+    for against in args.compare:
+        theirs, compared = compare_with_baseline(against, summary, config, data, args.seeds, out,
+                                                 epochs=args.epochs, log=log, **tracking)
+        print("paper defaults:" if against == "paper" else
+              f"{theirs['model']} (deterministic: one score for every seed):")
         _print_summary(theirs, args.seeds)
-        compared = compare_runs(summary, theirs, name="logreg")
-        summary["compare_logreg"] = {"against": "logreg", "logreg_summary": theirs, "welch": compared}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-        _print_welch(compared, "logistic regression")
+        _print_welch(compared, "paper defaults" if against == "paper" else "logistic regression")
     print(f"wrote {out / 'metrics.json'}")
     if "mlflow" in summary:
         print(describe_run(summary["mlflow"]))

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import DATASETS, CMATHConfig, default_config
+from .config import DATASETS, CMATHConfig, default_config, paper_defaults
 from .data import Dataset, dataset_name, load_dataset, pin_data
 from .errors import ConfigError
 from .metrics import classification_metrics
@@ -167,6 +167,45 @@ def welch(ours: list[float], theirs: list[float]) -> dict:
     else:
         result = ttest_ind(ours, theirs, equal_var=False)
     return {"t": float(result.statistic), "p": float(result.pvalue)}
+
+
+def compare_with_baseline(against: str, summary: dict, config: CMATHConfig, data: Dataset, seeds: int, out: Path,
+                          epochs: int | None = None, log: Callable[[str], None] | None = None,
+                          mlflow_uri: str | None = None, experiment: str = "cmath-train",
+                          tags: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """Train a baseline on the same data and seeds as `summary`'s run, test the difference, and
+    add both to out/metrics.json.
+
+    Args:
+        against: `paper` (the paper's settings, with the run's data, modalities, seeds and, when
+            given, `epochs`) or `logreg` (a per-utterance logistic regression on the same features).
+        summary: the run's multi-seed summary (train_seeds); gains the comparison.
+        config, data, seeds, out: the run's config, data, seed count and folder.
+        epochs: the epochs given on the command line, if any (the paper baseline runs as many).
+        log, mlflow_uri, experiment, tags: as train_seeds (the paper baseline is logged like the run).
+
+    Returns:
+        The baseline's summary, and per test score the two sides' values with Welch's t and p.
+    """
+    if against == "paper":
+        paper = paper_defaults(config.dataset).replace(
+            data=config.data, data_sha256=config.data_sha256, modalities=config.modalities, seed=config.seed,
+            device=config.device, num_threads=config.num_threads, **({"epochs": epochs} if epochs is not None else {}))
+        theirs = train_seeds(paper, data, seeds, out / "paper", log=log, mlflow_uri=mlflow_uri,
+                             experiment=experiment, tags={**(tags or {}), "cmath.kind": "paper_baseline"})
+        compared = compare_runs(summary, theirs)
+        summary["compare"] = {"against": "paper", "paper_summary": {k: v for k, v in theirs.items() if k != "epochs"},
+                              "welch": compared}
+    elif against == "logreg":
+        from .baselines import logistic_regression_seeds
+
+        theirs = logistic_regression_seeds(data, config.modality_names, seeds)
+        compared = compare_runs(summary, theirs, name="logreg")
+        summary["compare_logreg"] = {"against": "logreg", "logreg_summary": theirs, "welch": compared}
+    else:
+        raise ConfigError(f"--compare {against}: use paper or logreg")
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    return theirs, compared
 
 
 def compare_runs(ours: dict, theirs: dict, name: str = "paper") -> dict:
