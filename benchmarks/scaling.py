@@ -51,7 +51,7 @@ def measure(point: dict) -> dict:
     data = fixed_length_dataset(point["length"], point["dialogues"])
     config = paper_defaults("iemocap").replace(d=point["d"], batch_size=16, lr=3e-4, device=point["device"])
     trainer = Trainer(config, data, device=device)
-    seconds, memory = time_epochs(trainer._train_epoch, point["epochs"], device)
+    seconds, memory = time_epochs(trainer.train_epoch, point["epochs"], device)
     utterances = data.splits["train"].num_utterances
     return dict(sweep=point["sweep"], device=point["device"], length=point["length"], d=point["d"],
                 utterances=utterances, ms_per_epoch=1000 * seconds, ms_per_utterance=1000 * seconds / utterances,

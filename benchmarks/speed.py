@@ -82,7 +82,7 @@ def measure(point: dict) -> dict:
     config = paper_defaults("iemocap").replace(d=point["d"], batch_size=point["batch"], lr=3e-4,
                                                num_threads=point.get("threads", 0), device=point["device"])
     trainer = Trainer(config, data, device=device)
-    epoch = trainer._train_epoch if point["implementation"] == "batched" else lambda: train_epoch_per_dialogue(trainer)
+    epoch = trainer.train_epoch if point["implementation"] == "batched" else lambda: train_epoch_per_dialogue(trainer)
     seconds, memory = time_epochs(epoch, point["epochs"], device)
     utterances = data.splits["train"].num_utterances
     return dict(device=point["device"], implementation=point["implementation"], d=point["d"], batch=point["batch"],

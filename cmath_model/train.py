@@ -104,7 +104,7 @@ class Trainer:
     def step(self) -> dict:
         """Train one epoch, then evaluate valid and test. Returns the epoch's metrics record."""
         started = time.perf_counter()
-        losses = self._train_epoch()
+        losses = self.train_epoch()
         train_seconds = time.perf_counter() - started
         self.epoch += 1
         valid = self.evaluate(self.data.splits["valid"])
@@ -129,7 +129,9 @@ class Trainer:
         self.history.append(record)
         return record
 
-    def _train_epoch(self) -> dict:
+    def train_epoch(self) -> dict:
+        """One pass over the training split (the optimiser's steps only, no evaluation and no
+        epoch count: `step` adds those). Returns the epoch's mean training losses."""
         self.model.train()
         cfg = self.config
         sums = dict.fromkeys(TRAIN_KEYS, 0.0)
