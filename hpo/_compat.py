@@ -86,3 +86,9 @@ def distribution_contains(distribution: BaseDistribution, value) -> bool:
         return distribution._contains(distribution.to_internal_repr(value))
     except (TypeError, ValueError):
         return False
+
+
+def sampler_uses_constant_liar(sampler: optuna.samplers.BaseSampler) -> bool:
+    """Whether a sampler counts running trials as poor ones (TPE's `constant_liar`; other samplers
+    have none): TPESampler takes the flag in its constructor and exposes no reader of it."""
+    return isinstance(sampler, optuna.samplers.TPESampler) and sampler._constant_liar

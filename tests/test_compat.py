@@ -15,15 +15,28 @@ SPACE = {"name": "compat", "dataset": "iemocap", "seed": 0,
          "warm_start": [{"d": 64}]}
 
 
-def test_training_result_is_what_tune_hands_a_trainables_restore():
-    import inspect
+def test_training_result_is_what_tune_hands_a_trainables_restore(tmp_path):
+    """As CMATHTrial.restore hands one over: Tune loads its checkpoint and takes its epoch count."""
+    from pathlib import Path
 
     from ray import tune
     from ray.tune.trainable import Trainable
 
-    result = _compat.TrainingResult(checkpoint=tune.Checkpoint("/nowhere"), metrics={"training_iteration": 3})
-    assert result.checkpoint.path == "/nowhere" and result.metrics == {"training_iteration": 3}
-    assert "_TrainingResult" in inspect.getsource(Trainable.restore)
+    class Loads(Trainable):
+        def step(self):
+            return {"score": 1.0}
+
+        def load_checkpoint(self, checkpoint_dir):
+            self.loaded = (Path(checkpoint_dir) / "state.txt").read_text()
+
+    (tmp_path / "state.txt").write_text("epoch 3")
+    trainable = Loads(config={})
+    try:
+        trainable.restore(_compat.TrainingResult(checkpoint=tune.Checkpoint.from_directory(str(tmp_path)),
+                                                 metrics={"training_iteration": 3}))
+        assert (trainable.loaded, trainable.training_iteration) == ("epoch 3", 3)
+    finally:
+        trainable.stop()
     with pytest.raises(AttributeError):
         _compat.NoSuchName  # noqa: B018
 
@@ -84,6 +97,12 @@ def test_optuna_storage_reads_and_writes_one_trial():
     again.set_user_attr("note", "carried on")
     study.tell(again, 0.5)
     assert study.get_trials()[1].user_attrs == {"note": "carried on"} and study.get_trials()[1].value == 0.5
+
+
+def test_constant_liar_is_read_from_a_tpe_sampler():
+    assert _compat.sampler_uses_constant_liar(optuna.samplers.TPESampler(constant_liar=True))
+    assert not _compat.sampler_uses_constant_liar(optuna.samplers.TPESampler(constant_liar=False))
+    assert not _compat.sampler_uses_constant_liar(optuna.samplers.RandomSampler())
 
 
 @pytest.mark.parametrize("distribution, inside, outside", [
