@@ -2,6 +2,7 @@
 full runs, never from tests: nothing here checks a speed against a threshold of time)."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -79,6 +80,9 @@ def test_bench_verb_runs_the_speed_benchmark(tmp_path, capfd):
     assert (batched["implementation"], loop["implementation"]) == ("batched", "per_dialogue")
     assert batched["ms_per_epoch"] > 0 and loop["ms_per_epoch"] > 0 and batched["peak_mem_mb"] > 0
     assert batched["max_logit_diff"] < 1e-4  # padding and batching change no logit
-    assert result["machine"]["cpus"] > 0 and "speed" in result["command"]  # what it ran on, and how
+    assert (result["benchmark"], result["quick"]) == ("speed", True)
+    assert result["machine"]["cpus"] == len(os.sched_getaffinity(0))  # what it ran on, and how:
+    assert result["command"].split()[1:] == ["speed", "--quick", "--out", str(tmp_path), "--data-dir",
+                                             str(tmp_path / "data")]  # the words after the program's name
     assert "ms_per_epoch" in capfd.readouterr().out
     assert (tmp_path / "data" / "synthetic-iemocap-tiny.parquet").exists()

@@ -60,9 +60,10 @@ def test_more_than_one_gpu_per_trial_is_refused(options, gpus):
         plan_sweep(options(gpus_per_trial=gpus))
 
 
-def test_whole_and_fractional_gpus_plan(options):
-    assert plan_sweep(options(gpus_per_trial=0.25)).base.device == "cuda"
-    assert plan_sweep(options(gpus_per_trial=1)).resources == {"cpu": 1.0, "gpu": 1}
+@pytest.mark.parametrize("gpus, device", [(0.25, "cuda"), (1, "cuda"), (0, "cpu")])
+def test_whole_and_fractional_gpus_plan(options, gpus, device):
+    base = plan_sweep(options(gpus_per_trial=gpus)).base
+    assert (base.device, base.num_threads) == (device, 1)  # a trial's torch threads: its one reserved CPU
 
 
 def _record(host: str, status: str | None) -> dict:

@@ -84,7 +84,10 @@ def test_sweep_runs_every_trial_and_prints_the_best(sweep):
     assert sum(line.count("] start (") for line in sweep["lines"]) == SAMPLES
     record = json.loads((sweep["dir"] / "sweep.json").read_text())
     assert record["data"]["sha256"] == trials.pipe(lambda t: json.loads(t["config"][0])["data_sha256"])
-    assert record["versions"]["ray"] and record["seeds"] == {"sampler": 0, "trial": 0}
+    installed = {"ray": ray.__version__, "optuna": optuna.__version__, "pandas": pd.__version__,
+                 "numpy": np.__version__}
+    assert {name: record["versions"][name] for name in installed} == installed
+    assert record["seeds"] == {"sampler": 0, "trial": 0}
     assert record["status"] == "finished" and record["counts"]["failed"] == 0
 
 
@@ -344,13 +347,14 @@ def test_ui_serves_the_sweep_runs(sweep, free_port):
     process, url = start_ui(sweep["results"], port=free_port())
     try:
         assert url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s1") as r:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s1",
+                                    timeout=60) as r:
             experiment = json.load(r)["experiment"]
         request = urllib.request.Request(
             f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
             data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100,
                              "filter": "tags.`cmath.kind` = 'trial'"}).encode())
-        with urllib.request.urlopen(request) as r:
+        with urllib.request.urlopen(request, timeout=60) as r:
             listed = {run["info"]["run_id"] for run in json.load(r)["runs"]}
         assert listed == set(sweep["trials"]["mlflow_run_id"])
     finally:
