@@ -3,6 +3,28 @@
 import json
 import threading
 
+WAIT_S = 30  # the bound on every wait here: a regression fails the test instead of hanging it
+
+
+def _hold(writer, gate: threading.Event) -> None:
+    """Hand the writer a call that blocks until `gate` is set (at most WAIT_S), and return once the
+    writer is in it: whatever is handed over next waits in its queue."""
+    holding = threading.Event()
+    writer.call(lambda: (holding.set(), gate.wait(WAIT_S)))
+    assert holding.wait(WAIT_S), f"the MLflow writer did not take its first call within {WAIT_S}s"
+
+
+def _opens_when_joined(gate: threading.Event, owner) -> None:
+    """`owner.join` (a queue's or a thread's) sets `gate` first: the gate opens once the code under
+    test waits for the writer, not after a guessed delay."""
+    join = owner.join
+
+    def joined(*args, **kwargs):
+        gate.set()
+        return join(*args, **kwargs)
+
+    owner.join = joined
+
 
 def test_mlflow_writer_keeps_order_and_batches_waiting_metrics(tmp_path):
     """Metrics queued together leave in one log_batch per run, before the calls queued after them;
@@ -19,7 +41,7 @@ def test_mlflow_writer_keeps_order_and_batches_waiting_metrics(tmp_path):
     client.log_batch = lambda *a, **k: (batches.append(k.get("metrics")), log_batch(*a, **k))
     writer = MlflowWriter(client)
     gate = threading.Event()
-    writer.call(gate.wait)  # hold the thread so the next items queue up together
+    _hold(writer, gate)  # so the next items queue up together
     for epoch in range(1, 6):
         writer.metrics(run_id, [Metric("val_wf1", epoch / 10, 0, epoch), Metric("loss", 1 / epoch, 0, epoch)])
     writer.call(client.set_tag, run_id, "after", "metrics")
@@ -48,10 +70,12 @@ def test_the_end_of_a_sweep_waits_for_every_queued_call_and_ends_the_writer(tmp_
     tracker = MlflowTrials(uri, experiment, parent, "end", {}, [], sweep_dir=tmp_path)
     gate = threading.Event()
     thread = tracker.writer.thread
-    tracker.writer.call(gate.wait)  # the writer is busy when the sweep ends
+    _hold(tracker.writer, gate)  # the writer is busy when the sweep ends...
     tracker.writer.call(client.set_terminated, run_id, "KILLED")
-    threading.Timer(0.5, gate.set).start()
+    for owner in (tracker.writer.queue, thread):  # ...until the end of the sweep waits for it
+        _opens_when_joined(gate, owner)
     tracker.on_experiment_end(trials=[])
+    assert gate.is_set(), "the end of the sweep never waited for the writer"
     assert client.get_run(run_id).info.status == "KILLED"
     assert not thread.is_alive()
     assert json.loads((tmp_path / FAILURES_FILE).read_text())["failures"] == 0
@@ -87,7 +111,7 @@ def test_a_trials_run_is_opened_by_the_writer_not_on_tunes_loop(tmp_path):
     experiment = client.create_experiment("start")
     tracker = MlflowTrials(uri, experiment, client.create_run(experiment).info.run_id, "start", {"d": 64}, ["lr"])
     gate = threading.Event()
-    tracker.writer.call(gate.wait)  # a slow tracking store
+    _hold(tracker.writer, gate)  # a slow tracking store
     trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id="t1", stub=True)
     tracker.on_trial_start(0, [trial], trial)
     for epoch in (1, 2, 2):
@@ -104,7 +128,6 @@ def test_a_trials_run_is_opened_by_the_writer_not_on_tunes_loop(tmp_path):
 def test_the_writers_queue_is_bounded(tmp_path, monkeypatch):
     """A store that cannot keep up makes the loop wait, not the driver's memory grow."""
     import queue
-    import time
 
     import pytest
     from mlflow.tracking import MlflowClient
@@ -114,9 +137,7 @@ def test_the_writers_queue_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "MAX_QUEUED", 2)
     writer = tracking.MlflowWriter(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     gate, done = threading.Event(), []
-    writer.call(gate.wait)
-    while writer.queue.qsize():  # until the writer holds the gate
-        time.sleep(0.01)
+    _hold(writer, gate)  # the queue is empty: the writer has taken the call
     writer.call(done.append, 1)
     writer.call(done.append, 2)
     with pytest.raises(queue.Full):
