@@ -38,29 +38,38 @@ def _running(ray_dir):
     return found
 
 
-def _settled_checkpoints(trial_dir, keep=2, timeout=10.0):
-    """The paused trial's checkpoints once the driver can delete none of them: Ray keeps `keep`
-    (CheckpointConfig.num_to_keep) and deletes the oldest when it registers a newer one, which the
-    worker reports only after writing it. So with `keep` or fewer folders, or with more because the
-    worker was paused before it could report the last one (then nothing is deleted at all), the
-    set cannot change; the timeout is for the second case."""
+def _settled_checkpoints(ray_dir, name, keep=2, timeout=10.0):
+    """The paused trial's checkpoints once the driver can delete none of them, or None if it was
+    paused where that cannot be told (it is then let go on, and paused again later).
+
+    Ray keeps `keep` (CheckpointConfig.num_to_keep) and deletes the oldest when it registers a
+    newer one. The driver journals an epoch's result before it asks for that epoch's checkpoint,
+    and starts the next epoch only once it has registered it. So if the last epoch journaled
+    after the pause took no checkpoint, none is on its way: at most `keep` are on disk, for good.
+    After an epoch that took one, the worker may have been paused before it reported it (then the
+    driver deletes nothing) or after (then it deletes the oldest): nothing on disk tells which."""
+    epoch = _running(ray_dir).get(name, (None, EPOCHS))[1]
+    if epoch % SPACE["fixed"]["checkpoint_every"] == 0 or epoch >= EPOCHS:
+        return None
     deadline = time.monotonic() + timeout
-    while True:
-        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
-        if len(checkpoints) <= keep or time.monotonic() > deadline:
-            return checkpoints
+    while len(checkpoints := sorted((ray_dir / name).glob("checkpoint_*"))) > keep:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} paused after epoch {epoch} still has {[c.name for c in checkpoints]} "
+                                 f"after {timeout:.0f}s, more than the {keep} Ray keeps")
         time.sleep(0.05)
+    return checkpoints
 
 
-def _inject(ray_dir, done, events):
+def _inject(ray_dir, done, events, errors):
     """Kill the first trial's worker; corrupt the second one's checkpoints, all but its oldest,
     then kill it.
 
     The second worker is paused (SIGSTOP) before its checkpoints are touched: a checkpoint on
     disk may not have reached the driver yet, and which one Ray names on restore is whichever
     it had registered. Paused, the worker sends nothing more, and once the driver has deleted
-    what it will (_settled_checkpoints), corrupting every checkpoint but the oldest makes the
-    named one unusable whichever it is, and the oldest is the one left."""
+    what it will (_settled_checkpoints; a worker paused where that cannot be told is let go on),
+    corrupting every checkpoint but the oldest makes the named one unusable whichever it is, and
+    the oldest is the one left."""
     deadline = time.monotonic() + 240
     victims = {}
     while time.monotonic() < deadline and len(victims) < 2 and not done.is_set():
@@ -71,7 +80,15 @@ def _inject(ray_dir, done, events):
             corrupted = []
             if corrupt:
                 os.kill(pid, signal.SIGSTOP)
-                checkpoints = _settled_checkpoints(ray_dir / name)
+                try:
+                    checkpoints = _settled_checkpoints(ray_dir, name)
+                except AssertionError as exc:  # the test fails on it; the sweep goes on without a paused worker
+                    os.kill(pid, signal.SIGKILL)
+                    errors.append(str(exc))
+                    return
+                if checkpoints is None:
+                    os.kill(pid, signal.SIGCONT)
+                    continue
                 for checkpoint in checkpoints[1:]:
                     if (checkpoint / "trainer").is_dir():
                         (checkpoint / "trainer" / "trainer.pt").write_bytes(b"not a checkpoint")
@@ -89,8 +106,8 @@ def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     results = tmp_path / "results"
-    done, victims, lines = threading.Event(), {}, []
-    injector = threading.Thread(target=_inject, args=(results / "kill" / "ray", done, victims))
+    done, victims, errors, lines = threading.Event(), {}, [], []
+    injector = threading.Thread(target=_inject, args=(results / "kill" / "ray", done, victims, errors))
     injector.start()
     try:
         outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=4, max_concurrent=2,
@@ -99,6 +116,7 @@ def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
     finally:
         done.set()
         injector.join()
+    assert not errors, errors[0]
     assert len(victims) == 2, f"could not catch two trials mid-run: {victims}"
     assert sum(bool(victim["corrupted"]) for victim in victims.values()) == 1, victims
     assert outcome.status == "finished" and outcome.counts["completed"] == 4
