@@ -178,14 +178,16 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
                               start_new_session=True)
     sweep_dir = results / name
     try:
-        deadline = time.monotonic() + 300
+        deadline, mid_sweep = time.monotonic() + 300, False
         while time.monotonic() < deadline and driver.poll() is None:
             journal = read_journal(sweep_dir)  # no early stops: a trial has ended once its last epoch is in
             ended = {t for t, rows in journal.items() if max(r["epoch"] for r in rows) == 6}
             if ended and any(max(r["epoch"] for r in rows) >= 3 for t, rows in journal.items() if t not in ended):
+                mid_sweep = True
                 break
             time.sleep(0.1)
         assert driver.poll() is None, driver.communicate()[0][-3000:]
+        assert mid_sweep, "the sweep never reached mid-sweep (a trial ended, another past epoch 3) within 300 s"
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
