@@ -261,12 +261,16 @@ class SlowToStopTrial(CMATHTrial):
     tearing down on a busy machine does (5 s seen): here a child that names the session folder."""
 
     def setup(self, *args, **kwargs) -> None:
+        import os
         import subprocess
 
-        session = ray._private.worker._global_node.get_session_dir_path()
+        context = ray.get_runtime_context()  # a session's folder is <temp dir>/<session name>
+        session = os.path.join(context.get_temp_dir(), context.get_session_name())
         outlive_the_worker_by_3s = ("import os, time\nparent = os.getppid()\n"
                                     "while os.getppid() == parent: time.sleep(0.1)\ntime.sleep(3)")
         subprocess.Popen([sys.executable, "-c", outlive_the_worker_by_3s, session], start_new_session=True)
+        with open(os.environ["CMATH_TEST_CHILD_SESSION"], "w") as out:  # which folder the child names
+            out.write(session)
         super().setup(*args, **kwargs)
 
 
@@ -278,6 +282,7 @@ def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, 
 
     monkeypatch.setenv("RAY_kill_child_processes_on_worker_exit", "false")
     monkeypatch.setenv("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "false")
+    monkeypatch.setenv("CMATH_TEST_CHILD_SESSION", str(tmp_path / "child-session.txt"))
 
     space = _write_space(tmp_path / "one.yaml", warm_start=[],
                          search={"d": {"type": "categorical", "choices": [32]}}, fixed={"epochs": 1},
@@ -286,4 +291,5 @@ def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, 
                                      results=tmp_path, name="one"), log=lambda line: None, trainable=SlowToStopTrial)
     session = json.loads((outcome.sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
     assert outcome.counts["completed"] == 1
+    assert (tmp_path / "child-session.txt").read_text() == session  # else pids_using looks for nothing
     assert not pids_using(session)
