@@ -41,6 +41,21 @@ def searcher_told(searcher) -> set[str]:
     return searcher._completed_trials
 
 
+# ---------------------------------------------------------------------------- Ray Tune's ASHA
+# hpo.plan.asha_rungs works out where ASHA decides without Ray (the plan and the report need no
+# Ray); the tests check it against Ray's own bracket, which Ray's scheduler keeps private.
+def asha_bracket(grace_period: int, max_t: int, reduction_factor: float):
+    """A bracket of Ray's ASHA scheduler, as ASHAScheduler builds its first one."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    return _Bracket(grace_period, max_t, reduction_factor, 0)
+
+
+def bracket_rungs(bracket) -> list[tuple[float, dict]]:
+    """A bracket's rungs: (milestone, {trial id: the score it was recorded with}) each."""
+    return bracket._rungs
+
+
 # ---------------------------------------------------------------------------- Ray Tune's trials
 def never_retry(trial) -> None:
     """A trial that raised its own error is not retried: Tune's FailureConfig is one number for the

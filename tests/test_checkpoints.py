@@ -2,21 +2,21 @@
 
 import pytest
 from ray.tune.experiment import Trial
-from ray.tune.schedulers.async_hyperband import _Bracket
 
+from hpo._compat import asha_bracket, bracket_rungs
 from hpo.plan import asha_rungs
 
 
 def _ray_decision_epochs(grace: int, factor: float, max_t: int) -> tuple[int, ...]:
     """The epochs at which Ray's bracket records a trial at a rung (and may stop it there),
     found by reporting every epoch to it."""
-    bracket = _Bracket(grace, max_t, factor, 0)
+    bracket = asha_bracket(grace, max_t, factor)
     trial = Trial("CMATHTrial", config={}, trial_id="t", stub=True)
     epochs = []
     for epoch in range(1, max_t + 1):
-        before = sum(trial.trial_id in recorded for _, recorded in bracket._rungs)
+        before = sum(trial.trial_id in recorded for _, recorded in bracket_rungs(bracket))
         bracket.on_result(trial, epoch, 0.5)
-        if sum(trial.trial_id in recorded for _, recorded in bracket._rungs) > before:
+        if sum(trial.trial_id in recorded for _, recorded in bracket_rungs(bracket)) > before:
             epochs.append(epoch)
     return tuple(epochs)
 

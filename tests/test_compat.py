@@ -99,6 +99,16 @@ def test_optuna_storage_reads_and_writes_one_trial():
     assert study.get_trials()[1].user_attrs == {"note": "carried on"} and study.get_trials()[1].value == 0.5
 
 
+def test_an_asha_bracket_and_its_rungs_are_rays():
+    """tests/test_checkpoints.py checks hpo.plan.asha_rungs against these."""
+    from ray.tune.experiment import Trial
+
+    bracket = _compat.asha_bracket(2, 20, 2)
+    assert [milestone for milestone, _ in _compat.bracket_rungs(bracket)] == [16, 8, 4, 2]
+    bracket.on_result(Trial("CMATHTrial", config={}, trial_id="t", stub=True), 2, 0.5)
+    assert dict(_compat.bracket_rungs(bracket))[2] == {"t": 0.5}
+
+
 def test_constant_liar_is_read_from_a_tpe_sampler():
     assert _compat.sampler_uses_constant_liar(optuna.samplers.TPESampler(constant_liar=True))
     assert not _compat.sampler_uses_constant_liar(optuna.samplers.TPESampler(constant_liar=False))

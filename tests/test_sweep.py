@@ -217,12 +217,13 @@ def test_each_checkpoint_is_on_disk_once(sweep):
 def test_trials_checkpoint_where_asha_may_stop_them_and_at_their_end(sweep):
     """Checkpoints are written at ASHA's rungs and the last epoch (and every checkpoint_every),
     not at every improvement; a finished trial's last one records its result, not resume state."""
-    from ray.tune.schedulers.async_hyperband import _Bracket
+    from hpo._compat import asha_bracket, bracket_rungs
 
     asha = SPACE["asha"]
     rungs = asha_rungs(asha["grace_period"], asha["reduction_factor"], EPOCHS)
-    assert rungs == tuple(sorted(m for m, _ in _Bracket(asha["grace_period"], EPOCHS, asha["reduction_factor"],
-                                                        0)._rungs))
+    bracket = asha_bracket(asha["grace_period"], EPOCHS, asha["reduction_factor"])
+    assert rungs == tuple(sorted(m for m, _ in bracket_rungs(bracket)))
+    assert tuple(json.loads((sweep["dir"] / "sweep.json").read_text())["asha"]["rungs"]) == rungs
     assert asha_rungs(5, 3, 60) == (5, 15, 45) and asha_rungs(10, 2, 20) == (10, 20)
     for row in sweep["trials"].itertuples():
         checkpoint = sweep["dir"] / "ray" / row.checkpoint.split("/ray/", 1)[1].rsplit("/", 1)[0]
