@@ -293,3 +293,17 @@ def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, 
     assert outcome.counts["completed"] == 1
     assert (tmp_path / "child-session.txt").read_text() == session  # else pids_using looks for nothing
     assert not pids_using(session)
+
+
+@pytest.mark.slow
+def test_the_parent_run_is_failed_when_the_tuner_cannot_be_built(tmp_path, tiny_path):
+    """Whatever raises once the sweep's record is open (building the Tuner here, or its fit) ends
+    the MLflow parent run FAILED, leaves sweep.json resumable and leaves Ray."""
+    space = _write_space(tmp_path / "space.yaml")
+    with pytest.raises(ValueError, match="with_parameters"):
+        run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=1, num_cpus=2, results=tmp_path,
+                               name="broken"), log=lambda line: None, trainable=int)
+    record = json.loads((tmp_path / "broken" / "sweep.json").read_text())
+    parent = MlflowClient(record["mlflow"]["uri"]).get_run(record["mlflow"]["parent_run_id"])
+    assert (parent.info.status, record["status"]) == ("FAILED", "running")
+    assert not ray.is_initialized()

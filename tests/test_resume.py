@@ -16,6 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cmath_model.tracking import default_tracking_uri
+from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.processes import pids_using, stop
 from hpo.recovery import read_ended
@@ -148,7 +149,7 @@ def test_resume_after_the_driver_is_killed(launch, tmp_path):
         stop(pids_using(session))
 
 
-def test_resume_after_ctrl_c(launch, tmp_path):
+def test_resume_after_ctrl_c(launch, tmp_path, free_port, capsys):
     process, sweep_dir = launch("interrupted")
     _wait_mid_sweep(sweep_dir, process)
     process.send_signal(signal.SIGINT)
@@ -164,6 +165,12 @@ def test_resume_after_ctrl_c(launch, tmp_path):
     # A clean exit waits until its private Ray is gone (a trial worker takes seconds to tear down
     # after SIGTERM, 5 s seen on a busy machine): nothing the sweep started outlives it.
     assert not pids_using(record["driver"]["ray_session_dir"])
+    # resume --address joins the cluster it names, not the sweep's own Ray: one that is not there
+    # is refused with one line, and nothing of the sweep changes.
+    address = f"127.0.0.1:{free_port()}"
+    assert hpo_main(["resume", "interrupted", "--results", str(tmp_path / "results"), "--address", address]) == 2
+    assert f"error: Ray cluster at {address} is unreachable" in capsys.readouterr().err
+    assert json.loads((sweep_dir / "sweep.json").read_text()) == record
     resume_sweep("interrupted", tmp_path / "results", log=lambda line: None)
     _check_resumed(sweep_dir, tmp_path / "results", finished_before, journal_before)
 

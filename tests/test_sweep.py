@@ -6,6 +6,7 @@ study, trials.parquet, export-best and retraining, and the MLflow UI's REST API.
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 import urllib.request
@@ -26,12 +27,12 @@ from cmath_model.train import train
 from hpo.cli import main as hpo_main
 from hpo.errors import SweepError
 from hpo.export import export_best
-from hpo.plan import asha_rungs
+from hpo.plan import asha_rungs, first_configs, plan_sweep
 from hpo.record import RESCORE_TABLE, find_sweep
 from hpo.rescore import SEED_OFFSET, rescore_best
 from hpo.sweep import SweepOptions, run_sweep
 from hpo.trainable import CMATHTrial
-from hpo.trials import HISTORY_FILE, read_trials
+from hpo.trials import HISTORY_FILE, read_trials, records
 from hpo.ui import start_ui, stop_ui
 
 EPOCHS = 4
@@ -61,8 +62,9 @@ def space_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_path, space_path):
     results = tmp_path_factory.mktemp("results")
-    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=SAMPLES, max_concurrent=2,
-                           cpus_per_trial=1, num_cpus=2, results=results, name="s1")
+    # No --max-concurrent: the sweep sizes it, as a user's does (2 slots, at most ceil(6 / 4) = 2).
+    options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=SAMPLES, cpus_per_trial=1,
+                           num_cpus=2, results=results, name="s1")
     lines = []
     outcome = run_sweep(options, log=lines.append)
     assert not ray.is_initialized()  # the sweep shut its private Ray down
@@ -240,12 +242,21 @@ def test_trials_checkpoint_where_asha_may_stop_them_and_at_their_end(sweep):
 
 @pytest.mark.slow
 def test_random_search_without_early_stopping(space_path, tiny_path, tmp_path):
-    """The baseline benchmarks.search measures TPE + ASHA against: every trial runs all its epochs."""
+    """The baseline benchmarks.search measures TPE + ASHA against: every trial runs all its epochs.
+    With --verbose every epoch is a line; with --keep-checkpoints ended trials keep their resume state."""
     options = SweepOptions(space=space_path, data=str(tiny_path), num_samples=4, max_concurrent=2, num_cpus=2,
-                           results=tmp_path, name="rand", sampler="random", early_stopping=False, seed=3)
-    outcome = run_sweep(options, log=lambda line: None)
+                           results=tmp_path, name="rand", sampler="random", early_stopping=False, seed=3,
+                           verbose=True, keep_checkpoints=True)
+    lines = []
+    outcome = run_sweep(options, log=lines.append)
     trials = read_trials(tmp_path / "rand")
     assert outcome.counts["completed"] == 4 and (trials["epochs"] == EPOCHS).all()
+    for trial_id in trials["trial_id"]:
+        epochs = [line for line in lines if line.startswith(f"[{trial_id}] epoch ") and "val W-F1" in line]
+        assert len(epochs) == EPOCHS, (trial_id, lines)
+        trial_dir = next((tmp_path / "rand" / "ray").glob(f"*_{trial_id}_*"))
+        kept = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+        assert len(kept) == 2 and (trial_dir / kept[0] / "trainer").is_dir(), kept  # epoch 2's resume state
     assert list(trials.sort_values("number")["suggested_by"]) == ["warm_start", "random", "random", "random"]
     record = json.loads((tmp_path / "rand" / "sweep.json").read_text())
     assert record["sampler"] == "random" and record["early_stopping"] is False and record["seeds"]["sampler"] == 3
@@ -382,6 +393,37 @@ def test_dry_run_prints_the_plan_and_starts_nothing(space_path, tiny_path, tmp_p
     assert "search lr: float [0.0001, 0.01] (log)" in out and "dry run: nothing started" in out
     assert not ray.is_initialized()
     assert not (tmp_path / "dry").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_dry_run_says_what_the_sweep_did(sweep, space_path, tiny_path, tmp_path, capsys):
+    """The same options as the fixture's sweep, as a dry run: the same trials at a time, random
+    start-up and first configs (the warm start, then the seeded start-up) as the sweep recorded."""
+    record = json.loads((sweep["dir"] / "sweep.json").read_text())
+    k, startup = record["max_concurrent"], record["n_startup_trials"]
+    assert (record["cluster_slots"], k, startup) == (2, 2, 2)
+    args = ["--space", str(space_path), "--data", str(tiny_path), "--num-samples", str(SAMPLES), "--num-cpus", "2",
+            "--results", str(tmp_path), "--name", "again"]
+    assert hpo_main(["sweep", *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{k} trials at a time (the cluster's 2 slots" in out and f"{startup} random start-up trials" in out
+    plan = plan_sweep(SweepOptions(space=space_path, data=str(tiny_path), num_samples=SAMPLES, num_cpus=2,
+                                   results=tmp_path, name="again"))
+    planned = first_configs(plan, count=len(SPACE["warm_start"]) + startup)  # what no finished trial can change
+    ran = [{name: row[f"param_{name}"] for name in plan.searched}
+           for row in records(sweep["trials"].sort_values("number"))]
+    assert ran[:len(planned)] == planned
+    assert "1. d=64  gamma1=1  gamma2=1.8  lr=0.001" in out
+
+
+def test_report_and_export_of_a_finished_sweep_load_no_ray_or_torch(sweep, tmp_path):
+    code = ("import sys\nfrom hpo.cli import main\n"
+            f"assert main(['report', {str(sweep['dir'])!r}, '--no-mlflow']) == 0\n"
+            f"assert main(['export-best', {str(sweep['dir'])!r}, '-o', {str(tmp_path / 'best.yaml')!r}]) == 0\n"
+            "print('loaded:', sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "loaded: []"
+    assert (tmp_path / "best.yaml").exists() and (sweep["dir"] / "report" / "report.md").exists()
 
 
 @pytest.mark.slow
