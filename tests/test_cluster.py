@@ -84,7 +84,8 @@ def _ray_start(env: dict, *args: str, namespace: list[str] = ()) -> None:
 
 def _private_namespace(private: Path) -> list[str]:
     """A command prefix: run in a new mount namespace with an empty tmpfs over `private`."""
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True)
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True,
+                           timeout=30)
     if probe.returncode != 0:
         pytest.fail(f"`unshare -m` is not permitted here ({probe.stderr.strip()}); these tests give the worker "
                     f"node its own view of the disk and need root or CAP_SYS_ADMIN")
@@ -172,10 +173,11 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
     storage = f"s3://{BUCKET}/sweeps"
     space = _space(cluster["private"], d=64, epochs=6)
     started = time.monotonic()
-    driver = subprocess.Popen(_sweep_command(space, tiny_path, results, name, "--num-samples", "4",
-                                             "--address", cluster["address"], "--storage", storage),
-                              env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    log = cluster["private"] / "driver-s3.log"  # a file, not a pipe nobody reads while the driver runs
+    with open(log, "w") as out:
+        driver = subprocess.Popen(_sweep_command(space, tiny_path, results, name, "--num-samples", "4",
+                                                 "--address", cluster["address"], "--storage", storage),
+                                  env=cluster["env"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     sweep_dir = results / name
     try:
         deadline, mid_sweep = time.monotonic() + 300, False
@@ -186,13 +188,14 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
                 mid_sweep = True
                 break
             time.sleep(0.1)
-        assert driver.poll() is None, driver.communicate()[0][-3000:]
+        assert driver.poll() is None, log.read_text()[-3000:]
         assert mid_sweep, "the sweep never reached mid-sweep (a trial ended, another past epoch 3) within 300 s"
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
     killed_at = dict(ended=ended)
     resumed = subprocess.run([sys.executable, "-m", "hpo.cli", "resume", str(sweep_dir)], env=cluster["env"],
                              capture_output=True, text=True, timeout=600)

@@ -115,7 +115,8 @@ def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
                             log=lines.append)
     finally:
         done.set()
-        injector.join()
+        injector.join(timeout=60)  # its own waits are bounded; this bounds the rest
+    assert not injector.is_alive(), "the fault injector did not stop within 60 s of the sweep's end"
     assert not errors, errors[0]
     assert len(victims) == 2, f"could not catch two trials mid-run: {victims}"
     assert sum(bool(victim["corrupted"]) for victim in victims.values()) == 1, victims

@@ -76,7 +76,7 @@ def launch(tmp_path, tiny_path):
     for process in started:  # whatever happened, stop what this test started, by PID
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            process.wait(timeout=60)
 
 
 def _check_resumed(sweep_dir, results, finished_before, journal_before):
@@ -133,7 +133,7 @@ def test_resume_after_the_driver_is_killed(launch, tmp_path):
     _wait_mid_sweep(sweep_dir, process)
     session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.wait(timeout=60)
     # What had ended is read after the kill: a trial can end between the wait and the signal.
     trials = read_trials(sweep_dir)
     finished_before = trials.set_index("trial_id")["finished_at"].dropna().to_dict()
@@ -325,11 +325,11 @@ def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path)
             raise AssertionError("the second trial never reached its first checkpoint")
         session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            process.wait(timeout=60)
     first, second = trial_ids
     before = _trial_results(sweep_dir)[second]
     assert before[-1] < 6, f"killed too late to show it: {before}"

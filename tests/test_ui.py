@@ -56,7 +56,7 @@ def test_a_stopped_ui_command_stops_its_server(tmp_path, free_port):
         for command in commands:
             if command.poll() is None:
                 command.kill()
-                command.wait()
+                command.wait(timeout=30)
         for pid in server_pids:
             if is_running(pid):  # what this test started, by PID
                 os.killpg(pid, signal.SIGKILL)
