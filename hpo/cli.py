@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
     sweep.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack trials: 0.25 = 4 per GPU")
     sweep.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
+    sweep.add_argument("--allow-open-cluster", action="store_true",
+                       help="join a cluster that runs without token authentication (refused by default: anyone "
+                            "who reaches it can run code on its nodes)")
     sweep.add_argument("--num-cpus", type=int, help="CPUs the private local Ray may use (default: all)")
     sweep.add_argument("--mlflow-uri", help="tracking URI (default: sqlite:///<results>/mlflow.db)")
     sweep.add_argument("--experiment", help="MLflow experiment (default: the sweep name)")
@@ -55,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
     resume.add_argument("--results", default="results")
     resume.add_argument("--address", help="join this Ray cluster instead of the one the sweep used")
+    resume.add_argument("--allow-open-cluster", action="store_true",
+                        help="join a cluster that runs without token authentication")
     resume.add_argument("--driver-gone", action="store_true",
                         help="the sweep's driver ran on another host and is gone: resume without checking it")
 
@@ -69,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--address", help="re-score on this Ray cluster (default: RAY_ADDRESS, else a private "
                                           "local Ray)")
     export.add_argument("--num-cpus", type=int, help="CPUs the private local Ray may use (default: all)")
+    export.add_argument("--allow-open-cluster", action="store_true",
+                        help="re-score on a cluster that runs without token authentication")
 
     report = sub.add_parser("report", help="plots and report.md from a sweep (also logged to its MLflow parent run)")
     report.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
@@ -99,7 +106,8 @@ def _sweep(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         num_cpus=args.num_cpus, mlflow_uri=args.mlflow_uri, experiment=args.experiment, results=args.results,
         name=args.name, storage=args.storage, time_budget=args.time_budget,
-        wait_for_resources=args.wait_for_resources, overrides=_parse_set(args.set),
+        wait_for_resources=args.wait_for_resources, allow_open_cluster=args.allow_open_cluster,
+        overrides=_parse_set(args.set),
         verbose=args.verbose, keep_checkpoints=args.keep_checkpoints, max_retries=args.max_retries,
         sampler=args.sampler, early_stopping=not args.no_early_stopping, seed=args.seed,
         command=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))
@@ -114,7 +122,8 @@ def _resume(args: argparse.Namespace) -> int:
     from .resume import resume_sweep
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    return resume_sweep(args.sweep, args.results, address=args.address, driver_gone=args.driver_gone).exit_code
+    return resume_sweep(args.sweep, args.results, address=args.address, driver_gone=args.driver_gone,
+                        allow_open_cluster=args.allow_open_cluster).exit_code
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -127,7 +136,8 @@ def _export(args: argparse.Namespace) -> int:
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         rescore_best(sweep_dir, top=3 if args.top is None else args.top,
-                     seeds=3 if args.seeds is None else args.seeds, address=args.address, num_cpus=args.num_cpus)
+                     seeds=3 if args.seeds is None else args.seeds, address=args.address, num_cpus=args.num_cpus,
+                     allow_open_cluster=args.allow_open_cluster)
     values = export_best(sweep_dir, args.output, args.results)
     p = values["provenance"]
     rescored = read_rescore(sweep_dir)

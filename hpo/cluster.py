@@ -3,7 +3,13 @@ many trials it holds at once, and leave it with nothing of a private Ray left ru
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +45,7 @@ def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Itera
         The plan sized for the cluster's slots (a new plan), and the cluster.
     """
     started = time.perf_counter()
-    session = init_ray(plan.address, plan.local_cpus, plan.options.verbose)
+    session = init_ray(plan.address, plan.local_cpus, plan.options.verbose, plan.options.allow_open_cluster, log)
     try:
         seconds = time.perf_counter() - started
         check_cluster(plan, log)
@@ -78,9 +84,22 @@ def check_address(address: str, timeout: float = 3.0) -> None:
                          f"port (ray start --head prints it) or leave out --address for a local Ray") from None
 
 
-def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> str | None:
-    """ray.init on `address`, or a private local Ray with `num_cpus` (never one that happens to
-    be running); returns the Ray session's folder."""
+def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False, allow_open: bool = False,
+             log: Callable[[str], None] = print) -> str | None:
+    """ray.init on `address` once it is checked (reachable, and asking for a token: see
+    check_authentication), or a private local Ray with `num_cpus` (never one that happens to be
+    running).
+
+    Args:
+        address: a cluster's host:port (or `auto`); None starts a private local Ray.
+        num_cpus: the private Ray's CPUs.
+        verbose: workers' output reaches this process.
+        allow_open: join a cluster without authentication anyway (with a warning).
+        log: where that warning goes.
+
+    Returns:
+        The Ray session's folder.
+    """
     import logging
 
     import ray
@@ -88,6 +107,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
     quiet = {"logging_level": logging.WARNING, "log_to_driver": verbose}
     if address:
         check_address(address)
+        check_authentication(address, allow_open, log)
         try:
             context = ray.init(address=address, **quiet)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
@@ -97,6 +117,91 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
     else:
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     return context.address_info.get("session_dir")
+
+
+# A client that carries no token joins the cluster, prints where its nodes listen, and leaves. Run
+# in a process of its own: this one may hold a token and RAY_AUTH_MODE=token.
+_ANONYMOUS_JOIN = """
+import json, logging, sys
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
+print(json.dumps(sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})), flush=True)
+ray.shutdown()
+"""
+# What Ray 2.60's client logs, about once a second, when a cluster refuses it for want of a token.
+_TOKEN_REFUSED = ("Unauthenticated", "InvalidAuthToken")
+
+
+def check_authentication(address: str, allow_open: bool = False, log: Callable[[str], None] = print,
+                         timeout: float = 60.0) -> None:
+    """Refuse a cluster that lets in a client without a token (token authentication off): anyone
+    who reaches its ports runs code on every node. Unless `allow_open`, that is a SweepError when
+    any node listens at an address other than loopback; otherwise a warning line. A cluster that
+    asks for a token passes silently.
+
+    Args:
+        address: the cluster's host:port.
+        allow_open: the user accepts an open cluster (`--allow-open-cluster`).
+        log: where the warning goes.
+        timeout: seconds the anonymous client may take to be let in or refused.
+    """
+    try:
+        nodes = anonymous_join(address, timeout)
+    except SweepError as exc:
+        if not allow_open:
+            raise
+        log(f"warning: {exc}")
+        return
+    if nodes is None:
+        return
+    exposed = [node for node in nodes if not is_loopback(node)]
+    what = (f"the Ray cluster at {address} runs without authentication (a client with no token joined it)"
+            + (f" and its nodes listen at {', '.join(exposed)}" if exposed else ", on loopback addresses only"))
+    if exposed and not allow_open:
+        raise SweepError(f"{what}: anyone who reaches them can run code on every node; restart every node with "
+                         f"RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md), or pass "
+                         f"--allow-open-cluster to join it anyway")
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        # Seen with Ray 2.60: such a driver joins an open head, but every trial's actor dies unstarted.
+        raise SweepError(f"{what}, and this driver runs with RAY_AUTH_MODE=token, whose trials never start on an "
+                         f"open cluster; unset RAY_AUTH_MODE to join it, or restart every node with "
+                         f"RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md)")
+    log(f"warning: {what}: anyone who reaches it can run code on its nodes; start every node with "
+        f"RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md)")
+
+
+def anonymous_join(address: str, timeout: float = 60.0) -> list[str] | None:
+    """The addresses of the cluster's nodes if a client with no token can join it; None if the
+    cluster refuses it for want of a token. SweepError if neither happens within `timeout`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH=os.devnull, RAY_USAGE_STATS_ENABLED="0")
+    probe = subprocess.Popen([sys.executable, "-c", _ANONYMOUS_JOIN, address], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    timer = threading.Timer(timeout, probe.kill)  # a probe that hangs is ended, so the reads below end
+    timer.start()
+    try:
+        for line in probe.stderr:
+            if any(word in line for word in _TOKEN_REFUSED):
+                return None
+        joined = probe.stdout.read().strip().splitlines()
+    finally:
+        timer.cancel()
+        if probe.poll() is None:
+            probe.kill()
+        probe.wait(timeout=10)
+    if joined and joined[-1].startswith("["):
+        return json.loads(joined[-1])
+    raise SweepError(f"could not tell within {timeout:.0f}s whether the Ray cluster at {address} asks for a token "
+                     f"(a client with none neither joined nor was refused); check the address and that the head "
+                     f"runs (--allow-open-cluster joins without this check)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a node's address is this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: float = 1.0) -> None:

@@ -50,6 +50,7 @@ class SweepOptions:
     storage: str | None = None  # shared path or pyarrow URI for Ray's trial folders and checkpoints
     time_budget: float | None = None  # seconds
     wait_for_resources: float = 0.0  # seconds to wait for a node that fits a trial (an autoscaling cluster)
+    allow_open_cluster: bool = False  # join a cluster without token authentication (a warning, not a refusal)
     overrides: dict = field(default_factory=dict)  # fixed values on top of the space's
     verbose: bool = False
     keep_checkpoints: bool = False  # keep ended trials' resume state and older checkpoints

@@ -48,7 +48,8 @@ def runs_to_train(chosen: list[dict], table: pd.DataFrame, seeds: int) -> list[t
 
 
 def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str | Path = "results",
-                 address: str | None = None, num_cpus: int | None = None, log: Callable[[str], None] = print) -> dict:
+                 address: str | None = None, num_cpus: int | None = None, log: Callable[[str], None] = print,
+                 allow_open_cluster: bool = False) -> dict:
     """Train the sweep's `top` best trials with `seeds` new seeds each (runs already in
     rescored.parquet are kept), write rescored.json and return it; export_best then takes its pick.
 
@@ -60,6 +61,7 @@ def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str |
         address: the Ray cluster to train on (None: RAY_ADDRESS, else a private local Ray).
         num_cpus: CPUs of the private local Ray (None: all).
         log: where progress lines go.
+        allow_open_cluster: re-score on a cluster without token authentication (a warning).
 
     Returns:
         rescored.json's content: each trial's mean and spread over its seeds, and the pick.
@@ -82,7 +84,7 @@ def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str |
         + (f", {len(chosen) * seeds - len(todo)} already in {RESCORE_TABLE}" if len(todo) < len(chosen) * seeds
            else ""))
     if todo:
-        _train_on_ray(sweep_dir, record, todo, address, num_cpus, log)
+        _train_on_ray(sweep_dir, record, todo, address, num_cpus, log, allow_open_cluster)
     table = _read_table(sweep_dir)
     summary = summarize(table, chosen, seeds)
     summary["sweep"] = record["name"]
@@ -155,7 +157,7 @@ def train_one(config: dict, data) -> dict:
 
 
 def _train_on_ray(sweep_dir: Path, record: dict, todo: list[tuple[dict, int]], address: str | None,
-                  num_cpus: int | None, log: Callable[[str], None]) -> None:
+                  num_cpus: int | None, log: Callable[[str], None], allow_open_cluster: bool = False) -> None:
     import ray
 
     from .cluster import init_ray, leave_ray, node_fits
@@ -167,7 +169,7 @@ def _train_on_ray(sweep_dir: Path, record: dict, todo: list[tuple[dict, int]], a
     address = address or os.environ.get("RAY_ADDRESS")
     session = None
     try:
-        session = init_ray(address, num_cpus)
+        session = init_ray(address, num_cpus, allow_open=allow_open_cluster, log=log)
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         if not node_fits(bundle):
             raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for a re-scoring run (the sweep's "

@@ -26,7 +26,7 @@ from .sweep import SweepOutcome, check_tracking_uri, fit_sweep
 
 def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
                  address: str | None = None, trainable: type | None = None,
-                 driver_gone: bool = False) -> SweepOutcome:
+                 driver_gone: bool = False, allow_open_cluster: bool = False) -> SweepOutcome:
     """Continue a sweep after Ctrl-C, a killed driver or a lost machine: ended trials stay ended,
     unfinished ones continue from their last checkpoints, the searcher keeps its history, and
     each trial keeps its one MLflow run. Refuses while the sweep's driver may still run.
@@ -38,6 +38,7 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
         address: join this Ray cluster instead of the one the sweep used.
         trainable: a CMATHTrial subclass to run instead (see hpo.sweep.run_sweep).
         driver_gone: the sweep's driver ran on another host and is gone.
+        allow_open_cluster: join a cluster without token authentication (else as the sweep was started).
 
     Returns:
         The sweep's outcome, as `run_sweep` returns it.
@@ -58,6 +59,8 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     values = {**record["options"], "name": record["name"], "results": str(sweep_dir.parent)}
     if address is not None:
         values["address"] = address
+    if allow_open_cluster:
+        values["allow_open_cluster"] = True
     plan = plan_sweep(SweepOptions(**values), space=parse_space(record["space"]["content"], record["space"]["path"]),
                       resuming=True)
     if plan.data.sha256 != record["data"]["sha256"]:
