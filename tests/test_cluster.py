@@ -100,8 +100,15 @@ def cluster(tmp_path_factory, s3):
     private.mkdir()
     nfs.mkdir()
     (private / "marker").write_text("only the head sees this")
-    env = {**os.environ, **s3, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+    # docs/cluster.md's recipe: a fresh home (no token yet), the token made first, every node,
+    # driver and `ray job submit` with RAY_AUTH_MODE=token and that token.
+    home = root / "home"
+    home.mkdir()
+    env = {**os.environ, **s3, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # so a submitted job finds cmath-hpo
+    env.pop("RAY_AUTH_TOKEN", None)
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    assert (home / ".ray" / "auth_token").exists()
     # Short temp dirs: Ray's unix sockets live inside them and socket paths are limited to 107 bytes.
     head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
     port, dashboard = _free_port(), _free_port()
@@ -159,6 +166,8 @@ def test_preflight_refuses_storage_the_worker_node_cannot_see(cluster, tiny_path
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(errors) == 1, done.stderr[-3000:]
+    # The cluster asks for a token (the recipe's): the authentication check passed without a word.
+    assert "without authentication" not in done.stdout + done.stderr
     assert f"node {cluster['nodes']['worker']}" in errors[0]
     assert str((results / "private").resolve()) in errors[0]
     assert "--storage" in errors[0] and "s3://" in errors[0]
