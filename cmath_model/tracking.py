@@ -14,9 +14,12 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from .errors import ConfigError
+
 MAX_PARAM_CHARS = 500  # MLflow refuses longer parameter values
 MAX_BATCH_PARAMS = 100  # MLflow's limits per log_batch
 MAX_BATCH_METRICS = 1000
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mssql", "oracle")
 
 
 def default_tracking_uri(results: str | Path) -> str:
@@ -29,9 +32,24 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+def check_artifact_home(uri: str) -> None:
+    """Refuse a database tracking URI other than sqlite (postgresql://, mysql://, ...): such a store
+    keeps no artifacts, and MLflow would put every run's files in ./mlruns of whatever folder the
+    process runs in. A tracking server on that database keeps them (its artifact proxy)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme in DATABASE_SCHEMES and sqlite_file(uri) is None:
+        shown = f"{scheme}://{uri.split('://', 1)[1].split('@')[-1]}"  # no user or password in an error line
+        raise ConfigError(f"--mlflow-uri {shown}: a {scheme} store keeps no artifacts (MLflow would "
+                          f"write them to ./mlruns of the current folder); run a tracking server on it (mlflow "
+                          f"server --backend-store-uri {scheme}://... --artifacts-destination ...) and pass its "
+                          f"http:// address")
+
+
 def mlflow_experiment(client, name: str, uri: str) -> str:
     """The experiment's id, created if needed. With a sqlite store its artifacts go beside the
-    database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is."""
+    database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is;
+    another database is refused (check_artifact_home)."""
+    check_artifact_home(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":

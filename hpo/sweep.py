@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from cmath_model.tracking import sqlite_file
+from cmath_model.tracking import check_artifact_home, sqlite_file
 
 from .cluster import describe_cluster, joined_cluster
 from .errors import SweepError
@@ -149,10 +149,12 @@ def finish_sweep(plan: SweepPlan, record: SweepRecord, ray_seconds: float, start
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, instead of letting MLflow retry for minutes."""
+    """Fail fast, naming the URI, instead of letting MLflow retry for minutes; refuse a database
+    store that would put artifacts in ./mlruns (cmath_model.tracking.check_artifact_home)."""
     import urllib.error
     import urllib.request
 
+    check_artifact_home(uri)
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
