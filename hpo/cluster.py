@@ -152,8 +152,25 @@ def check_authentication(address: str, allow_open: bool = False, log: Callable[[
             raise
         log(f"warning: {exc}")
         return
+    warning = open_cluster_warning(address, nodes, allow_open, os.environ.get("RAY_AUTH_MODE", ""))
+    if warning:
+        log(warning)
+
+
+def open_cluster_warning(address: str, nodes: list[str] | None, allow_open: bool, driver_auth_mode: str) -> str:
+    """What joining a cluster comes to, given what a client without a token found there.
+
+    Args:
+        address: the cluster's host:port.
+        nodes: the nodes' addresses the anonymous client saw; None: it was refused (a token cluster).
+        allow_open: the user accepts an open cluster (`--allow-open-cluster`).
+        driver_auth_mode: this driver's RAY_AUTH_MODE.
+
+    Returns:
+        The warning line to print ("" for a token cluster); SweepError where joining is refused.
+    """
     if nodes is None:
-        return
+        return ""
     exposed = [node for node in nodes if not is_loopback(node)]
     what = (f"the Ray cluster at {address} runs without authentication (a client with no token joined it)"
             + (f" and its nodes listen at {', '.join(exposed)}" if exposed else ", on loopback addresses only"))
@@ -161,13 +178,13 @@ def check_authentication(address: str, allow_open: bool = False, log: Callable[[
         raise SweepError(f"{what}: anyone who reaches them can run code on every node; restart every node with "
                          f"RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md), or pass "
                          f"--allow-open-cluster to join it anyway")
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+    if driver_auth_mode.lower() == "token":
         # Seen with Ray 2.60: such a driver joins an open head, but every trial's actor dies unstarted.
         raise SweepError(f"{what}, and this driver runs with RAY_AUTH_MODE=token, whose trials never start on an "
                          f"open cluster; unset RAY_AUTH_MODE to join it, or restart every node with "
                          f"RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md)")
-    log(f"warning: {what}: anyone who reaches it can run code on its nodes; start every node with "
-        f"RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md)")
+    return (f"warning: {what}: anyone who reaches it can run code on its nodes; start every node with "
+            f"RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md)")
 
 
 def anonymous_join(address: str, timeout: float = 60.0) -> list[str] | None:

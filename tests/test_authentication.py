@@ -28,6 +28,27 @@ def test_only_loopback_addresses_count_as_this_machine_alone(host, loopback):
     assert is_loopback(host) is loopback
 
 
+@pytest.mark.parametrize("nodes, allow, mode, outcome", [
+    (None, False, "token", ""),  # the cluster asked the anonymous client for a token
+    (["127.0.0.1"], False, "", "warning"),  # open, but this machine alone reaches it
+    (["127.0.0.1", "192.0.2.7"], False, "", "error: listen at 192.0.2.7: anyone who reaches them"),
+    (["192.0.2.7"], True, "", "warning"),  # --allow-open-cluster
+    (["192.0.2.7"], True, "token", "error: unset RAY_AUTH_MODE"),  # a token-mode driver's trials never start
+])
+def test_what_an_anonymous_join_comes_to(nodes, allow, mode, outcome):
+    """The rule on what the probe found (the probe runs for real against real heads below)."""
+    from hpo.cluster import open_cluster_warning
+    from hpo.errors import SweepError
+
+    if outcome.startswith("error: "):
+        with pytest.raises(SweepError, match=outcome.removeprefix("error: ")):
+            open_cluster_warning("head:6379", nodes, allow, mode)
+        return
+    warning = open_cluster_warning("head:6379", nodes, allow, mode)
+    assert warning.startswith("warning: the Ray cluster at head:6379 runs without authentication") == (
+        outcome == "warning") and (warning == "") == (outcome == "")
+
+
 @pytest.fixture(scope="module")
 def open_head(tmp_path_factory):
     """A head started as Ray 2.60 starts one on a fresh machine with no token: authentication off."""
