@@ -154,7 +154,7 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
     local_cpus = None if address else (options.num_cpus or len(os.sched_getaffinity(0)))
     # A private Ray running CPU trials has as many slots as its CPUs hold: known now, so the dry
     # run says what the sweep will do. A cluster's (or GPUs') slots are known once Ray is up.
-    slots = _slots({"CPU": local_cpus}, options) if local_cpus and not options.gpus_per_trial else None
+    slots = cluster_slots({"CPU": local_cpus}, options) if local_cpus and not options.gpus_per_trial else None
     unsized = SweepPlan(options=options, space=space, base=base, data=data, name=name, sweep_dir=sweep_dir,
                         tracking_uri=options.mlflow_uri or default_tracking_uri(options.results),
                         experiment=options.experiment or name, address=address, local_cpus=local_cpus,
@@ -184,10 +184,6 @@ def with_slots(plan: SweepPlan, slots: int | None) -> SweepPlan:
 
 def cluster_slots(resources: dict[str, float], options: SweepOptions) -> int:
     """How many trials a cluster with these total resources (Ray's names: CPU, GPU) holds at once."""
-    return _slots(resources, options)
-
-
-def _slots(resources: dict[str, float], options: SweepOptions) -> int:
     fits = resources.get("CPU", 0) / options.cpus_per_trial
     if options.gpus_per_trial:
         fits = min(fits, resources.get("GPU", 0) / options.gpus_per_trial)

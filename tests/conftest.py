@@ -47,7 +47,7 @@ def meld_dir() -> Path:
     return SHARED_MELD
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def free_port():
     """A function giving a 127.0.0.1 port nothing listens on (for servers, or as an unreachable address)."""
     def port() -> int:

@@ -4,7 +4,6 @@ a token, is joined without a word (tests/test_cluster.py builds that one)."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,13 +49,13 @@ def test_what_an_anonymous_join_comes_to(nodes, allow, mode, outcome):
 
 
 @pytest.fixture(scope="module")
-def open_head(tmp_path_factory):
+def open_head(tmp_path_factory, free_port):
     """A head started as Ray 2.60 starts one on a fresh machine with no token: authentication off."""
     folder = tempfile.mkdtemp(prefix="ro", dir="/tmp")  # Ray's socket paths must stay short
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token here
     env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_AUTH_MODE", None)
-    port = _free_port()
+    port = free_port()
     try:
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
                         "--num-cpus", "2", "--temp-dir", folder, "--include-dashboard=false",
@@ -65,12 +64,6 @@ def open_head(tmp_path_factory):
     finally:
         stop(pids_using(folder), timeout=5)  # this head only, by PID (never `ray stop`)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sweep(open_head, tmp_path, tiny_path, *extra, env: dict) -> subprocess.CompletedProcess:
@@ -118,12 +111,12 @@ def test_an_open_cluster_is_joined_with_one_warning_when_the_user_accepts_it(ope
 
 
 @pytest.mark.slow
-def test_a_cluster_that_asks_for_a_token_refuses_a_client_without_one(tmp_path):
+def test_a_cluster_that_asks_for_a_token_refuses_a_client_without_one(tmp_path, free_port):
     """The check's other side: started with a token (docs/cluster.md), the head refuses the
     anonymous client, so the sweep joins without a word."""
     folder = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    port = _free_port()
+    port = free_port()
     try:
         subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",

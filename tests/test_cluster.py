@@ -44,18 +44,10 @@ SPACE = {
 }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
+def s3(free_port):
     """moto's S3 server on 127.0.0.1, and the standard AWS variables pyarrow (and so Ray) reads."""
-    port = _free_port()
+    port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
     server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
                               stderr=subprocess.STDOUT)
@@ -94,7 +86,7 @@ def _private_namespace(private: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3):
+def cluster(tmp_path_factory, s3, free_port):
     root = tmp_path_factory.mktemp("cluster")
     private, nfs = root / "private", root / "nfs"
     private.mkdir()
@@ -111,7 +103,7 @@ def cluster(tmp_path_factory, s3):
     assert (home / ".ray" / "auth_token").exists()
     # Short temp dirs: Ray's unix sockets live inside them and socket paths are limited to 107 bytes.
     head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     try:
         _ray_start(env, "--head", "--port", str(port), "--temp-dir", head_dir, "--include-dashboard=true",
                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard))

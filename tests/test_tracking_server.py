@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,14 +30,8 @@ SPACE = {"dataset": "iemocap", "search": {"d": {"type": "categorical", "choices"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
+def postgres(tmp_path_factory, free_port):
     """A PostgreSQL server of this test's own, on 127.0.0.1, with an empty database `mlflow`."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
     if not found:
@@ -49,7 +42,7 @@ def postgres(tmp_path_factory):
     as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
     if as_user:
         shutil.chown(folder, "nobody", "nogroup")
-    port = _free_port()
+    port = free_port()
     subprocess.run([*as_user, bin_dir / "initdb", "-D", folder / "data", "--auth=trust", "-U", "cmath", "--no-sync"],
                    check=True, capture_output=True, timeout=120)
     log = open(tmp_path_factory.mktemp("pglog") / "postgres.log", "w")
@@ -76,10 +69,10 @@ def postgres(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tracking_server(postgres, tmp_path_factory):
+def tracking_server(postgres, tmp_path_factory, free_port):
     """`mlflow server` on the PostgreSQL store, artifacts through its proxy (as `cmath-hpo ui` starts it)."""
     folder = tmp_path_factory.mktemp("server")
-    process, url = start_ui(folder, port=_free_port(), mlflow_uri=postgres)
+    process, url = start_ui(folder, port=free_port(), mlflow_uri=postgres)
     try:
         yield {"url": url, "artifacts": folder / "mlartifacts"}
     finally:
