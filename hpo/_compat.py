@@ -56,6 +56,14 @@ def bracket_rungs(bracket) -> list[tuple[float, dict]]:
     return bracket._rungs
 
 
+# ---------------------------------------------------------------------------- Ray Tune's Tuner
+def set_restored_callbacks(tuner, callbacks: list) -> None:
+    """Give a restored Tuner new callbacks. `Tuner.restore` takes the RunConfig, callbacks
+    included, from the pickle the first driver wrote, and has no argument to replace them; the
+    sweep's callbacks hold that driver's host paths."""
+    tuner._local_tuner._run_config.callbacks = callbacks
+
+
 # ---------------------------------------------------------------------------- Ray Tune's trials
 def never_retry(trial) -> None:
     """A trial that raised its own error is not retried: Tune's FailureConfig is one number for the

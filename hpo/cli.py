@@ -36,8 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--experiment", help="MLflow experiment (default: the sweep name)")
     sweep.add_argument("--results", default="results")
     sweep.add_argument("--name", help="sweep name (default: space name + timestamp)")
-    sweep.add_argument("--storage", help="shared path or URI for Ray's trial folders and checkpoints "
+    sweep.add_argument("--storage", help="shared path or URI for Ray's trial folders, checkpoints, the study and a "
+                                         "mirror of the sweep's records, so any host can resume it "
                                          "(default: <results>/<name>/ray)")
+    sweep.add_argument("--study-storage", metavar="URL",
+                       help="an Optuna database URL for the study, e.g. postgresql://user@host/db (default: "
+                            "optuna.db in the sweep's folder, or a journal on --storage)")
     sweep.add_argument("--time-budget", type=float, help="stop starting and running trials after this many seconds")
     sweep.add_argument("--wait-for-resources", type=float, default=0.0, metavar="SEC",
                        help="on an autoscaling cluster: ask for a node that fits a trial and wait up to SEC "
@@ -55,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="keep ended trials' resume state (by default only their best weights stay)")
 
     resume = sub.add_parser("resume", help="continue an interrupted or killed sweep")
-    resume.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
+    resume.add_argument("sweep", help="a sweep folder, a sweep name under --results, latest, or the sweep's "
+                                      "folder on its shared storage (<--storage>/<name>: from any host)")
     resume.add_argument("--results", default="results")
+    resume.add_argument("--mlflow-uri", help="the sweep's tracking store, served from another address")
+    resume.add_argument("--data", help="the sweep's dataset, moved (its SHA-256 must match)")
     resume.add_argument("--address", help="join this Ray cluster instead of the one the sweep used")
     resume.add_argument("--allow-open-cluster", action="store_true",
                         help="join a cluster that runs without token authentication")
@@ -105,7 +112,7 @@ def _sweep(args: argparse.Namespace) -> int:
         space=args.space, data=args.data, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         num_cpus=args.num_cpus, mlflow_uri=args.mlflow_uri, experiment=args.experiment, results=args.results,
-        name=args.name, storage=args.storage, time_budget=args.time_budget,
+        name=args.name, storage=args.storage, study_storage=args.study_storage, time_budget=args.time_budget,
         wait_for_resources=args.wait_for_resources, allow_open_cluster=args.allow_open_cluster,
         overrides=_parse_set(args.set),
         verbose=args.verbose, keep_checkpoints=args.keep_checkpoints, max_retries=args.max_retries,
@@ -123,7 +130,8 @@ def _resume(args: argparse.Namespace) -> int:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     return resume_sweep(args.sweep, args.results, address=args.address, driver_gone=args.driver_gone,
-                        allow_open_cluster=args.allow_open_cluster).exit_code
+                        allow_open_cluster=args.allow_open_cluster, mlflow_uri=args.mlflow_uri,
+                        data=args.data).exit_code
 
 
 def _export(args: argparse.Namespace) -> int:

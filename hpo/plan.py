@@ -24,9 +24,11 @@ from cmath_model.synth import default_dataset_path
 from cmath_model.tracking import default_tracking_uri
 
 from .errors import SweepError
+from .mirror import MIRROR_FOLDER
 from .record import OPTUNA_FILE, SWEEP_FILE
 from .space import METRIC, SAMPLERS, SearchSpace, load_space, make_sampler, show
 from .storage import join, resolve_storage
+from .study import JOURNAL, STUDY_FOLDER
 
 ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
 
@@ -48,6 +50,7 @@ class SweepOptions:
     results: str | Path = "results"
     name: str | None = None
     storage: str | None = None  # shared path or pyarrow URI for Ray's trial folders and checkpoints
+    study_storage: str | None = None  # an Optuna RDB URL for the study (None: beside the sweep, see hpo.study)
     time_budget: float | None = None  # seconds
     wait_for_resources: float = 0.0  # seconds to wait for a node that fits a trial (an autoscaling cluster)
     allow_open_cluster: bool = False  # join a cluster without token authentication (a warning, not a refusal)
@@ -101,8 +104,20 @@ class SweepPlan:
         return join(self.storage_path, self.storage_name)
 
     @property
-    def optuna_storage(self) -> str:
+    def study_storage(self) -> str:
+        """Where the Optuna study lives (hpo.study): the user's database, a journal on the shared
+        storage, or without one an sqlite file in the sweep's folder."""
+        if self.options.study_storage:
+            return self.options.study_storage
+        if self.options.storage:
+            return JOURNAL + join(self.storage_path, self.storage_name, STUDY_FOLDER)
         return f"sqlite:///{(self.sweep_dir / OPTUNA_FILE).resolve()}"
+
+    @property
+    def shared_state(self) -> str | None:
+        """Where the sweep's own records are mirrored on the shared storage (hpo.mirror); None
+        without a shared storage, when they live only in the sweep's folder."""
+        return join(self.storage_path, self.storage_name, MIRROR_FOLDER) if self.options.storage else None
 
     @property
     def rungs(self) -> tuple[int, ...]:

@@ -28,6 +28,11 @@ RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back aft
 REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
 ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
 ENDED_AT = "cmath_ended_at"  # with REPLAYED: when the trial ended (time.time())
+# A result key: the checkpoint (a path on the sweep's storage) a trial came back from after a
+# restore, whose history (CHECKPOINT_HISTORY) holds the trial's epochs up to it: a resumed driver
+# whose journal lags (another host, a mirror) takes those it lacks from there.
+RESTORED_FROM = "cmath_restored_from"
+CHECKPOINT_HISTORY = "history.jsonl"  # in each checkpoint: one line per epoch the trial reported
 # ENDED_FOLDER (hpo.plan): in the experiment's storage folder, <trial_id>.json written when a trial ends
 # In the config of a trial that carries on one a killed driver lost (SweepSearch hands these out
 # first on a resume): the lost trial's id, which its table row, MLflow run and ended record keep,
@@ -86,6 +91,22 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict | None:
             return json.loads(stream.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
+
+
+def read_lines(fs: pafs.FileSystem, path: str) -> list[dict]:
+    """A file of JSON lines on a storage; [] when it is missing or unreadable, without a line cut short."""
+    try:
+        with fs.open_input_stream(path) as stream:
+            text = stream.read().decode()
+    except (FileNotFoundError, OSError):
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 class NoRetryOnTrialError(Callback):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SweepError
+from .mirror import is_mirror, restore_sweep_folder, storage_of
 from .plan import SweepOptions, plan_sweep
 from .processes import is_running, pids_using, stop
 from .record import find_sweep, read_record
@@ -26,19 +27,24 @@ from .sweep import SweepOutcome, check_tracking_uri, fit_sweep
 
 def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
                  address: str | None = None, trainable: type | None = None,
-                 driver_gone: bool = False, allow_open_cluster: bool = False) -> SweepOutcome:
+                 driver_gone: bool = False, allow_open_cluster: bool = False, mlflow_uri: str | None = None,
+                 data: str | None = None) -> SweepOutcome:
     """Continue a sweep after Ctrl-C, a killed driver or a lost machine: ended trials stay ended,
     unfinished ones continue from their last checkpoints, the searcher keeps its history, and
     each trial keeps its one MLflow run. Refuses while the sweep's driver may still run.
 
     Args:
-        sweep: a sweep folder, a sweep name under `results`, or `latest`.
+        sweep: a sweep folder, a sweep name under `results`, `latest`, or the sweep's folder on its
+            shared storage (`<storage>/<name>`), from which the sweep's folder under `results` is
+            rebuilt (hpo.mirror): the sweep then continues from any host.
         results: the folder sweeps are written to.
         log: where progress lines go.
         address: join this Ray cluster instead of the one the sweep used.
         trainable: a CMATHTrial subclass to run instead (see hpo.sweep.run_sweep).
         driver_gone: the sweep's driver ran on another host and is gone.
         allow_open_cluster: join a cluster without token authentication (else as the sweep was started).
+        mlflow_uri: the sweep's tracking store, served from another address than it was.
+        data: the sweep's dataset at another path (its SHA-256 must match).
 
     Returns:
         The sweep's outcome, as `run_sweep` returns it.
@@ -48,7 +54,8 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     ('finished', {'completed': 5, 'stopped_by_asha': 3, 'failed': 0, 'interrupted': 0})
     """
     started = time.perf_counter()
-    sweep_dir = find_sweep(sweep, results)
+    from_storage = not _local_sweep(sweep, results) and is_mirror(str(sweep))
+    sweep_dir = restore_sweep_folder(str(sweep), results) if from_storage else find_sweep(sweep, results)
     record = read_record(sweep_dir)
     if record.get("status") == "finished":
         raise SweepError(f"sweep '{record['name']}' already finished; export it with "
@@ -61,12 +68,19 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
         values["address"] = address
     if allow_open_cluster:
         values["allow_open_cluster"] = True
+    if mlflow_uri is not None:
+        values["mlflow_uri"] = mlflow_uri
+    if data is not None:
+        values["data"] = data
+    if from_storage:  # the storage as this host reaches it
+        values["storage"] = storage_of(str(sweep))
     plan = plan_sweep(SweepOptions(**values), space=parse_space(record["space"]["content"], record["space"]["path"]),
                       resuming=True)
     if plan.data.sha256 != record["data"]["sha256"]:
         raise SweepError(f"{plan.data.path} changed since the sweep started (SHA-256 {plan.data.sha256[:12]}…, "
                          f"was {record['data']['sha256'][:12]}…); restore the original file to resume")
     check_tracking_uri(plan.tracking_uri)
+    check_parent_run(plan.tracking_uri, record)
 
     from ray import tune
 
@@ -75,6 +89,31 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
                          f"start it again with a new --name")
     stop_leftovers(record, log, driver_gone)
     return fit_sweep(plan, started, log, trainable, resumed=record)
+
+
+def _local_sweep(sweep: str | Path, results: str | Path) -> bool:
+    try:
+        find_sweep(sweep, results)
+    except SweepError:
+        return False
+    return True
+
+
+def check_parent_run(uri: str, record: dict) -> None:
+    """The tracking store must be the one the sweep logged to: its trials' runs are found there
+    and continued, not opened again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    parent = (record.get("mlflow") or {}).get("parent_run_id")
+    if not parent:
+        return
+    try:
+        MlflowClient(uri).get_run(parent)
+    except MlflowException:
+        raise SweepError(f"sweep '{record['name']}' logged to the MLflow store {record['mlflow']['uri']}, and {uri} "
+                         f"does not have its parent run {parent}; pass --mlflow-uri where that store is served "
+                         f"(a tracking server every host reaches: docs/cluster.md)") from None
 
 
 def check_driver_gone(record: dict, driver_gone: bool = False) -> None:

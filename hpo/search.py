@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ._compat import is_enqueued, searcher_study, searcher_told, searcher_trials, storage_id, stored_trial, study_trial
 from .recovery import CHECKPOINTS_OF, CONTINUES
 from .space import METRIC, MODE, SearchSpace, make_sampler
+from .study import open_storage
 from .trials import end_state
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -33,11 +34,10 @@ class SweepSearch(OptunaSearch):
                  study_name: str = "cmath", sampler: str = "tpe"):
         self.n_startup_trials = n_startup_trials
         self.sampler_kind = sampler
-        rdb = optuna.storages.RDBStorage(storage) if storage else None
         super().__init__(space=dict(space.distributions), metric=METRIC, mode=MODE,
                          points_to_evaluate=[dict(p) for p in space.warm_start] or None,
                          sampler=make_sampler(sampler, space.seed, n_startup_trials),
-                         storage=rdb, study_name=study_name)
+                         storage=open_storage(storage) if storage else None, study_name=study_name)
         self._best: dict[str, float] = {}
         self._values: dict[str, dict[int, float]] = {}  # per trial: epoch -> metric, written when it ends
         self._lost: list[optuna.trial.FrozenTrial] = []  # see restore
@@ -80,10 +80,13 @@ class SweepSearch(OptunaSearch):
             ot_trial.set_user_attr("ray_trial_id", trial_id)
             ot_trial.set_user_attr("suggested_by", self._origin())
             return dict(lost.params)
+        # Read before the trial changes: a storage may hand out its own trial objects (Optuna's
+        # journal does, read without a deep copy), and `lost` would then show the change.
+        continues = lost.user_attrs["ray_trial_id"]
+        checkpoints_of = lost.user_attrs.get("carried_on_by", continues)
         if not lost.state.is_finished():  # a finished trial cannot change; it only replays its end
             ot_trial.set_user_attr("carried_on_by", trial_id)
-        return {**lost.params, CONTINUES: lost.user_attrs["ray_trial_id"],
-                CHECKPOINTS_OF: lost.user_attrs.get("carried_on_by", lost.user_attrs["ray_trial_id"])}
+        return {**lost.params, CONTINUES: continues, CHECKPOINTS_OF: checkpoints_of}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Kept here until the trial ends, not written to the study now: Tune waits for this

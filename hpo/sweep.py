@@ -20,10 +20,12 @@ from cmath_model.tracking import check_artifact_home, sqlite_file
 
 from .cluster import describe_cluster, joined_cluster
 from .errors import SweepError
+from .mirror import SweepMirror
 from .plan import SweepOptions, SweepPlan, plan_sweep
 from .provenance import SweepRecord
-from .record import FAILURES_FILE
+from .record import FAILURES_FILE, OPTUNA_FILE
 from .space import show
+from .study import copy_to_sqlite, open_storage
 from .trials import END_STATES, TRIALS_FILE, best_row, read_trials
 
 __all__ = ["SweepOptions", "SweepOutcome", "fit_sweep", "plan_sweep", "run_sweep"]
@@ -99,9 +101,11 @@ def fit_sweep(plan: SweepPlan, started: float, log: Callable[[str], None], train
             record = SweepRecord.reopen(plan, cluster, resumed)
             log(f"resuming sweep {plan.name} from {plan.experiment_path}")
         log(describe_cluster(plan, cluster))
+        if plan.shared_state:  # from now on another host can resume the sweep
+            SweepMirror(plan.sweep_dir, plan.shared_state).sync()
         try:
             tuner = (build_tuner(plan, record, log, trainable) if resumed is None
-                     else restore_tuner(plan, trainable))
+                     else restore_tuner(plan, record, log, trainable))
             record.fit_started()
             fit_started = time.perf_counter()
             tuner.fit()
@@ -140,12 +144,33 @@ def finish_sweep(plan: SweepPlan, record: SweepRecord, ray_seconds: float, start
              "wall_seconds": wall, "fit_seconds": fit_seconds, "ray_init_seconds": ray_seconds,
              "trial_train_seconds": train_seconds, "best": best}
     failures = record.close(ended, metrics, best and best["trial_id"], finished, read_failures(plan.sweep_dir))
+    keep_a_copy(plan, log)
     outcome = SweepOutcome(name=plan.name, sweep_dir=plan.sweep_dir, status=status, counts=counts, best=best,
                            wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
                            trial_train_seconds=train_seconds, mlflow_failures=failures["failures"],
                            mlflow_failure_notes=failures["notes"])
     log(summary_text(outcome, plan.searched))
     return outcome
+
+
+def keep_a_copy(plan: SweepPlan, log: Callable[[str], None]) -> None:
+    """The sweep's folder gets what it lacks of a sweep kept on shared storage: a copy of the
+    study (optuna.db, which the report reads) when it lives elsewhere; and the storage gets the
+    folder's final records (hpo.mirror). Neither may cost the sweep's summary: a failure is one
+    warning line naming what is missing where."""
+    own = plan.sweep_dir / OPTUNA_FILE
+    steps = []
+    if plan.study_storage != f"sqlite:///{own.resolve()}":
+        steps.append((f"copying the study into {own}", lambda: copy_to_sqlite(plan.study_storage, plan.name, own)))
+    if plan.shared_state:
+        steps.append((f"mirroring the sweep's final records to {plan.shared_state}",
+                      lambda: SweepMirror(plan.sweep_dir, plan.shared_state).sync(final=True)))
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001
+            log(f"warning: {what} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                f"the sweep's folder has every result")
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -185,7 +210,7 @@ def prune_unfinished_study_trials(plan: SweepPlan) -> None:
     """Tell the study that trials still RUNNING in it were pruned where they stopped."""
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=plan.name, storage=plan.optuna_storage)
+    study = optuna.load_study(study_name=plan.name, storage=open_storage(plan.study_storage))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.PRUNED)
 

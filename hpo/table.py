@@ -9,6 +9,7 @@ each ended trial gets its ended record (hpo.recovery); a resume rebuilds the tab
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,18 +21,24 @@ from ray.tune.experiment import Trial
 from cmath_model.train import summarize
 
 from .checkpoints import checkpoint_uri, last_checkpoint
+from .mirror import SweepMirror
 from .recovery import (
+    CHECKPOINT_HISTORY,
     ENDED_AT,
+    ENDED_CHECKPOINT,
     LOST,
     REPLAYED,
     RESTORE_NOTE,
+    RESTORED_FROM,
     TRIAL_ERROR,
     error_summary,
     read_ended,
+    read_lines,
     searched_config,
     trial_key,
     write_ended,
 )
+from .study import open_storage
 from .tracking import MlflowTrials
 from .trainable import final_result, model_metrics
 from .trials import (
@@ -48,18 +55,21 @@ from .trials import (
 
 TABLE_PERIOD_S = 10.0  # like Tune's own experiment snapshots
 
+logger = logging.getLogger("hpo")
+
 
 class TrialTable(Callback):
     def __init__(self, sweep_dir: str | Path, base: dict, searched: list[str], tracker: MlflowTrials | None = None,
-                 optuna_storage: str | None = None, study_name: str = "cmath", ended_dir: str | None = None,
-                 period: float = TABLE_PERIOD_S):
+                 study_storage: str | None = None, study_name: str = "cmath", ended_dir: str | None = None,
+                 mirror: SweepMirror | None = None, period: float = TABLE_PERIOD_S):
         self.sweep_dir = Path(sweep_dir)
         self.base = base
         self.searched = searched
         self.tracker = tracker
-        self.optuna_storage = optuna_storage
+        self.study_storage = study_storage
         self.study_name = study_name
         self.ended_dir = ended_dir
+        self.mirror = mirror  # the sweep's records on a shared storage, sent at each of Tune's snapshots
         self.rows: dict[str, dict] = {}
         self.history: dict[str, dict[int, dict]] = {}
         self.period = period
@@ -82,6 +92,22 @@ class TrialTable(Callback):
             for trial_id, epochs in self.history.items():
                 if trial_id in self.rows:
                     self._summarise(self.rows[trial_id], epochs)
+
+    def get_state(self) -> None:
+        """Tune asks for this as it saves its experiment state, just before it uploads it: the
+        moment the mirror is sent, so it is as new as what a resume restores. Nothing is
+        returned: the tables are rebuilt from the sweep's files."""
+        self._send_mirror()
+        return None
+
+    def _send_mirror(self) -> None:
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.sync()
+        except Exception as exc:  # noqa: BLE001 - the sweep goes on; the next snapshot tries again
+            logger.warning("mirroring the sweep's records to %s failed (%s: %s); the next snapshot tries again",
+                           self.mirror.target, type(exc).__name__, str(exc)[:200])
 
     def row(self, trial: Trial, number: int | None = None) -> dict:
         key = trial_key(trial)
@@ -115,6 +141,9 @@ class TrialTable(Callback):
             row["restore_notes"] = "; ".join(filter(None, [row.get("restore_notes"), result[RESTORE_NOTE]]))
         epoch = int(result["epoch"])
         row, key = self.row(trial), trial_key(trial)
+        restored_from = result.get(RESTORED_FROM) or (result.get(ENDED_CHECKPOINT) if REPLAYED in result else None)
+        if restored_from:
+            self._take_checkpoint_history(trial, key, restored_from)
         if epoch in self.history.get(key, {}) and REPLAYED not in result:
             row["epochs_redone"] = int(row.get("epochs_redone") or 0) + 1  # after a restart from a checkpoint
         node = str(result.get("node_id", ""))[:12]
@@ -129,6 +158,20 @@ class TrialTable(Callback):
         self._summarise(row, self.history[key])
         row["epochs"], row["last_val_wf1"] = epoch, result["val_wf1"]
         self._changed = True  # written with the next due write, not now: Tune waits for this callback
+
+    def _take_checkpoint_history(self, trial: Trial, key: str, checkpoint: str) -> None:
+        """The epochs up to a checkpoint a trial came back from, those this driver's journal
+        lacks: a resume on another host starts from the journal's mirror, which can be older
+        than the checkpoint (see hpo.mirror)."""
+        rows = read_lines(trial.storage.storage_filesystem, f"{checkpoint.rstrip('/')}/{CHECKPOINT_HISTORY}")
+        known = self.history.setdefault(key, {})
+        missing = [{"trial_id": key, **r} for r in rows if int(r["epoch"]) not in known]
+        if not missing:
+            return
+        with open(self.sweep_dir / JOURNAL_FILE, "a") as journal:
+            for record in missing:
+                known[int(record["epoch"])] = record
+                journal.write(json.dumps(record) + "\n")
 
     @staticmethod
     def _summarise(row: dict, epochs: dict[int, dict]) -> None:
@@ -172,6 +215,7 @@ class TrialTable(Callback):
                                            "restore_notes": LOST, "mlflow_run_id": run.info.run_id,
                                            "started_at": run.info.start_time / 1000}
         self.write()
+        self._send_mirror()
 
     def _record_ended_before_the_resume(self, trials: list[Trial]) -> None:
         """A trial that Ray's restored state has as ended gets no event in a resumed driver; the
@@ -233,12 +277,12 @@ class TrialTable(Callback):
 
     def _add_origins(self) -> None:
         """Which part of the searcher proposed each trial: warm_start, random or tpe."""
-        if not self.optuna_storage:
+        if not self.study_storage:
             return
         import optuna
 
         if self._study is None:
-            self._study = optuna.load_study(study_name=self.study_name, storage=self.optuna_storage)
+            self._study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.study_storage))
         # ray_trial_id: the Ray trial the study trial was asked for, whose id the row keeps when
         # another carries it on (trial_key)
         by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in self._study.get_trials(deepcopy=False)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,12 +36,14 @@ from cmath_model.train import TRAIN_KEYS, Trainer
 from ._compat import TrainingResult, restart_iteration_count
 from .checkpoints import checkpoint_folders, trial_folders
 from .recovery import (
+    CHECKPOINT_HISTORY,
     CHECKPOINTS_OF,
     CONTINUES,
     ENDED_AT,
     ENDED_CHECKPOINT,
     REPLAYED,
     RESTORE_NOTE,
+    RESTORED_FROM,
     TRIAL_ERROR,
     read_ended,
     read_json,
@@ -93,6 +96,8 @@ class CMATHTrial(tune.Trainable):
         self.ended: dict | None = read_ended(self.ended_dir, key) if self.ended_dir else None
         self.checkpoint_seconds = 0.0
         self.last_result: dict = {}
+        self.reported: list[dict] = []  # every epoch's numbers, as the sweep's journal has them
+        self.restored_from: str | None = None  # see RESTORED_FROM
         started = time.perf_counter()
         try:
             self.cmath_config = from_dict({**self.base, **searched_config(params)}, source="trial config")
@@ -108,6 +113,8 @@ class CMATHTrial(tune.Trainable):
             self._carry_on(self.carries_on)
         if self.ended is not None and self.ended["end_state"] != "failed":
             replay = {**self.ended["result"], "done": True, REPLAYED: True}
+            if self.restored_from:
+                replay[RESTORED_FROM] = self.restored_from
             if self.ended.get("checkpoint"):  # Ray's restored state may name an older one, since pruned
                 replay[ENDED_CHECKPOINT] = self.ended["checkpoint"]
             if self.ended.get("finished_at"):  # the tables may have missed the end: a killed driver
@@ -124,6 +131,8 @@ class CMATHTrial(tune.Trainable):
             result = self._epoch()
             if self.restore_note:
                 result[RESTORE_NOTE], self.restore_note = self.restore_note, None
+            if self.restored_from:
+                result[RESTORED_FROM], self.restored_from = self.restored_from, None
             return result
         except torch.cuda.OutOfMemoryError:
             # Packed trials ran out of GPU memory: a fault of the placement, not of the config, so
@@ -155,6 +164,8 @@ class CMATHTrial(tune.Trainable):
             done=epoch >= cfg.epochs,
         )
         self.last_result = result
+        self.reported.append({"epoch": epoch, **model_metrics(result), "node": result["node_id"][:12],
+                              "pid": os.getpid(), "received_at": time.time()})
         return result
 
     def save(self, checkpoint_dir: str | None = None):
@@ -172,10 +183,14 @@ class CMATHTrial(tune.Trainable):
             self.trainer.save(Path(checkpoint_dir) / "trainer")
         if self.trainer.best is not None:
             self.trainer.save_best(Path(checkpoint_dir) / "best")
+        (Path(checkpoint_dir) / CHECKPOINT_HISTORY).write_text("".join(json.dumps(r) + "\n" for r in self.reported))
         (Path(checkpoint_dir) / CHECKPOINT_FILE).write_text(json.dumps(info))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         info = json.loads((Path(checkpoint_dir) / CHECKPOINT_FILE).read_text())
+        history = Path(checkpoint_dir) / CHECKPOINT_HISTORY
+        if history.exists():  # a checkpoint from before histories were kept has none
+            self.reported = [json.loads(line) for line in history.read_text().splitlines() if line]
         if info.get("final"):  # the trial had finished: replay its last result (see step)
             self.ended = {"end_state": "completed", "result": info["result"]}
             return
@@ -222,6 +237,7 @@ class CMATHTrial(tune.Trainable):
             except Exception as exc:  # missing, unreadable or corrupt: try the next one
                 problems.append(f"{name} unusable ({type(exc).__name__}: {str(exc)[:120]})")
                 continue
+            self.restored_from = path
             return f"{name} (epoch {epoch})", problems
         restart_iteration_count(self)
         return None, problems

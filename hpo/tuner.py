@@ -12,6 +12,7 @@ import optuna
 
 from cmath_model.data import load_dataset
 
+from ._compat import set_restored_callbacks
 from .plan import SweepPlan
 from .provenance import SweepRecord
 from .space import METRIC, MODE
@@ -56,23 +57,39 @@ def build_trainable(plan: SweepPlan, trial_class: type | None = None):
     return tune.with_resources(trainable, plan.resources)
 
 
+def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None]) -> list:
+    """The driver's callbacks for this host: MLflow, the tables (and their mirror on a shared
+    storage), progress, and no retry of a trial's own error. Built for every driver, new or
+    resumed, so no path of an earlier driver's host reaches a resumed one."""
+    from .mirror import SweepMirror
+    from .progress import ProgressPrinter
+    from .recovery import NoRetryOnTrialError
+    from .table import TrialTable
+    from .tracking import MlflowTrials
+
+    base = plan.base.to_dict()
+    # Ended trials' older checkpoints and resume state are pruned once their best/ is uploaded.
+    tracker = MlflowTrials(plan.tracking_uri, record.experiment_id, record.parent_id, plan.name, base, plan.searched,
+                           sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints)
+    mirror = SweepMirror(plan.sweep_dir, plan.shared_state) if plan.shared_state else None
+    table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.study_storage, plan.name,
+                       plan.ended_dir, mirror=mirror)
+    printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
+    return [NoRetryOnTrialError(), tracker, table, printer]
+
+
 def build_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None], trial_class: type | None = None):
     """A new sweep's Tuner, its trials logged under the record's MLflow parent run."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from .progress import ProgressPrinter
-    from .recovery import NoRetryOnTrialError
     from .search import SweepSearch
-    from .table import TrialTable
-    from .tracking import MlflowTrials
 
     tune_environment()
-    base = plan.base.to_dict()
     # The limiter makes Tune ask for a trial only when a slot is free, not queue suggestions ahead:
     # a suggestion made early is made with less history, and could not use TPE at all.
-    searcher = ConcurrencyLimiter(SweepSearch(plan.space, plan.n_startup, storage=plan.optuna_storage,
+    searcher = ConcurrencyLimiter(SweepSearch(plan.space, plan.n_startup, storage=plan.study_storage,
                                               study_name=plan.name, sampler=plan.options.sampler),
                                   max_concurrent=plan.max_concurrent)
     if plan.options.early_stopping:
@@ -80,21 +97,13 @@ def build_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None]
                                   grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    # Ended trials' older checkpoints and resume state are pruned once their best/ is uploaded.
-    tracker = MlflowTrials(plan.tracking_uri, record.experiment_id, record.parent_id, plan.name, base, plan.searched,
-                           sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints)
-    # Absolute: the table is pickled into Ray's tuner.pkl and a resume may run from another folder.
-    table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.optuna_storage, plan.name,
-                       plan.ended_dir)
-    printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
-    callbacks = [NoRetryOnTrialError(), tracker, table, printer]
     return tune.Tuner(
         build_trainable(plan, trial_class),
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                     num_samples=plan.options.num_samples, reuse_actors=True,
                                     time_budget_s=plan.options.time_budget),
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
-                                  callbacks=callbacks, verbose=0,
+                                  callbacks=sweep_callbacks(plan, record, log), verbose=0,
                                   # The trial asks for its own checkpoints (rungs, every N, its last
                                   # epoch); Ray's one at the end would be taken of a replay too, empty.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=False),
@@ -102,11 +111,15 @@ def build_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None]
     )
 
 
-def restore_tuner(plan: SweepPlan, trial_class: type | None = None):
-    """A resumed sweep's Tuner: Ray's saved experiment (trials, searcher, callbacks) with the
-    trainable given again, since its parameters (base config, dataset) are not in Ray's state."""
+def restore_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None], trial_class: type | None = None):
+    """A resumed sweep's Tuner: Ray's saved experiment (trials, searcher) with the trainable given
+    again, since its parameters (base config, dataset) are not in Ray's state, and this host's
+    callbacks in place of the pickled ones, which hold the first driver's paths. (Their state
+    is in the sweep's files, which they read when the fit starts.)"""
     from ray import tune
 
     tune_environment()
-    return tune.Tuner.restore(plan.experiment_path, trainable=build_trainable(plan, trial_class),
-                              resume_unfinished=True, resume_errored=False, restart_errored=False)
+    tuner = tune.Tuner.restore(plan.experiment_path, trainable=build_trainable(plan, trial_class),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    set_restored_callbacks(tuner, sweep_callbacks(plan, record, log))
+    return tuner

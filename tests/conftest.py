@@ -1,10 +1,17 @@
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from cmath_model import load_dataset
 from cmath_model.synth import write_synthetic
+from hpo.ui import start_ui, stop_ui
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +63,54 @@ def free_port():
             return s.getsockname()[1]
 
     return port
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory, free_port):
+    """A PostgreSQL server of the tests' own, on 127.0.0.1, with empty databases `mlflow` and `optuna`
+    (their URLs, by name)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    if not found:
+        pytest.fail("the tracking-server tests need Debian's PostgreSQL: apt-get install postgresql (.ci/run does)")
+    bin_dir = found[-1].parent
+    folder = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))  # its socket path must stay short
+    # PostgreSQL refuses to run as root: as root, the server runs as `nobody`.
+    as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "nobody", "nogroup")
+    port = free_port()
+    subprocess.run([*as_user, bin_dir / "initdb", "-D", folder / "data", "--auth=trust", "-U", "cmath", "--no-sync"],
+                   check=True, capture_output=True, timeout=120)
+    log = open(tmp_path_factory.mktemp("pglog") / "postgres.log", "w")
+    server = subprocess.Popen([*as_user, bin_dir / "postgres", "-D", folder / "data", "-h", "127.0.0.1", "-p",
+                               str(port), "-k", folder], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([bin_dir / "pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True,
+                             timeout=10).returncode != 0:
+            assert server.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-2000:]
+            time.sleep(0.2)
+        for database in ("mlflow", "optuna"):
+            subprocess.run([*as_user, bin_dir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "cmath",
+                            database], check=True, capture_output=True, timeout=60)
+        yield {database: f"postgresql://cmath@127.0.0.1:{port}/{database}" for database in ("mlflow", "optuna")}
+    finally:
+        server.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory, free_port):
+    """`mlflow server` on the PostgreSQL store, artifacts through its proxy (as `cmath-hpo ui` starts it)."""
+    folder = tmp_path_factory.mktemp("server")
+    process, url = start_ui(folder, port=free_port(), mlflow_uri=postgres["mlflow"])
+    try:
+        yield {"url": url, "artifacts": folder / "mlartifacts"}
+    finally:
+        stop_ui(process)

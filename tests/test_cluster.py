@@ -6,7 +6,8 @@ server (moto) on 127.0.0.1 stands in for object storage.
 
 What a user meets on such a cluster, for real: storage the worker cannot see is refused by the
 preflight before anything starts; shared storage runs a sweep on both nodes; S3 storage runs a
-sweep whose driver is killed and resumed; `ray job submit` runs the sweep on the head; the
+sweep whose driver is killed and whose disk is lost, finished by a driver with an empty --results
+(MLflow on a PostgreSQL-backed tracking server); `ray job submit` runs the sweep on the head; the
 worker node is killed mid-sweep and its trial finishes on the head. Only what this module
 started is stopped, by PID (never `ray stop`)."""
 
@@ -22,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
+import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import yaml
@@ -29,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from cmath_model.tracking import default_tracking_uri
 from hpo.processes import pids_using, stop
+from hpo.study import JOURNAL, open_storage
 from hpo.trials import read_journal, read_trials
 
 BIN = Path(sys.executable).parent
@@ -167,23 +171,28 @@ def test_preflight_refuses_storage_the_worker_node_cannot_see(cluster, tiny_path
     print(f"preflight refusal took {seconds:.1f}s from the command's start: {errors[0]}")
 
 
-def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
-    """Ray's trial folders, checkpoints and ended records on S3; the driver is killed mid-sweep
-    and `cmath-hpo resume` finishes it from there."""
-    results, name = cluster["private"] / "results-s3", "on-s3"
+def test_a_sweep_whose_driver_is_killed_is_finished_from_another_host(cluster, tracking_server, tiny_path,
+                                                                      monkeypatch):
+    """docs/cluster.md's recipe: Ray's trial folders, checkpoints, the study and the sweep's records
+    on S3, MLflow on a PostgreSQL-backed tracking server. The driver is killed mid-sweep and its
+    --results folder deleted, as when its machine is lost; `cmath-hpo resume s3://.../NAME` with a
+    fresh, empty --results finishes the sweep: every trial once in the tables, the study and MLflow."""
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, cluster["env"][key])  # this process reads the study and checkpoints on S3
+    first, name, url = cluster["private"] / "results-host-a", "moved", tracking_server["url"]
     storage = f"s3://{BUCKET}/sweeps"
     space = _space(cluster["private"], d=64, epochs=6)
     started = time.monotonic()
     log = cluster["private"] / "driver-s3.log"  # a file, not a pipe nobody reads while the driver runs
     with open(log, "w") as out:
-        driver = subprocess.Popen(_sweep_command(space, tiny_path, results, name, "--num-samples", "4",
-                                                 "--address", cluster["address"], "--storage", storage),
+        driver = subprocess.Popen(_sweep_command(space, tiny_path, first, name, "--num-samples", "4",
+                                                 "--address", cluster["address"], "--storage", storage,
+                                                 "--mlflow-uri", url),
                                   env=cluster["env"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    sweep_dir = results / name
     try:
         deadline, mid_sweep = time.monotonic() + 300, False
         while time.monotonic() < deadline and driver.poll() is None:
-            journal = read_journal(sweep_dir)  # no early stops: a trial has ended once its last epoch is in
+            journal = read_journal(first / name)  # no early stops: a trial has ended once its last epoch is in
             ended = {t for t, rows in journal.items() if max(r["epoch"] for r in rows) == 6}
             if ended and any(max(r["epoch"] for r in rows) >= 3 for t, rows in journal.items() if t not in ended):
                 mid_sweep = True
@@ -197,15 +206,32 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait(timeout=30)
-    killed_at = dict(ended=ended)
-    resumed = subprocess.run([sys.executable, "-m", "hpo.cli", "resume", str(sweep_dir)], env=cluster["env"],
-                             capture_output=True, text=True, timeout=600)
+    killed_at, killed_after = time.time(), time.monotonic() - started
+    reached = {t: max(r["epoch"] for r in rows) for t, rows in read_journal(first / name).items()}
+    shutil.rmtree(first)  # the first driver's disk is gone
+    second = cluster["private"] / "results-host-b"
+    resumed = subprocess.run([sys.executable, "-m", "hpo.cli", "resume", f"{storage}/{name}", "--results",
+                              str(second)], env=cluster["env"], capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - started
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "finished" in resumed.stdout
+    assert f"sweep {name} finished: 4 completed" in resumed.stdout, resumed.stdout[-3000:]
+    sweep_dir = second / name
 
     trials = read_trials(sweep_dir)
-    assert len(trials) == 4 and set(trials["end_state"]) == {"completed"}
+    assert len(trials) == 4 and trials["trial_id"].is_unique and set(trials["end_state"]) == {"completed"}
+    history = pd.read_parquet(sweep_dir / "history.parquet")
+    for trial_id in trials["trial_id"]:  # every epoch of every trial, from the mirror or the checkpoints
+        assert sorted(history[history["trial_id"] == trial_id]["epoch"]) == list(range(1, 7)), trial_id
+    journal = read_journal(sweep_dir)
+    for trial_id, epochs in reached.items():
+        # Past epoch 2 a trial had its first checkpoint (checkpoint_every 2): it resumes from
+        # there or later, whether Ray's saved state knew the trial or it is carried on.
+        again = sorted(r["epoch"] for r in journal[trial_id] if r["received_at"] > killed_at)
+        if epochs >= 3:
+            assert not again or again[0] > 2, (trial_id, epochs, again, trials.set_index("trial_id").loc[trial_id])
+    for trial_id in ended:  # ended before the kill: replayed, never trained again
+        row = trials[trials["trial_id"] == trial_id].iloc[0]
+        assert row["epochs_redone"] == 0 and row["restarts"] == 0
     assert all(str(uri).startswith(f"{storage}/{name}/") for uri in trials["checkpoint"])
     fs = pafs.S3FileSystem(endpoint_override=cluster["env"]["AWS_ENDPOINT_URL"], access_key="testing",
                            secret_key="testing", region="us-east-1")
@@ -217,23 +243,31 @@ def test_sweep_on_s3_storage_survives_a_killed_driver(cluster, tiny_path):
         assert kept == [path.rsplit("/", 2)[1]]  # older checkpoints pruned once best/ was uploaded
     ended_records = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/{name}/cmath_ended"))
     assert {info.base_name.removesuffix(".json") for info in ended_records} == set(trials["trial_id"])
-    for trial_id in killed_at["ended"]:  # ended before the kill: replayed, never trained again
-        row = trials[trials["trial_id"] == trial_id].iloc[0]
-        assert row["epochs_redone"] == 0 and row["restarts"] == 0
 
-    client, runs = _mlflow_trial_runs(results, name)
-    assert len(runs) == 4
+    study = optuna.load_study(study_name=name, storage=open_storage(f"{JOURNAL}{storage}/{name}/cmath_study"))
+    assert sorted(t.state.name for t in study.get_trials()) == ["COMPLETE"] * 4
+    assert {t.user_attrs["ray_trial_id"] for t in study.get_trials()} == set(trials["trial_id"])
+    copied = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(copied.get_trials()) == 4
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([experiment], filter_string="tags.`cmath.kind` = 'trial'")
+    assert sorted(run.data.tags["cmath.trial_id"] for run in runs) == sorted(trials["trial_id"])
     for run in runs:
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_wf1")] == list(range(1, 7))
         assert {a.path for a in client.list_artifacts(run.info.run_id, "best")} >= {"best/model.pt",
                                                                                    "best/metrics.json"}
+    parents = client.search_runs([experiment], filter_string="tags.`cmath.kind` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["cmath.resumes"] == "1"
     export = cluster["private"] / "best-s3.yaml"
     done = subprocess.run([sys.executable, "-m", "hpo.cli", "export-best", str(sweep_dir), "-o", str(export)],
                           env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(export.read_text())["provenance"]["checkpoint"].startswith(f"{storage}/{name}/")
-    print(f"S3 sweep with a killed driver and a resume: {wall:.0f}s wall in all")
+    print(f"S3 sweep killed after {killed_after:.0f}s and finished from a fresh --results: {wall:.0f}s wall in all")
 
 
 def test_job_submission_runs_the_sweep_on_the_head(cluster, tiny_path):

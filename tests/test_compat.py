@@ -5,6 +5,7 @@ import optuna
 import optuna.distributions as od
 import pytest
 from optuna.trial import TrialState
+from ray import tune
 
 from hpo import _compat
 from hpo.search import SweepSearch
@@ -124,3 +125,24 @@ def test_constant_liar_is_read_from_a_tpe_sampler():
 def test_distribution_contains_follows_optunas_bounds_steps_and_choices(distribution, inside, outside):
     assert all(_compat.distribution_contains(distribution, v) for v in inside)
     assert not any(_compat.distribution_contains(distribution, v) for v in outside)
+
+
+class _Where(tune.Callback):
+    def __init__(self, host: str):
+        self.host = host
+
+
+def _nothing(config):
+    return None
+
+
+def test_a_restored_tuner_runs_the_callbacks_it_is_given(tmp_path):
+    """Tuner.restore brings back the first driver's pickled callbacks, where set_restored_callbacks
+    replaces them (Ray's fit reads the callbacks from that RunConfig)."""
+    tune.Tuner(_nothing, run_config=tune.RunConfig(name="x", storage_path=str(tmp_path),
+                                                   callbacks=[_Where("first host")]))
+    restored = tune.Tuner.restore(str(tmp_path / "x"), trainable=_nothing)
+    run_config = restored._local_tuner._run_config
+    assert [c.host for c in run_config.callbacks] == ["first host"]
+    _compat.set_restored_callbacks(restored, [_Where("this host")])
+    assert [c.host for c in restored._local_tuner._run_config.callbacks] == ["this host"]

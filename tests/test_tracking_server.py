@@ -1,27 +1,22 @@
 """A sweep logs to a real MLflow tracking server whose store is PostgreSQL (Debian's, started by
-the test as an unprivileged user in a temporary folder on 127.0.0.1, stopped by PID): a child run
-per trial with every epoch, `best/` through the server's artifact proxy, the runs listed by the
-server's REST API (what the UI shows), export-best naming the server. A database URI given
-directly is refused: MLflow would put its artifacts in ./mlruns of the current folder."""
+the tests as an unprivileged user in a temporary folder on 127.0.0.1, stopped by PID: conftest.py):
+a child run per trial with every epoch, `best/` through the server's artifact proxy, the runs
+listed by the server's REST API (what the UI shows), export-best naming the server, and the Optuna
+study in the same PostgreSQL. A database URI given as the tracking store is refused: MLflow would
+put its artifacts in ./mlruns of the current folder."""
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
 import urllib.request
-from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from cmath_model.errors import ConfigError
 from hpo.export import export_best
+from hpo.study import open_storage
 from hpo.sweep import SweepOptions, run_sweep
-from hpo.ui import start_ui, stop_ui
 
 EPOCHS = 3
 SPACE = {"dataset": "iemocap", "search": {"d": {"type": "categorical", "choices": [32, 48]}},
@@ -30,62 +25,16 @@ SPACE = {"dataset": "iemocap", "search": {"d": {"type": "categorical", "choices"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory, free_port):
-    """A PostgreSQL server of this test's own, on 127.0.0.1, with an empty database `mlflow`."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
-    if not found:
-        pytest.fail("the tracking-server test needs Debian's PostgreSQL: apt-get install postgresql (.ci/run does)")
-    bin_dir = found[-1].parent
-    folder = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))  # its socket path must stay short
-    # PostgreSQL refuses to run as root: as root, the server runs as `nobody`.
-    as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(folder, "nobody", "nogroup")
-    port = free_port()
-    subprocess.run([*as_user, bin_dir / "initdb", "-D", folder / "data", "--auth=trust", "-U", "cmath", "--no-sync"],
-                   check=True, capture_output=True, timeout=120)
-    log = open(tmp_path_factory.mktemp("pglog") / "postgres.log", "w")
-    server = subprocess.Popen([*as_user, bin_dir / "postgres", "-D", folder / "data", "-h", "127.0.0.1", "-p",
-                               str(port), "-k", folder], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([bin_dir / "pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True,
-                             timeout=10).returncode != 0:
-            assert server.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-2000:]
-            time.sleep(0.2)
-        subprocess.run([*as_user, bin_dir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "cmath", "mlflow"],
-                       check=True, capture_output=True, timeout=60)
-        yield f"postgresql://cmath@127.0.0.1:{port}/mlflow"
-    finally:
-        server.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=30)
-        log.close()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def tracking_server(postgres, tmp_path_factory, free_port):
-    """`mlflow server` on the PostgreSQL store, artifacts through its proxy (as `cmath-hpo ui` starts it)."""
-    folder = tmp_path_factory.mktemp("server")
-    process, url = start_ui(folder, port=free_port(), mlflow_uri=postgres)
-    try:
-        yield {"url": url, "artifacts": folder / "mlartifacts"}
-    finally:
-        stop_ui(process)
-
-
-def test_a_sweep_logs_every_trial_to_a_postgresql_backed_server(tracking_server, tiny_path, tmp_path, monkeypatch):
+def test_a_sweep_logs_every_trial_to_a_postgresql_backed_server(tracking_server, postgres, tiny_path, tmp_path,
+                                                                 monkeypatch):
+    """...and keeps its Optuna study in PostgreSQL too (--study-storage), copied into optuna.db at the end."""
     monkeypatch.chdir(tmp_path)  # where MLflow would put ./mlruns if it fell back to it
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     url = tracking_server["url"]
     outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2, num_cpus=2,
-                                     results=tmp_path / "results", name="pg", mlflow_uri=url), log=lambda line: None)
+                                     results=tmp_path / "results", name="pg", mlflow_uri=url,
+                                     study_storage=postgres["optuna"]), log=lambda line: None)
     assert (outcome.status, outcome.counts["completed"], outcome.mlflow_failures) == ("finished", 3, 0)
 
     client = MlflowClient(url)
@@ -97,7 +46,7 @@ def test_a_sweep_logs_every_trial_to_a_postgresql_backed_server(tracking_server,
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_wf1")] == list(range(1, EPOCHS + 1))
         assert "best/model.pt" in [a.path for a in client.list_artifacts(run.info.run_id, "best")]
     # The weights went through the server's proxy into its artifact folder, none into ./mlruns.
-    assert len(list(tracking_server["artifacts"].rglob("model.pt"))) == 3
+    assert len(list((tracking_server["artifacts"] / experiment).rglob("model.pt"))) == 3
     assert not (tmp_path / "mlruns").exists()
 
     # What the UI lists: the server's REST search.
@@ -108,6 +57,10 @@ def test_a_sweep_logs_every_trial_to_a_postgresql_backed_server(tracking_server,
         listed = {run["info"]["run_id"] for run in json.load(response)["runs"]}
     assert listed == {run.info.run_id for run in trials}
 
+    for storage in (open_storage(postgres["optuna"]), f"sqlite:///{outcome.sweep_dir / 'optuna.db'}"):
+        study = optuna.load_study(study_name="pg", storage=storage)
+        assert sorted(t.state.name for t in study.get_trials()) == ["COMPLETE"] * 3
+
     exported = export_best(outcome.sweep_dir, tmp_path / "best.yaml")["provenance"]
     assert exported["mlflow_uri"] == url and exported["mlflow_run_id"] in listed
 
@@ -117,5 +70,5 @@ def test_a_database_uri_without_a_server_is_refused(postgres, tiny_path, tmp_pat
     space.write_text(yaml.safe_dump(SPACE))
     with pytest.raises(ConfigError, match=r"a postgresql store keeps no artifacts .* pass its http:// address"):
         run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path / "results", name="db",
-                               mlflow_uri=postgres))
+                               mlflow_uri=postgres["mlflow"]))
     assert not (tmp_path / "results" / "db").exists()
