@@ -204,10 +204,12 @@ class CMATHTrial(tune.Trainable):
         """Tune's restore, made to survive what a killed driver or a bad disk leaves behind.
 
         A trial the driver saw end (see read_ended) is not trained again: its final result is
-        replayed. Otherwise the referenced checkpoint is tried first, then the trial's other
-        checkpoints newest first (a stale experiment state can name one that was since deleted;
-        a checkpoint can be corrupt), and with none usable the trial starts over. How it came
-        back is reported with the next result (RESTORE_NOTE)."""
+        replayed. Otherwise the trial's checkpoints are tried newest first, the one Ray names
+        among them: Ray's saved state can lag a killed driver and name an older checkpoint, or
+        one since deleted, and a checkpoint can be corrupt; so no epoch is trained twice beyond
+        the newest usable checkpoint. With none usable the trial starts over. How it came back,
+        when that is not from the checkpoint Ray named, is reported with the next result
+        (RESTORE_NOTE)."""
         if not isinstance(checkpoint_path, TrainingResult):
             return super().restore(checkpoint_path)
         self.carries_on = None  # Ray has a checkpoint of this trial itself: no need for the lost one's
@@ -215,8 +217,11 @@ class CMATHTrial(tune.Trainable):
             return None
         wanted = checkpoint_path.checkpoint
         fs, trial_dir = wanted.filesystem, wanted.path.rstrip("/").rsplit("/", 1)[0]
-        paths = _checkpoints_newest_first(fs, trial_dir, first=wanted.path)
+        paths = _checkpoints_newest_first(fs, trial_dir, named=wanted.path)
         loaded, problems = self._load_first_usable(fs, paths, checkpoint_path.metrics)
+        if loaded and self.restored_from.rstrip("/") != wanted.path.rstrip("/"):
+            named = wanted.path.rstrip("/").rsplit("/", 1)[-1]
+            problems.append(f"Ray's saved state named {named}")
         if loaded and problems:
             self.restore_note = f"{'; '.join(problems)}; resumed from {loaded}"
         if not loaded:
@@ -279,9 +284,13 @@ def final_result(result: dict) -> dict:
             and k not in ("done", "should_checkpoint", REPLAYED, ENDED_CHECKPOINT, ENDED_AT, RESTORE_NOTE)}
 
 
-def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, first: str) -> list[str]:
-    """`first` (the checkpoint Ray names), then the trial's others, newest first."""
-    return [first, *(p for p in checkpoint_folders(fs, trial_dir) if p.rstrip("/") != first.rstrip("/"))]
+def _checkpoints_newest_first(fs: pafs.FileSystem, trial_dir: str, named: str) -> list[str]:
+    """The trial's checkpoints, newest first, with `named` (the one Ray names) among them even if
+    the folder listing misses it."""
+    found = checkpoint_folders(fs, trial_dir)
+    if named.rstrip("/") in (p.rstrip("/") for p in found):
+        return found
+    return [*found, named]
 
 
 def lost_trial_checkpoints(ended_dir: str, trial_id: str) -> tuple[pafs.FileSystem, list[str]]:
