@@ -63,7 +63,7 @@ class SweepMirror:
 
     def _send_journal(self, fs: pafs.FileSystem, root: str) -> None:
         if self._journal_sent is None:
-            self._journal_sent = sum(len(part) for part in _journal_segments(fs, root))
+            self._journal_sent = sum(info.size for info in _journal_segments(fs, root))
         path = self.sweep_dir / JOURNAL_FILE
         if not path.exists():
             return
@@ -102,8 +102,8 @@ def restore_sweep_folder(location: str, results: str | Path) -> Path:
         if name != SWEEP_FILE and fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File:
             (sweep_dir / name).write_bytes(_get(fs, f"{path}/{name}"))
     with open(sweep_dir / JOURNAL_FILE, "wb") as journal:
-        for part in _journal_segments(fs, path):
-            journal.write(part)
+        for segment in _journal_segments(fs, path):
+            journal.write(_get(fs, segment.path))
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1))  # last: the folder is whole once it is there
     return sweep_dir
 
@@ -133,19 +133,20 @@ def _mirror_root(location: str) -> tuple[pafs.FileSystem, str] | None:
     return None
 
 
-def _journal_segments(fs: pafs.FileSystem, root: str) -> list[bytes]:
-    """The journal's segments in order; each must start where the one before ended."""
-    found = sorted((info.base_name, info.path) for info in
-                   fs.get_file_info(pafs.FileSelector(f"{root}/{JOURNAL_FOLDER}", allow_not_found=True))
-                   if info.type == pafs.FileType.File and info.base_name.endswith(".jsonl"))
-    parts, offset = [], 0
-    for name, path in found:
-        if int(name.split(".", 1)[0]) != offset:
-            raise SweepError(f"the sweep's journal on the storage ({root}/{JOURNAL_FOLDER}) has {name} where byte "
-                             f"{offset} should start: two drivers wrote it at once, or a part was removed")
-        parts.append(_get(fs, path))
-        offset += len(parts[-1])
-    return parts
+def _journal_segments(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """The journal's segments in order (names and sizes only); each must start where the one
+    before ended."""
+    found = sorted((info for info in fs.get_file_info(pafs.FileSelector(f"{root}/{JOURNAL_FOLDER}",
+                                                                         allow_not_found=True))
+                    if info.type == pafs.FileType.File and info.base_name.endswith(".jsonl")),
+                   key=lambda info: info.base_name)
+    offset = 0
+    for info in found:
+        if int(info.base_name.split(".", 1)[0]) != offset:
+            raise SweepError(f"the sweep's journal on the storage ({root}/{JOURNAL_FOLDER}) has {info.base_name} "
+                             f"where byte {offset} should start: two drivers wrote it at once, or a part was removed")
+        offset += info.size
+    return found
 
 
 def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:

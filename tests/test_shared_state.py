@@ -159,3 +159,19 @@ def test_a_resume_from_the_storage_refuses_a_tracking_store_without_the_sweeps_r
         f"{(tmp_path / 'second' / 'mlflow.db').resolve()} does not have its parent run 0123456789abcdef; pass "
         f"--mlflow-uri where that store is served (a tracking server every host reaches: docs/cluster.md)")
     assert (tmp_path / "second" / "lost" / SWEEP_FILE).exists()  # rebuilt from the mirror: resume it once fixed
+
+
+def test_a_journal_mirror_with_a_part_missing_is_refused(tmp_path):
+    sweep_dir, target = tmp_path / "results" / "n", str(tmp_path / "nfs" / "n" / MIRROR_FOLDER)
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps({"name": "n"}))
+    mirror = SweepMirror(sweep_dir, target)
+    for epoch in (1, 2, 3):
+        with open(sweep_dir / JOURNAL_FILE, "a") as journal:
+            journal.write(json.dumps({"trial_id": "a", "epoch": epoch}) + "\n")
+        mirror.sync()
+    segments = sorted((tmp_path / "nfs" / "n" / MIRROR_FOLDER / JOURNAL_FOLDER).iterdir())
+    assert len(segments) == 3
+    segments[1].unlink()
+    with pytest.raises(SweepError, match=r"has 0+\d+\.jsonl where byte \d+ should start: two drivers wrote it"):
+        restore_sweep_folder(str(tmp_path / "nfs" / "n"), tmp_path / "elsewhere")
