@@ -11,10 +11,13 @@ reopened from sweep.json. The resumed sweep then takes the same path as a new on
 
 from __future__ import annotations
 
+import fnmatch
 import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 from .errors import SweepError
 from .mirror import is_mirror, restore_sweep_folder, storage_of
@@ -82,13 +85,25 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     check_tracking_uri(plan.tracking_uri)
     check_parent_run(plan.tracking_uri, record)
 
-    from ray import tune
-
-    if not tune.Tuner.can_restore(plan.experiment_path):
-        raise SweepError(f"no Ray Tune state at {plan.experiment_path}: the sweep ended before its first trial; "
-                         f"start it again with a new --name")
+    check_ray_state(plan.experiment_path, record["name"])
     stop_leftovers(record, log, driver_gone)
     return fit_sweep(plan, started, log, trainable, resumed=record)
+
+
+def check_ray_state(experiment_path: str, name: str) -> None:
+    """Ray must have saved the experiment's state at least once. `Tuner.can_restore` looks only
+    for tuner.pkl, which is written when the Tuner is built, before any trial; restoring without
+    a saved state, Ray logs "Restarting experiment" and runs every trial anew while the study
+    keeps the old ones running and the warm start is spent. So such a sweep is refused."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    pattern = TuneController.CKPT_FILE_TMPL.format("*")
+    fs, path = pafs.FileSystem.from_uri(experiment_path)
+    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
+    if not any(fnmatch.fnmatch(info.base_name, pattern) for info in found):
+        raise SweepError(f"sweep '{name}' was stopped before Ray first saved its state (no {pattern} in "
+                         f"{experiment_path}), so Ray cannot resume it; start it again with a new --name "
+                         f"(its first trials' runs stay in MLflow)")
 
 
 def _local_sweep(sweep: str | Path, results: str | Path) -> bool:

@@ -190,6 +190,27 @@ def test_resume_refuses_a_finished_or_running_sweep(tmp_path):
         stop_leftovers(json.loads((sweep_dir / "sweep.json").read_text()), print)
 
 
+def test_a_sweep_killed_before_rays_first_snapshot_is_refused_in_one_line(tmp_path, tiny_path):
+    """Killed after its Tuner was built (tuner.pkl written) but before Ray saved the experiment's
+    state: Ray would restart every trial while the study keeps the first ones running. Before this
+    was checked, `Tuner.can_restore` (tuner.pkl only) let it through to Ray's restore."""
+    from hpo.plan import SweepOptions, plan_sweep
+    from hpo.provenance import provenance
+
+    plan = plan_sweep(SweepOptions(space="search_spaces/quickstart.yaml", data=str(tiny_path), name="early",
+                                   results=str(tmp_path / "results"), num_samples=2))
+    plan.sweep_dir.mkdir(parents=True)
+    (plan.sweep_dir / "sweep.json").write_text(json.dumps({**provenance(plan), "driver": {"pid": 2 ** 22 + 1}}))
+    experiment = plan.sweep_dir / "ray"
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"what the Tuner writes when it is built")
+    with pytest.raises(SweepError) as error:
+        resume_sweep("early", tmp_path / "results", log=lambda line: None)
+    assert str(error.value) == (
+        f"sweep 'early' was stopped before Ray first saved its state (no experiment_state-*.json in {experiment}), "
+        f"so Ray cannot resume it; start it again with a new --name (its first trials' runs stay in MLflow)")
+
+
 def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatch):
     """A driver killed while writing the table must not leave a trial that the table calls
     finished but a resume would train again: the ended record is written first."""
