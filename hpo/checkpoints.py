@@ -38,10 +38,11 @@ def last_checkpoint(trial: Trial) -> tuple[pafs.FileSystem, str] | None:
     return trial.checkpoint.filesystem, trial.checkpoint.path.rstrip("/")
 
 
-def checkpoint_uri(trial: Trial) -> str | None:
-    """Where the trial's best/ lies, as a path or a full URI (s3://...), for the tables and exports."""
+def checkpoint_uri(trial: Trial, query: str = "") -> str | None:
+    """Where the trial's best/ lies, as a path or a full URI (s3://...?query), for the tables and
+    exports; `query`: the storage's own (hpo.storage.public_query), e.g. its endpoint."""
     checkpoint = last_checkpoint(trial)
-    return None if checkpoint is None else full_uri(checkpoint[0], f"{checkpoint[1]}/best")
+    return None if checkpoint is None else full_uri(checkpoint[0], f"{checkpoint[1]}/best", query)
 
 
 def prune_checkpoints(checkpoint: tuple[pafs.FileSystem, str] | None, carried_on: str | None = None) -> None:

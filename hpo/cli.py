@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--results", default="results")
     resume.add_argument("--mlflow-uri", help="the sweep's tracking store, served from another address")
     resume.add_argument("--data", help="the sweep's dataset, moved (its SHA-256 must match)")
+    resume.add_argument("--study-storage", metavar="URL", help="the sweep's study database, given again (a password "
+                                                               "in its URL is not recorded)")
+    resume.add_argument("--storage", help="the sweep's storage, given again (credentials in its URI are not "
+                                          "recorded) or as this host reaches it")
     resume.add_argument("--address", help="join this Ray cluster instead of the one the sweep used")
     resume.add_argument("--allow-open-cluster", action="store_true",
                         help="join a cluster that runs without token authentication")
@@ -131,7 +135,7 @@ def _resume(args: argparse.Namespace) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     return resume_sweep(args.sweep, args.results, address=args.address, driver_gone=args.driver_gone,
                         allow_open_cluster=args.allow_open_cluster, mlflow_uri=args.mlflow_uri,
-                        data=args.data).exit_code
+                        data=args.data, study_storage=args.study_storage, storage=args.storage).exit_code
 
 
 def _export(args: argparse.Namespace) -> int:

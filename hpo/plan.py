@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +152,9 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
     base, data = _base_and_data(options, space)
 
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if "/" in name or name.startswith("."):
-        raise SweepError(f"--name {name!r}: use a plain folder name (letters, digits, - and _)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        # It names folders on every host and appears inside MLflow's search filters.
+        raise SweepError(f"--name {name!r}: use letters, digits, '.', '-' and '_' (starting with a letter or digit)")
     sweep_dir = Path(options.results) / name
     if (sweep_dir / SWEEP_FILE).exists() and not resuming:
         raise SweepError(f"sweep '{name}' already exists in {sweep_dir}; pick another --name, "

@@ -26,8 +26,10 @@ from .plan import SweepOptions, SweepPlan
 from .processes import command_line
 from .record import SWEEP_FILE, write_json
 from .space import METRIC
+from .storage import redact
 from .trials import TRIALS_FILE
 
+URI_OPTIONS = ("mlflow_uri", "storage", "study_storage")  # SweepOptions fields that may carry a secret
 PACKAGES = ("cmath-hpo", "torch", "ray", "optuna", "mlflow", "pandas", "pyarrow", "numpy")
 
 
@@ -131,7 +133,7 @@ def provenance(plan: SweepPlan) -> dict:
     return {
         "name": plan.name,
         "status": "running",
-        "command": o.command or " ".join(sys.argv),
+        "command": " ".join(redact(word) for word in (o.command or " ".join(sys.argv)).split(" ")),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
@@ -144,8 +146,9 @@ def provenance(plan: SweepPlan) -> dict:
         "asha": {"grace_period": plan.space.grace_period, "reduction_factor": plan.space.reduction_factor,
                  "max_t": plan.max_t, "rungs": list(plan.rungs)},
         "resources_per_trial": plan.resources, "address": plan.address, "time_budget_s": o.time_budget,
-        "storage": {"path": plan.storage_path, "name": plan.storage_name},
-        "mlflow": {"uri": plan.tracking_uri, "experiment": plan.experiment},
+        "storage": {"path": redact(plan.storage_path), "name": plan.storage_name},
+        "study": {"storage": redact(plan.study_storage)},
+        "mlflow": {"uri": redact(plan.tracking_uri), "experiment": plan.experiment},
         "base_config": plan.base.to_dict(),
         "searched": plan.searched,
         "options": options_record(o),
@@ -153,9 +156,13 @@ def provenance(plan: SweepPlan) -> dict:
 
 
 def options_record(options: SweepOptions) -> dict:
-    """What `cmath-hpo resume` needs to rebuild the sweep's options."""
+    """What `cmath-hpo resume` needs to rebuild the sweep's options. Secrets in URIs are not
+    recorded (hpo.storage.redact): a resume asks for them again."""
     values = {k: v for k, v in dataclasses.asdict(options).items() if k != "command"}
     values.update(space=str(options.space), results=str(options.results))
+    for key in URI_OPTIONS:
+        if values[key]:
+            values[key] = redact(values[key])
     return values
 
 

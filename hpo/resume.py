@@ -23,15 +23,18 @@ from .errors import SweepError
 from .mirror import is_mirror, restore_sweep_folder, storage_of
 from .plan import SweepOptions, plan_sweep
 from .processes import is_running, pids_using, stop
+from .provenance import URI_OPTIONS
 from .record import find_sweep, read_record
 from .space import parse_space
+from .storage import has_redacted
 from .sweep import SweepOutcome, check_tracking_uri, fit_sweep
 
 
 def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callable[[str], None] = print,
                  address: str | None = None, trainable: type | None = None,
                  driver_gone: bool = False, allow_open_cluster: bool = False, mlflow_uri: str | None = None,
-                 data: str | None = None) -> SweepOutcome:
+                 data: str | None = None, study_storage: str | None = None,
+                 storage: str | None = None) -> SweepOutcome:
     """Continue a sweep after Ctrl-C, a killed driver or a lost machine: ended trials stay ended,
     unfinished ones continue from their last checkpoints, the searcher keeps its history, and
     each trial keeps its one MLflow run. Refuses while the sweep's driver may still run.
@@ -48,6 +51,8 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
         allow_open_cluster: join a cluster without token authentication (else as the sweep was started).
         mlflow_uri: the sweep's tracking store, served from another address than it was.
         data: the sweep's dataset at another path (its SHA-256 must match).
+        study_storage, storage: the sweep's study database and storage, given again (a secret in
+            their URLs is not recorded), or as this host reaches them.
 
     Returns:
         The sweep's outcome, as `run_sweep` returns it.
@@ -75,8 +80,13 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
         values["mlflow_uri"] = mlflow_uri
     if data is not None:
         values["data"] = data
+    if study_storage is not None:
+        values["study_storage"] = study_storage
     if from_storage:  # the storage as this host reaches it
         values["storage"] = storage_of(str(sweep))
+    if storage is not None:
+        values["storage"] = storage
+    check_secrets_given(values, record["name"])
     plan = plan_sweep(SweepOptions(**values), space=parse_space(record["space"]["content"], record["space"]["path"]),
                       resuming=True)
     if plan.data.sha256 != record["data"]["sha256"]:
@@ -88,6 +98,16 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     check_ray_state(plan.experiment_path, record["name"])
     stop_leftovers(record, log, driver_gone)
     return fit_sweep(plan, started, log, trainable, resumed=record)
+
+
+def check_secrets_given(values: dict, name: str) -> None:
+    """A URL whose secret was left out of the record (hpo.storage.redact) must be given again."""
+    for key in URI_OPTIONS:
+        if has_redacted(values.get(key)):
+            flag = "--" + key.replace("_", "-")
+            raise SweepError(f"sweep '{name}' recorded its {flag} without the secret in it ({values[key]}); pass "
+                             f"{flag} with it to resume, or keep secrets out of URLs (PGPASSWORD or ~/.pgpass, "
+                             f"AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD)")
 
 
 def check_ray_state(experiment_path: str, name: str) -> None:

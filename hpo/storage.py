@@ -41,12 +41,44 @@ def join(storage: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
-def full_uri(filesystem: pafs.FileSystem, path: str) -> str:
+def full_uri(filesystem: pafs.FileSystem, path: str, query: str = "") -> str:
     """A path on a pyarrow filesystem as something a user (or `pyarrow.fs.FileSystem.from_uri`)
-    can open again: local paths stay paths, object-store paths get their scheme back."""
+    can open again: local paths stay paths, object-store paths get their scheme back, and the
+    storage's query (`endpoint_override=...`, see `public_query`) if it has one."""
     if isinstance(filesystem, pafs.LocalFileSystem):
         return path
-    return f"{filesystem.type_name}://{path.lstrip('/')}"
+    return f"{filesystem.type_name}://{path.lstrip('/')}" + (f"?{query}" if query else "")
+
+
+SECRET_PARAMETERS = ("access_key", "secret_key", "session_token", "password", "token")
+
+
+def public_query(uri: str) -> str:
+    """A URI's query without the credentials pyarrow accepts in it (access_key, secret_key,
+    session_token): what may be written into tables and records."""
+    query = uri.partition("?")[2]
+    return "&".join(part for part in query.split("&") if part and part.split("=", 1)[0] not in SECRET_PARAMETERS)
+
+
+def redact(uri: str) -> str:
+    """A URI as it may be recorded: a password in it (`user:secret@host`) and credentials in its
+    query become `***`; anything else is returned as it is."""
+    if "://" not in uri:
+        return uri
+    base, sep, query = uri.partition("?")
+    scheme, _, rest = base.partition("://")
+    location, slash, path = rest.partition("/")
+    credentials, at, host = location.rpartition("@")
+    if at and ":" in credentials:
+        location = f"{credentials.split(':', 1)[0]}:***@{host}"
+    parts = [f"{part.split('=', 1)[0]}=***" if part.split("=", 1)[0] in SECRET_PARAMETERS else part
+             for part in query.split("&")] if query else []
+    return f"{scheme}://{location}{slash}{path}" + (sep + "&".join(parts) if parts else "")
+
+
+def has_redacted(uri: str | None) -> bool:
+    """Whether a recorded URI lost a secret to `redact`."""
+    return bool(uri) and "***" in uri
 
 
 def _write(uri: str, text: str) -> None:

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 
 from .errors import SweepError
+from .storage import redact
 
 STUDY_FOLDER = "cmath_study"  # in the experiment's storage folder: the journal's objects
 JOURNAL = "journal:"
@@ -62,15 +63,6 @@ def copy_to_sqlite(spec: str, study_name: str, path: Path) -> None:
     path.unlink(missing_ok=True)
     optuna.copy_study(from_study_name=study_name, from_storage=open_storage(spec),
                       to_storage=f"sqlite:///{path.resolve()}")
-
-
-def redact(url: str) -> str:
-    """A URL without the password it may carry (`user:secret@host` -> `user:***@host`)."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
 _journals: dict[str, StorageJournal] = {}

@@ -61,7 +61,7 @@ logger = logging.getLogger("hpo")
 class TrialTable(Callback):
     def __init__(self, sweep_dir: str | Path, base: dict, searched: list[str], tracker: MlflowTrials | None = None,
                  study_storage: str | None = None, study_name: str = "cmath", ended_dir: str | None = None,
-                 mirror: SweepMirror | None = None, period: float = TABLE_PERIOD_S):
+                 mirror: SweepMirror | None = None, storage_query: str = "", period: float = TABLE_PERIOD_S):
         self.sweep_dir = Path(sweep_dir)
         self.base = base
         self.searched = searched
@@ -70,6 +70,7 @@ class TrialTable(Callback):
         self.study_name = study_name
         self.ended_dir = ended_dir
         self.mirror = mirror  # the sweep's records on a shared storage, sent at each of Tune's snapshots
+        self.storage_query = storage_query  # kept on checkpoint URIs: the storage's endpoint, say
         self.rows: dict[str, dict] = {}
         self.history: dict[str, dict[int, dict]] = {}
         self.period = period
@@ -200,7 +201,7 @@ class TrialTable(Callback):
             if row["end_state"] != "running":
                 continue
             if trial_id in known:
-                row.update(end_state="interrupted", checkpoint=checkpoint_uri(known[trial_id]))
+                row.update(end_state="interrupted", checkpoint=checkpoint_uri(known[trial_id], self.storage_query))
             else:  # started after Ray's last saved state, then the driver was killed: Ray cannot resume it
                 row.update(end_state="interrupted", restore_notes=LOST)
         try:  # the tracking store may be gone; the tables must still be written
@@ -241,7 +242,7 @@ class TrialTable(Callback):
         if result.get(REPLAYED):  # an ended trial replayed after a resume keeps when it really ended
             finished_at = row.get("finished_at") or result.get(ENDED_AT) or finished_at
         row.update(end_state=state, error=error if error else row.get("error"),
-                   checkpoint=checkpoint_uri(trial), finished_at=finished_at or time.time())
+                   checkpoint=checkpoint_uri(trial, self.storage_query), finished_at=finished_at or time.time())
         # The ended record first: once the table says a trial ended, a resume must replay it,
         # even when the driver is killed between the two writes.
         if self.ended_dir:

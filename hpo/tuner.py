@@ -16,6 +16,7 @@ from ._compat import set_restored_callbacks
 from .plan import SweepPlan
 from .provenance import SweepRecord
 from .space import METRIC, MODE
+from .storage import public_query
 
 
 def tune_environment() -> None:
@@ -73,7 +74,7 @@ def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], N
                            sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints)
     mirror = SweepMirror(plan.sweep_dir, plan.shared_state) if plan.shared_state else None
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.study_storage, plan.name,
-                       plan.ended_dir, mirror=mirror)
+                       plan.ended_dir, mirror=mirror, storage_query=public_query(plan.storage_path))
     printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
     return [NoRetryOnTrialError(), tracker, table, printer]
 

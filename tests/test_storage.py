@@ -2,6 +2,7 @@
 where trial folders go, which addresses and GPU requests are refused, and when `resume` may take
 over a sweep whose driver ran on another host."""
 
+import json
 import platform
 
 import pyarrow.fs as pafs
@@ -10,7 +11,7 @@ import yaml
 
 from hpo.errors import SweepError
 from hpo.resume import check_driver_gone
-from hpo.storage import full_uri, join, resolve_storage
+from hpo.storage import full_uri, has_redacted, join, public_query, redact, resolve_storage
 from hpo.sweep import SweepOptions, plan_sweep
 
 SPACE = {"dataset": "iemocap", "search": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
@@ -47,6 +48,47 @@ def test_checkpoint_paths_keep_their_scheme():
     s3 = pafs.S3FileSystem(anonymous=True, region="us-east-1", endpoint_override="127.0.0.1:1")
     assert full_uri(s3, "bucket/sweeps/t/checkpoint_000002/best") == "s3://bucket/sweeps/t/checkpoint_000002/best"
     assert full_uri(pafs.LocalFileSystem(), "/nfs/t/best") == "/nfs/t/best"
+
+
+def test_checkpoint_uris_keep_the_storages_endpoint_but_no_credentials():
+    storage = "s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&secret_key=hush&scheme=http&access_key=me"
+    s3 = pafs.S3FileSystem(anonymous=True, region="us-east-1", endpoint_override="127.0.0.1:1")
+    assert full_uri(s3, "bucket/sweeps/t/best", public_query(storage)) == \
+        "s3://bucket/sweeps/t/best?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert redact(storage) == "s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&secret_key=***&scheme=http" \
+        "&access_key=***"
+    assert redact("postgresql://cmath:hush@db:5432/optuna") == "postgresql://cmath:***@db:5432/optuna"
+    assert redact("--mlflow-uri=http://me:hush@h:5000/") == "--mlflow-uri=http://me:***@h:5000/"
+    for kept in ("postgresql://cmath@db/optuna", "sqlite:////a/b.db", "/nfs/sweeps", "s3://b/p"):
+        assert redact(kept) == kept and not has_redacted(redact(kept))
+
+
+def test_no_secret_of_a_url_reaches_the_sweeps_record(options, tmp_path):
+    """sweep.json, the command line it records and the parent run's parameters keep the URLs
+    without their passwords and credentials; a resume asks for them again."""
+    from hpo.provenance import options_record, parent_params, provenance
+    from hpo.resume import check_secrets_given
+
+    plan = plan_sweep(options(study_storage="postgresql://cmath:hush1@db/optuna",
+                              mlflow_uri="http://me:hush2@mlflow:5000",
+                              storage="s3://b/sweeps?endpoint_override=h:1&secret_key=hush3",
+                              command="cmath-hpo sweep --study-storage postgresql://cmath:hush1@db/optuna "
+                                      "--mlflow-uri=http://me:hush2@mlflow:5000"))
+    record = json.dumps({**provenance(plan), "params": parent_params(plan)}, default=str)
+    assert "hush" not in record
+    assert "postgresql://cmath:***@db/optuna" in record and "endpoint_override=h:1" in record
+    values = options_record(plan.options)
+    with pytest.raises(SweepError, match=r"recorded its --mlflow-uri without the secret in it \(http://me:\*\*\*@"
+                                         r"mlflow:5000\); pass --mlflow-uri with it to resume"):
+        check_secrets_given(values, plan.name)
+    check_secrets_given({**values, "mlflow_uri": "http://me:hush2@mlflow:5000", "storage": "s3://b/sweeps",
+                         "study_storage": "postgresql://cmath@db/optuna"}, plan.name)
+
+
+@pytest.mark.parametrize("name", ["it's", "a b", ".hidden", "x/y", "-dash"])
+def test_a_sweep_name_that_would_break_folders_or_mlflow_filters_is_refused(options, name):
+    with pytest.raises(SweepError, match=r"--name .*: use letters, digits, '.', '-' and '_'"):
+        plan_sweep(options(name=name))
 
 
 def test_ray_client_addresses_are_refused_with_the_job_submission_route(options):
