@@ -46,9 +46,10 @@ def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Itera
     """
     started = time.perf_counter()
     session = init_ray(plan.address, plan.local_cpus, plan.options.verbose, plan.options.allow_open_cluster, log)
+    asked = False
     try:
         seconds = time.perf_counter() - started
-        check_cluster(plan, log)
+        asked = check_cluster(plan, log)
         # On a private Ray there is only this machine; a cluster's nodes must share the storage.
         preflight = check_storage_on_every_node(plan.storage_path) if plan.address else None
         import ray
@@ -58,6 +59,8 @@ def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Itera
                           nodes=len(_alive_nodes()), preflight_seconds=preflight)
         yield with_slots(plan, cluster_slots(resources, plan.options)), cluster
     finally:
+        if asked:
+            withdraw_resource_request()
         leave_ray(plan.address, session)
 
 
@@ -221,14 +224,19 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: float = 1.0) -> None:
+def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: float = 1.0) -> bool:
     """Ray queues a request no node can satisfy forever; refuse it instead. With
     --wait-for-resources SEC, first ask the cluster for one trial's resources (an autoscaler
-    starts a node for them) and wait up to SEC seconds for a node that has them."""
+    starts a node for them) and wait up to SEC seconds for a node that has them.
+
+    Returns:
+        Whether the autoscaler was asked (and so must be told when the sweep ends: a request
+        stays in force until another replaces it, and would keep the node running).
+    """
     cpus, gpus = plan.options.cpus_per_trial, plan.options.gpus_per_trial
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     if node_fits(bundle):
-        return
+        return False
     wait = plan.options.wait_for_resources
     if wait > 0:
         from ray.autoscaler.sdk import request_resources
@@ -239,13 +247,21 @@ def check_cluster(plan: SweepPlan, log: Callable[[str], None] = print, poll: flo
         while time.monotonic() < deadline:
             time.sleep(poll)
             if node_fits(bundle):
-                return
+                return True
+        withdraw_resource_request()
     biggest = max(_alive_nodes(), key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
     waited = f" after waiting {wait:g}s" if wait > 0 else ""
     more = "" if wait > 0 else ", or on an autoscaling cluster wait for one with --wait-for-resources SEC"
     raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for one trial{waited} (largest node: "
                      f"{biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU); lower --cpus-per-trial/"
                      f"--gpus-per-trial or add a node that has them{more}")
+
+
+def withdraw_resource_request() -> None:
+    """Replace the sweep's request to the autoscaler with an empty one."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])
 
 
 def _alive_nodes() -> list[dict]:

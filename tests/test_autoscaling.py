@@ -3,8 +3,10 @@ a trial and waits for it instead of refusing. Here the "autoscaler" is this test
 second node (`ray start --address`, on this machine) once the sweep says it is waiting."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import ray
 import yaml
 
 from hpo.errors import SweepError
-from hpo.processes import is_node_daemon, pids_using
+from hpo.processes import is_node_daemon, pids_using, stop
 from hpo.sweep import SweepOptions, run_sweep
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -86,3 +88,53 @@ def test_a_node_that_joins_while_the_sweep_waits_runs_its_trials(space, tiny_pat
     assert outcome.counts["completed"] == 1  # 2 CPUs: only the node that joined could run it
     session = outcome.sweep_dir.joinpath("sweep.json").read_text()
     assert not pids_using(yaml.safe_load(session)["driver"]["ray_session_dir"])  # the joined node is gone too
+
+
+_REQUEST = """
+import logging, sys, ray
+from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+from ray.experimental.internal_kv import _internal_kv_get
+ray.init(address=sys.argv[1], logging_level=logging.ERROR)
+print((_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"none").decode())
+"""
+
+
+def test_the_sweeps_request_to_the_autoscaler_ends_with_it(space, tiny_path, tmp_path, free_port):
+    """A cluster outlives its sweeps, and a request to its autoscaler stays in force until another
+    replaces it (Ray's v1 autoscaler, as here, reads it from the GCS): a node started for the sweep
+    would keep running. The sweep withdraws its request when it ends."""
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    head, worker = tempfile.mkdtemp(prefix="ah", dir="/tmp"), tempfile.mkdtemp(prefix="aw", dir="/tmp")
+    address = f"127.0.0.1:{free_port()}"
+    start = [RAY, "start", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+
+    def request() -> str:
+        done = subprocess.run([sys.executable, "-c", _REQUEST, address], env=env, capture_output=True, text=True,
+                              timeout=120)
+        return (done.stdout.strip().splitlines() or [done.stderr[-2000:]])[-1]
+
+    try:
+        subprocess.run([*start, "--head", "--port", address.rsplit(":", 1)[1], "--num-cpus", "1", "--temp-dir", head,
+                        "--include-dashboard=false"], env=env, check=True, capture_output=True, timeout=120)
+        command = ["timeout", "300", sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data",
+                   str(tiny_path), "--num-samples", "1", "--cpus-per-trial", "2", "--address", address,
+                   "--wait-for-resources", "120", "--results", str(tmp_path / "results"), "--name", "asked"]
+        sweep = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines, asked = [], None
+        for line in sweep.stdout:  # the sweep prints its wait, then waits: the test is its autoscaler
+            lines.append(line)
+            if line.startswith("waiting up to"):
+                asked = request()
+                subprocess.run([*start, "--address", address, "--num-cpus", "2", "--temp-dir", worker], env=env,
+                               check=True, capture_output=True, timeout=120)
+        assert sweep.wait(timeout=300) == 0, "".join(lines)[-3000:]
+        assert any(line.startswith("sweep asked finished: 1 completed") for line in lines), "".join(lines)[-3000:]
+        assert asked == '[{"CPU": 2.0}]'  # what the sweep asked for while it waited
+        assert request() == "[]"
+    finally:
+        stop(pids_using(worker), timeout=3)
+        stop(pids_using(head), timeout=3)
+        shutil.rmtree(head, ignore_errors=True)
+        shutil.rmtree(worker, ignore_errors=True)
