@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Itera
     """
     started = time.perf_counter()
     session = init_ray(plan.address, plan.local_cpus, plan.options.verbose, plan.options.allow_open_cluster, log)
+    earlier = stop_signals_as_ctrl_c()
     asked = False
     try:
         seconds = time.perf_counter() - started
@@ -61,7 +63,29 @@ def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Itera
     finally:
         if asked:
             withdraw_resource_request()
+        for stop_signal, handler in earlier.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(stop_signal, handler)
         leave_ray(plan.address, session)
+
+
+def stop_signals_as_ctrl_c() -> dict:
+    """SIGTERM (what `ray job stop` sends first, SIGKILL following RAY_JOB_STOP_WAIT_TIME_S later,
+    and a system's shutdown) and SIGHUP (a closed terminal) end the sweep as Ctrl-C does: Tune
+    stops its trials and saves its state, the trials' runs are closed KILLED with their best/,
+    and `resume` continues it. Set after ray.init, whose own SIGTERM handlers (Python's and its
+    core worker's) exit or abort at once. Only the main thread may set them.
+
+    Returns:
+        The handlers they replaced, by signal, for the sweep to put back when it leaves Ray.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def as_ctrl_c(signum, frame) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    return {stop_signal: signal.signal(stop_signal, as_ctrl_c) for stop_signal in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def describe_cluster(plan: SweepPlan, cluster: Cluster) -> str:

@@ -45,11 +45,12 @@ from .recovery import (
     TRIAL_ERROR,
     error_summary,
     error_text,
+    read_ended,
     searched_config,
     trial_key,
 )
 from .trainable import model_metrics
-from .trials import end_state, ended_state
+from .trials import end_state, ended_state, read_journal
 
 logger = logging.getLogger("hpo")
 
@@ -162,12 +163,19 @@ def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str
     return runs[0].info.run_id if runs else None
 
 
+def _received_ms(row: dict) -> int | None:
+    received = row.get("received_at")
+    return int(received * 1000) if isinstance(received, (int, float)) else None
+
+
 class MlflowTrials(Callback):
     """Child runs for trials under the sweep's parent run."""
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, sweep: str, base: dict,
-                 searched: list[str], sweep_dir: str | Path | None = None, prune: bool = False):
+                 searched: list[str], sweep_dir: str | Path | None = None, prune: bool = False,
+                 ended_dir: str | None = None):
         self.sweep_dir = Path(sweep_dir) if sweep_dir is not None else None
+        self.ended_dir = ended_dir  # where a trial that ended before a resume left its checkpoint's path
         self.prune = prune  # ended trials keep only their latest best/, deleted once it is uploaded
         self.uri = uri
         self.experiment = experiment
@@ -181,11 +189,12 @@ class MlflowTrials(Callback):
         self.ended: set[str] = set()  # trials whose run the loop has asked the writer to end
         self._client: MlflowClient | None = None
         self._writer: MlflowWriter | None = None
+        self._journal: dict[str, list[dict]] | None = None  # read once, for the first run a resume continues
 
     def __getstate__(self) -> dict:
         # Tune pickles this on its loop while the writer may add to these dicts: copied first
         # (a dict copy holds the GIL throughout)
-        return {**self.__dict__, "_client": None, "_writer": None, "run_ids": dict(self.run_ids),
+        return {**self.__dict__, "_client": None, "_writer": None, "_journal": None, "run_ids": dict(self.run_ids),
                 "last_step": dict(self.last_step)}
 
     @property
@@ -232,10 +241,28 @@ class MlflowTrials(Callback):
             self.last_step[key] = 0
         else:
             self.client.update_run(run_id, status="RUNNING")
-            history = self.client.get_metric_history(run_id, "val_wf1")
-            self.last_step[key] = max((m.step for m in history), default=0)
+            self._backfill(key, run_id)
         self.run_ids[key] = run_id
         return run_id
+
+    def _backfill(self, key: str, run_id: str) -> None:
+        """Continue a run from the journal: the epochs the journal has and the run lacks were lost
+        with a driver stopped before its writer sent them (`ray job stop` kills 3 s after its
+        SIGTERM). Sent once, in order, before anything new; `last_step` is where the run is then."""
+        history = self.client.get_metric_history(run_id, "val_wf1")
+        self.last_step[key] = max((m.step for m in history), default=0)
+        if self.sweep_dir is None:
+            return
+        if self._journal is None:
+            self._journal = read_journal(self.sweep_dir)
+        rows = {int(row["epoch"]): row for row in self._journal.get(key, [])}
+        missing = [epoch for epoch in sorted(rows) if epoch > self.last_step[key]]
+        if missing:
+            # stamped when the driver received each epoch, as the lost call would have been
+            log_metrics(self.client, run_id, [
+                m for epoch in missing
+                for m in metrics_at(model_metrics(rows[epoch]), epoch, _received_ms(rows[epoch]))])
+            self.last_step[key] = missing[-1]
 
     def _metrics_run(self, key: str, step: int | None) -> str | None:
         """Where an epoch's metrics go, in the writer: nowhere if the run could not be opened or
@@ -306,8 +333,11 @@ class MlflowTrials(Callback):
             state = ended_state(known[key]) if key in known else None
             if state is not None and key not in self.ended:
                 # ended before a killed driver's writer closed its run; Ray's restored state knows
-                # how, and the trial gets no event in this driver (its end state and status only:
-                # what Ray names as its checkpoint may be stale)
+                # how, and the trial gets no event in this driver: what the writer did not send
+                # comes from the journal and the trial's ended record (Ray's own record of its
+                # checkpoint may be stale)
+                self._backfill(key, run.info.run_id)
+                self.upload_best(self._ended_checkpoint(key), run.info.run_id, replayed=True)
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", state)])
                 status = {"failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
                 self.client.set_terminated(run.info.run_id, status)
@@ -316,6 +346,13 @@ class MlflowTrials(Callback):
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", "interrupted"),
                                                              RunTag("cmath.restore_note", LOST)])
                 self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def _ended_checkpoint(self, key: str) -> tuple[pafs.FileSystem, str] | None:
+        """The checkpoint a trial ended with, as its ended record has it."""
+        recorded = read_ended(self.ended_dir, key) if self.ended_dir else None
+        if not recorded or not recorded.get("checkpoint"):
+            return None
+        return pafs.FileSystem.from_uri(self.ended_dir)[0], recorded["checkpoint"]
 
     def _write_failures(self) -> None:
         """What failed, for the sweep's summary and sweep.json (see read_failures)."""

@@ -71,7 +71,8 @@ def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], N
     base = plan.base.to_dict()
     # Ended trials' older checkpoints and resume state are pruned once their best/ is uploaded.
     tracker = MlflowTrials(plan.tracking_uri, record.experiment_id, record.parent_id, plan.name, base, plan.searched,
-                           sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints)
+                           sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints,
+                           ended_dir=plan.ended_dir)
     mirror = SweepMirror(plan.sweep_dir, plan.shared_state) if plan.shared_state else None
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.study_storage, plan.name,
                        plan.ended_dir, mirror=mirror, storage_query=public_query(plan.storage_path))

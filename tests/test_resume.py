@@ -148,10 +148,12 @@ def test_resume_after_the_driver_is_killed(launch, tmp_path):
         stop(pids_using(session))
 
 
-def test_resume_after_ctrl_c(launch, tmp_path, free_port, capsys):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_ctrl_c(launch, tmp_path, free_port, capsys, stop_signal):
+    """Ctrl-C, and SIGTERM (`ray job stop`'s first signal, and a system shutdown's) as Ctrl-C."""
     process, sweep_dir = launch("interrupted")
     _wait_mid_sweep(sweep_dir, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     assert process.wait(timeout=120) == 0
     trials = read_trials(sweep_dir)
     record = json.loads((sweep_dir / "sweep.json").read_text())

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 WAIT_S = 30  # the bound on every wait here: a regression fails the test instead of hanging it
 
@@ -122,6 +123,37 @@ def test_a_trials_run_is_opened_by_the_writer_not_on_tunes_loop(tmp_path):
     run = client.get_run(tracker.run_ids["t1"])
     assert run.data.params == {"d": "64", "lr": "0.001"} and run.data.tags["cmath.trial_id"] == "t1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_wf1")] == [1, 2]
+    tracker.close()
+
+
+def test_a_continued_run_gets_the_epochs_a_stopped_driver_did_not_send_once(tmp_path):
+    """`ray job stop` kills the driver 3 s after its SIGTERM, maybe before the writer sent every
+    epoch; the journal has them. The resumed driver sends the run what it lacks, once, and an
+    epoch the trial then reports again is not logged twice."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from hpo.tracking import MlflowTrials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stopped")
+    run = client.create_run(experiment, tags={"cmath.sweep": "stopped", "cmath.trial_id": "t1"}).info.run_id
+    client.log_batch(run, metrics=[Metric("val_wf1", e / 10, 0, e) for e in (1, 2)])  # sent before the stop
+    with open(tmp_path / "history.jsonl", "w") as journal:  # every epoch the driver received
+        for epoch in (1, 2, 3, 4):
+            journal.write(json.dumps({"trial_id": "t1", "epoch": epoch, "val_wf1": epoch / 10, "train_loss": 1.0,
+                                      "node": "n", "pid": 1, "received_at": time.time() - 60}) + "\n")
+    tracker = MlflowTrials(uri, experiment, "parent", "stopped", {}, ["lr"], sweep_dir=tmp_path)
+    trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id="t1", stub=True)
+    tracker.on_trial_start(0, [trial], trial)
+    for epoch in (4, 5):  # resumed from its epoch-3 checkpoint: epoch 4 again, then 5
+        tracker.on_trial_result(0, [trial], trial, {"epoch": epoch, "val_wf1": epoch / 10})
+    tracker.flush()
+    assert tracker.run_ids["t1"] == run
+    assert sorted(m.step for m in client.get_metric_history(run, "val_wf1")) == [1, 2, 3, 4, 5]
+    assert [m.step for m in client.get_metric_history(run, "train_loss")] == [3, 4]  # from the journal only
     tracker.close()
 
 
