@@ -56,7 +56,26 @@ def bracket_rungs(bracket) -> list[tuple[float, dict]]:
     return bracket._rungs
 
 
+def asha_brackets(scheduler) -> list:
+    """An ASHAScheduler's brackets (each trial is assigned one when Tune adds it)."""
+    return scheduler._brackets
+
+
+def asha_record(bracket, trial_id: str, iteration: int, score: float) -> None:
+    """Let an ASHA bracket record a result it saw before a resume, as its on_result would have
+    (`score`: the metric, negated when it is minimised): Ray saves no scheduler state, so a
+    resumed sweep's rungs start empty."""
+    from types import SimpleNamespace
+
+    bracket.on_result(SimpleNamespace(trial_id=trial_id), iteration, score)
+
+
 # ---------------------------------------------------------------------------- Ray Tune's Tuner
+def restored_scheduler(tuner):
+    """The trial scheduler a restored Tuner will run (its pickled TuneConfig's)."""
+    return tuner._local_tuner._tune_config.scheduler
+
+
 def set_restored_callbacks(tuner, callbacks: list) -> None:
     """Give a restored Tuner new callbacks. `Tuner.restore` takes the RunConfig, callbacks
     included, from the pickle the first driver wrote, and has no argument to replace them; the

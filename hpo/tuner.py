@@ -12,11 +12,12 @@ import optuna
 
 from cmath_model.data import load_dataset
 
-from ._compat import set_restored_callbacks
+from ._compat import asha_brackets, asha_record, restored_scheduler, set_restored_callbacks
 from .plan import SweepPlan
 from .provenance import SweepRecord
 from .space import METRIC, MODE
 from .storage import public_query
+from .trials import read_journal
 
 
 def tune_environment() -> None:
@@ -124,4 +125,18 @@ def restore_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], Non
     tuner = tune.Tuner.restore(plan.experiment_path, trainable=build_trainable(plan, trial_class),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     set_restored_callbacks(tuner, sweep_callbacks(plan, record, log))
+    if plan.options.early_stopping:
+        rebuild_rungs(restored_scheduler(tuner), read_journal(plan.sweep_dir))
     return tuner
+
+
+def rebuild_rungs(scheduler, journal: dict[str, list[dict]]) -> None:
+    """ASHA's rungs as they stood before the resume, from the journal: Ray saves no scheduler
+    state, so a resumed sweep would compare new trials with nobody and stop none. Each trial's
+    results are replayed in epoch order through its bracket (the sweep's ASHA has one), which
+    records at each milestone what it recorded then."""
+    bracket = asha_brackets(scheduler)[0]
+    sign = 1.0 if MODE == "max" else -1.0  # ASHA compares as a maximisation
+    for trial_id, rows in journal.items():
+        for row in sorted({int(r["epoch"]): r for r in rows}.values(), key=lambda r: int(r["epoch"])):
+            asha_record(bracket, trial_id, int(row["epoch"]), sign * float(row[METRIC]))

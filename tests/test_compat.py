@@ -138,10 +138,16 @@ def _nothing(config):
 
 def test_a_restored_tuner_runs_the_callbacks_it_is_given(tmp_path):
     """Tuner.restore brings back the first driver's pickled callbacks, where set_restored_callbacks
-    replaces them (Ray's fit reads the callbacks from that RunConfig)."""
-    tune.Tuner(_nothing, run_config=tune.RunConfig(name="x", storage_path=str(tmp_path),
-                                                   callbacks=[_Where("first host")]))
+    replaces them (Ray's fit reads the callbacks from that RunConfig), and its scheduler, whose
+    rungs hpo.tuner.rebuild_rungs fills (tests/test_resume.py)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_wf1", mode="max", max_t=8, grace_period=2)
+    tune.Tuner(_nothing, tune_config=tune.TuneConfig(scheduler=scheduler),
+               run_config=tune.RunConfig(name="x", storage_path=str(tmp_path), callbacks=[_Where("first host")]))
     restored = tune.Tuner.restore(str(tmp_path / "x"), trainable=_nothing)
+    asha = _compat.restored_scheduler(restored)
+    assert isinstance(asha, ASHAScheduler) and len(_compat.asha_brackets(asha)) == 1
     run_config = restored._local_tuner._run_config
     assert [c.host for c in run_config.callbacks] == ["first host"]
     _compat.set_restored_callbacks(restored, [_Where("this host")])

@@ -213,6 +213,33 @@ def test_a_sweep_killed_before_rays_first_snapshot_is_refused_in_one_line(tmp_pa
         f"so Ray cannot resume it; start it again with a new --name (its first trials' runs stay in MLflow)")
 
 
+def test_asha_after_a_resume_stops_a_trial_below_the_rung_it_recorded_before():
+    """Ray saves no scheduler state: a resumed sweep's ASHA started with empty rungs and stopped
+    nothing. Rebuilt from the journal, its rung at epoch 2 holds 0.8 and 0.9, and a new trial
+    at 0.1 there is stopped, as it would have been without the resume."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from hpo.tuner import rebuild_rungs
+
+    journal = {"a": [{"epoch": e, "val_wf1": 0.8} for e in (1, 2, 3)],
+               "b": [{"epoch": 1, "val_wf1": 0.7}, {"epoch": 2, "val_wf1": 0.9}, {"epoch": 2, "val_wf1": 0.9}]}
+    late = Trial("CMATHTrial", config={}, trial_id="c", stub=True)
+
+    def decision(scheduler) -> str:
+        scheduler.set_search_properties("val_wf1", "max")  # as Tune does when the fit starts
+        scheduler.on_trial_add(None, late)
+        return scheduler.on_trial_result(None, late, {"training_iteration": 2, "val_wf1": 0.1})
+
+    def asha():  # as hpo.tuner builds it: metric and mode come from the TuneConfig
+        return ASHAScheduler(time_attr="training_iteration", max_t=8, grace_period=2, reduction_factor=2)
+
+    assert decision(asha()) == TrialScheduler.CONTINUE  # what a resumed sweep did: nobody to compare with
+    resumed = asha()
+    rebuild_rungs(resumed, journal)
+    assert decision(resumed) == TrialScheduler.STOP
+
+
 def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatch):
     """A driver killed while writing the table must not leave a trial that the table calls
     finished but a resume would train again: the ended record is written first."""
