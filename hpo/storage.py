@@ -133,7 +133,14 @@ def check_storage_on_every_node(storage: str, timeout: float = PREFLIGHT_TIMEOUT
         pending = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                    .remote(folder, token, n["NodeID"]): n for n in nodes}
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
-        problems = [(pending[ref], problem) for ref, problem in zip(ready, ray.get(ready)) if problem]
+        problems = []
+        for ref in ready:
+            try:
+                problem = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the check could not run there at all
+                raise SweepError(_cannot_run(pending[ref], exc)) from None
+            if problem:
+                problems.append((pending[ref], problem))
         problems += [(pending[ref], f"no answer within {timeout:.0f}s") for ref in late]
         for ref in ready:  # the driver must see what each node wrote
             node = pending[ref]
@@ -153,6 +160,18 @@ def check_storage_on_every_node(storage: str, timeout: float = PREFLIGHT_TIMEOUT
     finally:
         _remove(fs, root, folder, made_root)
     return time.perf_counter() - started
+
+
+def _cannot_run(node: dict, exc: Exception) -> str:
+    """One line for a node where the check itself failed: most often, cmath-hpo is not installed
+    there, and the node cannot load the check's code."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else type(exc).__name__)
+    where = f"node {node['NodeID'][:12]} ({node.get('NodeManagerAddress', '?')})"
+    if "No module named" in cause or "ModuleNotFoundError" in cause:
+        return (f"{where} cannot load cmath-hpo's code ({cause[:200]}); install it there as on this machine "
+                f"(pip install -e '.[cluster]' of this checkout, the same Python) and restart that node's `ray start`")
+    return f"{where} could not run the storage check ({cause[:200]}); check that node's Ray logs"
 
 
 def _remove(fs: pafs.FileSystem, root: str, folder: str, made_root: bool) -> None:

@@ -30,6 +30,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+import hpo
 from cmath_model.tracking import default_tracking_uri
 from hpo.processes import pids_using, stop
 from hpo.study import JOURNAL, open_storage
@@ -79,7 +80,7 @@ def _ray_start(env: dict, *args: str, namespace: list[str] = ()) -> None:
 
 
 def _private_namespace(private: Path) -> list[str]:
-    """A command prefix: run in a new mount namespace with an empty tmpfs over `private`."""
+    """A command prefix: run in a new mount namespace with an empty tmpfs over `private` (a folder)."""
     probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True,
                            timeout=30)
     if probe.returncode != 0:
@@ -268,6 +269,30 @@ def test_a_sweep_whose_driver_is_killed_is_finished_from_another_host(cluster, t
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(export.read_text())["provenance"]["checkpoint"].startswith(f"{storage}/{name}/")
     print(f"S3 sweep killed after {killed_after:.0f}s and finished from a fresh --results: {wall:.0f}s wall in all")
+
+
+def test_a_node_without_the_package_is_named_by_the_preflight(cluster, tiny_path):
+    """A third node whose Python cannot load cmath-hpo (an empty tmpfs over the package's folder, in
+    a mount namespace of its own) is refused before anything starts, in one line naming the node
+    and the fix; it was Ray's traceback of a task that could not be loaded."""
+    package = Path(hpo.__file__).resolve().parent
+    extra = tempfile.mkdtemp(prefix="rx", dir="/tmp")
+    try:
+        _ray_start(cluster["env"], "--address", cluster["address"], "--temp-dir", extra,
+                   namespace=_private_namespace(package))
+        results = cluster["nfs"] / "results-nopkg"
+        done = subprocess.run(_sweep_command(_space(cluster["private"]), tiny_path, results, "nopkg", "--num-samples",
+                                             "1", "--address", cluster["address"], "--storage",
+                                             str(cluster["nfs"] / "sweeps")),
+                              env=cluster["env"], capture_output=True, text=True, timeout=300)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-3000:]
+        assert "cannot load cmath-hpo's code" in errors[0] and "pip install -e '.[cluster]'" in errors[0], errors[0]
+        assert "Traceback" not in done.stderr and not (results / "nopkg").exists()
+        print(errors[0])
+    finally:
+        stop(pids_using(extra), timeout=3)
+        shutil.rmtree(extra, ignore_errors=True)
 
 
 def test_job_submission_runs_the_sweep_on_the_head(cluster, tiny_path):
