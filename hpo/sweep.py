@@ -9,6 +9,7 @@ the trials and close the record. The plan and its checks are in hpo.plan.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ def fit_sweep(plan: SweepPlan, started: float, log: Callable[[str], None], train
     """
     from .tuner import build_tuner, restore_tuner
 
+    tracking_environment()
     with joined_cluster(plan, log) as (plan, cluster):
         if resumed is None:
             record = SweepRecord.open(plan, cluster)
@@ -151,6 +153,16 @@ def finish_sweep(plan: SweepPlan, record: SweepRecord, ray_seconds: float, start
                            mlflow_failure_notes=failures["notes"])
     log(summary_text(outcome, plan.searched))
     return outcome
+
+
+def tracking_environment() -> None:
+    """MLflow's HTTP client, as the sweep's driver uses it: its defaults (7 retries with back-off,
+    120 s per try) hold a call to a hanging server for minutes; the sweep's writer parks logging
+    while a server does not answer (hpo.tracking.MlflowWriter), so it needs to know within
+    seconds. A user's own settings of these variables win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def keep_a_copy(plan: SweepPlan, log: Callable[[str], None]) -> None:

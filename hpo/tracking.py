@@ -23,6 +23,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,19 +87,46 @@ def warn_failure(owner, where: str, exc: Exception) -> None:
 MAX_QUEUED = 10_000  # calls and metric batches waiting for the writer (each result is one)
 
 
+PROBE_PERIOD_S = 10.0  # while the store does not answer, how often the writer tries it again
+# What an unreachable or hanging store looks like once MLflow's own retries are spent.
+_UNREACHABLE = ("timed out", "Max retries exceeded", "Connection refused", "Connection aborted",
+                "RemoteDisconnected", "Failed to establish", "ConnectionError", "ReadTimeout")
+
+
+def unreachable(exc: Exception) -> bool:
+    """Whether a failed call says the store did not answer (rather than refused the call)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(sign in text for sign in _UNREACHABLE)
+
+
 class MlflowWriter:
     """One background thread that makes the MLflow calls handed to it, in the order given.
     Metrics waiting together are merged into one log_batch per run. A failing call warns and
-    the rest go on (a tracking store that fails must not end hours of training)."""
+    the rest go on (a tracking store that fails must not end hours of training).
 
-    def __init__(self, client: MlflowClient, resolve: Callable[[str, int | None], str | None] | None = None):
+    A store that does not answer (a server that hangs or is down) must not stop the sweep either:
+    Tune's loop waits on this queue once it is full. So the first call that finds the store
+    unreachable opens a breaker: from then on calls are parked in order and metrics dropped
+    (their trials noted), at no cost, and every `probe_period` seconds the store is tried again.
+    When it answers, the parked calls are made and `recovered` is told which trials' metrics
+    were dropped (MlflowTrials sends them from the journal). What is still parked when the
+    writer closes is counted as failed: the summary says so, and `resume` sends it."""
+
+    def __init__(self, client: MlflowClient, resolve: Callable[[str, int | None], str | None] | None = None,
+                 recovered: Callable[[set[str]], None] | None = None, probe_period: float = PROBE_PERIOD_S):
         self.client = client
         # resolve(target, step): the run that metrics handed over for `target` go to, or None to
         # drop them (an epoch already logged); by default the target is the run id
         self.resolve = resolve or (lambda target, step: target)
+        self.recovered = recovered or (lambda targets: None)
+        self.probe_period = probe_period
         self.queue: queue.Queue = queue.Queue(maxsize=MAX_QUEUED)
         self.failures = 0
         self.failure_notes: list[str] = []
+        self.down_since: float | None = None  # time.monotonic() when the store stopped answering
+        self.parked: list[tuple] = []  # (fn, args, kwargs) waiting for the store, in order
+        self.dropped: set[str] = set()  # targets whose metrics were dropped while it was down
+        self.outages = 0
         self.thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self.thread.start()
 
@@ -120,7 +148,11 @@ class MlflowWriter:
 
     def _run(self) -> None:
         while True:
-            items = [self.queue.get()]
+            try:
+                items = [self.queue.get(timeout=self.probe_period if self.down_since is not None else None)]
+            except queue.Empty:
+                self._probe()
+                continue
             while items[-1][0] != "stop":  # take everything already waiting
                 try:
                     items.append(self.queue.get_nowait())
@@ -128,7 +160,11 @@ class MlflowWriter:
                     break
             stop = items[-1][0] == "stop"
             try:
+                self._probe()
                 self._do([item for item in items if item[0] != "stop"])
+                if stop:
+                    self._probe(force=True)
+                    self._give_up()
             finally:
                 for _ in items:
                     self.queue.task_done()
@@ -136,25 +172,76 @@ class MlflowWriter:
                 return
 
     def _do(self, items: list[tuple]) -> None:
-        pending: dict[str, list[Metric]] = {}
+        pending: dict[str, tuple[str, list[Metric]]] = {}
         for kind, target, payload in items + [("call", None, None)]:
             if kind == "metrics":
+                if self.down_since is not None:
+                    self.dropped.add(target)
+                    continue
                 run_id = self.resolve(target, payload[1])
                 if run_id is not None:
-                    pending.setdefault(run_id, []).extend(payload[0])
+                    pending.setdefault(run_id, (target, []))[1].extend(payload[0])
                 continue
-            for run_id, metrics in pending.items():  # metrics go before the call that followed them
-                self._guarded(log_metrics, self.client, run_id, metrics)
+            for run_id, (metrics_target, metrics) in pending.items():  # metrics go before the call after them
+                if self.down_since is not None or not self._attempt(log_metrics, (self.client, run_id, metrics), {}):
+                    self.dropped.add(metrics_target)
             pending = {}
             if target is not None:
                 args, kwargs = payload
-                self._guarded(target, *args, **kwargs)
+                if self.down_since is not None:
+                    self.parked.append((target, args, kwargs))
+                else:
+                    self._attempt(target, args, kwargs, park=True)
 
-    def _guarded(self, fn, *args, **kwargs) -> None:
+    def _attempt(self, fn, args: tuple, kwargs: dict, park: bool = False) -> bool:
+        """Make one call; False if it failed. A store that did not answer opens the breaker (and
+        with `park` the call waits for the store); any other failure is counted and warned of."""
         try:
             fn(*args, **kwargs)
+            return True
         except Exception as exc:  # noqa: BLE001
-            warn_failure(self, getattr(fn, "__name__", str(fn)), exc)
+            if not unreachable(exc):
+                warn_failure(self, getattr(fn, "__name__", str(fn)), exc)
+                return False
+            if park:
+                self.parked.append((fn, args, kwargs))
+            if self.down_since is None:
+                self.down_since, self.outages = time.monotonic(), self.outages + 1
+                logger.warning("MLflow store does not answer (%s); logging waits and training goes on, tried again "
+                               "every %gs", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                               self.probe_period)
+            return False
+
+    def _probe(self, force: bool = False) -> None:
+        """While the store is down: once a probe period has passed (or `force`), try it; when it
+        answers, make the parked calls and tell `recovered` whose metrics were dropped."""
+        if self.down_since is None:
+            return
+        if not force and time.monotonic() - self.down_since < self.probe_period:
+            return
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - still down
+            self.down_since = time.monotonic()
+            return
+        logger.warning("MLflow store answers again; sending what waited")
+        self.down_since = None
+        parked, self.parked = self.parked, []
+        for index, (fn, args, kwargs) in enumerate(parked):
+            if self.down_since is not None:  # down again: keep the rest, in order
+                self.parked.extend(parked[index:])
+                return
+            self._attempt(fn, args, kwargs, park=True)
+        dropped, self.dropped = self.dropped, set()
+        if dropped and not self._attempt(self.recovered, (dropped,), {}):
+            self.dropped |= dropped
+
+    def _give_up(self) -> None:
+        """At the end, what could not be sent is counted as failed (resume sends it)."""
+        if self.parked or self.dropped:
+            warn_failure(self, "MLflow store unreachable at the sweep's end",
+                         RuntimeError(f"{len(self.parked)} calls and the metrics of {len(self.dropped)} trials not "
+                                      f"sent; `cmath-hpo resume` sends them once the store answers"))
 
 
 def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str | None:
@@ -206,7 +293,8 @@ class MlflowTrials(Callback):
     @property
     def writer(self) -> MlflowWriter:
         if self._writer is None:
-            self._writer = MlflowWriter(self.client, resolve=self._metrics_run)
+            self._writer = MlflowWriter(self.client, resolve=self._metrics_run, recovered=self._resend,
+                                        probe_period=PROBE_PERIOD_S)
         return self._writer
 
     def flush(self) -> None:
@@ -263,6 +351,13 @@ class MlflowTrials(Callback):
                 m for epoch in missing
                 for m in metrics_at(model_metrics(rows[epoch]), epoch, _received_ms(rows[epoch]))])
             self.last_step[key] = missing[-1]
+
+    def _resend(self, keys: set[str]) -> None:
+        """In the writer, once the store answers again: the epochs it missed, from the journal."""
+        self._journal = None  # read again: it has grown since
+        for key in sorted(keys):
+            if key in self.run_ids:
+                self._backfill(key, self.run_ids[key])
 
     def _metrics_run(self, key: str, step: int | None) -> str | None:
         """Where an epoch's metrics go, in the writer: nowhere if the run could not be opened or

@@ -111,6 +111,6 @@ def tracking_server(postgres, tmp_path_factory, free_port):
     folder = tmp_path_factory.mktemp("server")
     process, url = start_ui(folder, port=free_port(), mlflow_uri=postgres["mlflow"])
     try:
-        yield {"url": url, "artifacts": folder / "mlartifacts"}
+        yield {"url": url, "artifacts": folder / "mlartifacts", "process": process}
     finally:
         stop_ui(process)

@@ -6,6 +6,10 @@ study in the same PostgreSQL. A database URI given as the tracking store is refu
 put its artifacts in ./mlruns of the current folder."""
 
 import json
+import os
+import signal
+import threading
+import time
 import urllib.request
 
 import optuna
@@ -63,6 +67,61 @@ def test_a_sweep_logs_every_trial_to_a_postgresql_backed_server(tracking_server,
 
     exported = export_best(outcome.sweep_dir, tmp_path / "best.yaml")["provenance"]
     assert exported["mlflow_uri"] == url and exported["mlflow_run_id"] in listed
+
+
+def test_a_server_that_stops_answering_does_not_stop_the_training(tracking_server, tiny_path, tmp_path,
+                                                                    monkeypatch):
+    """The tracking server hangs (SIGSTOP: it accepts connections and answers nothing) for 8 s
+    early in a sweep. Training goes on meanwhile, logging waits, and once the server answers
+    every run gets every epoch once: nothing is counted lost. Before, each call waited out MLflow's
+    retries and then was lost, and with the writer's queue full Tune's loop waited with it."""
+    import hpo.tracking
+    from hpo.trials import read_journal
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(hpo.tracking, "PROBE_PERIOD_S", 2.0)
+    monkeypatch.setattr(hpo.tracking, "MAX_QUEUED", 8)  # a full queue is where the loop would wait
+    epochs = 40
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "fixed": {"epochs": epochs, "batch_size": 4},
+                                     "asha": {"grace_period": epochs}}))
+    sweep_dir, server = tmp_path / "results" / "hang", tracking_server["process"]
+    window = {}
+
+    def hang() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and sum(len(r) for r in read_journal(sweep_dir).values()) < 3:
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGSTOP)
+        window["stopped"] = time.time()
+        time.sleep(8)
+        os.killpg(server.pid, signal.SIGCONT)
+        window["continued"] = time.time()
+
+    thread = threading.Thread(target=hang, daemon=True)
+    thread.start()
+    try:
+        outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=4, max_concurrent=2,
+                                         num_cpus=2, results=tmp_path / "results", name="hang",
+                                         mlflow_uri=tracking_server["url"]), log=lambda line: None)
+        thread.join(timeout=60)
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)  # whatever happened, the server goes on for the other tests
+    assert "continued" in window, "the sweep ended before the server was stopped"
+    during = [row for rows in read_journal(sweep_dir).values() for row in rows
+              if window["stopped"] + 1 < row["received_at"] < window["continued"]]
+    assert len(during) >= 5, f"{len(during)} epochs arrived while the server hung"
+    assert (outcome.status, outcome.counts["completed"], outcome.mlflow_failures) == ("finished", 4, 0), \
+        outcome.mlflow_failure_notes
+    client = MlflowClient(tracking_server["url"])
+    runs = client.search_runs([client.get_experiment_by_name("hang").experiment_id],
+                              filter_string="tags.`cmath.kind` = 'trial'")
+    assert len(runs) == 4
+    for run in runs:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_wf1"))
+        assert steps == list(range(1, epochs + 1)), (run.data.tags["cmath.trial_id"], steps)
+    print(f"{len(during)} epochs arrived in the 8 s the server hung")
 
 
 def test_a_database_uri_without_a_server_is_refused(postgres, tiny_path, tmp_path):
