@@ -83,6 +83,9 @@ class CMATHTrial(tune.Trainable):
         self.dataset = dataset
         self.ended_dir = ended_dir
         self.checkpoint_epochs = set(checkpoint_epochs)  # ASHA's rungs: where the trial may be stopped
+        share = gpu_memory_share(ray.get_runtime_context().get_assigned_resources()) if ray.is_initialized() else None
+        if share is not None and torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(share, 0)  # device 0: the one Ray made visible
         self._start(config)
         self.carries_on = config.get(CHECKPOINTS_OF)  # see _carry_on
 
@@ -102,9 +105,9 @@ class CMATHTrial(tune.Trainable):
         try:
             self.cmath_config = from_dict({**self.base, **searched_config(params)}, source="trial config")
             self.trainer = Trainer(self.cmath_config, self.dataset, keep_best=True)
-        except torch.cuda.OutOfMemoryError:
-            raise  # says nothing about the config: Ray retries it (see step)
         except Exception as exc:  # raised from step(), after the driver knows
+            if out_of_memory(exc):
+                raise  # says nothing about the config: Ray retries it (see step)
             self.error = exc
         self.setup_seconds = time.perf_counter() - started
 
@@ -134,11 +137,11 @@ class CMATHTrial(tune.Trainable):
             if self.restored_from:
                 result[RESTORED_FROM], self.restored_from = self.restored_from, None
             return result
-        except torch.cuda.OutOfMemoryError:
-            # Packed trials ran out of GPU memory: a fault of the placement, not of the config, so
-            # it is not told to Optuna as a failure; Ray retries it from its last checkpoint.
-            raise
         except Exception as exc:
+            if out_of_memory(exc):
+                # Packed trials ran out of GPU memory: a fault of the placement, not of the config,
+                # so it is not told to Optuna as a failure; Ray retries it from its last checkpoint.
+                raise
             self.error = exc
             self.reported_error = True
             return {TRIAL_ERROR: f"{type(exc).__name__}: {exc}"}
@@ -275,6 +278,30 @@ class CMATHTrial(tune.Trainable):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def gpu_memory_share(assigned: dict[str, float]) -> float | None:
+    """The share of its GPU's memory a trial packed with others (`--gpus-per-trial 0.25`) may use:
+    its share of the GPU. Without a cap, one trial's allocator cache can starve its neighbours.
+    None for a trial with a whole GPU or none.
+
+    Args:
+        assigned: the resources Ray assigned the trial (`get_assigned_resources()`).
+    """
+    share = float(assigned.get("GPU", 0.0))
+    return share if 0.0 < share < 1.0 else None
+
+
+# How an allocation failure on the GPU reads when it does not arrive as torch's OutOfMemoryError:
+# cuBLAS and cuDNN report theirs through RuntimeError.
+OUT_OF_MEMORY_SIGNS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                       "CUDA error: out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception is the GPU running out of memory (whatever library raised it)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in OUT_OF_MEMORY_SIGNS))
 
 
 def final_result(result: dict) -> dict:

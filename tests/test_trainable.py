@@ -55,6 +55,23 @@ def test_cuda_out_of_memory_is_raised_for_ray_to_retry(trial_class, monkeypatch)
         trial.step()
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+])
+def test_cublas_and_cudnn_allocation_failures_are_out_of_memory_too(trial_class, monkeypatch, error):
+    """They arrive as RuntimeError, which was taken for a bad config (an error result, Optuna FAIL)."""
+    trial = trial_class(config={"lr": 1e-3})
+
+    def fails():
+        raise error
+
+    monkeypatch.setattr(trial.trainer, "step", fails)
+    with pytest.raises(RuntimeError, match="ALLOC_FAILED|out of memory"):
+        trial.step()
+
+
 def test_out_of_memory_while_building_the_model_is_raised_too(trial_class, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
@@ -76,3 +93,10 @@ def test_a_bad_config_is_an_error_result_then_the_error(trial_class, monkeypatch
     assert trial.step()[TRIAL_ERROR] == "ValueError: d must be divisible by the number of heads"
     with pytest.raises(ValueError):
         trial.step()
+
+
+@pytest.mark.parametrize("assigned, share", [({"CPU": 1.0, "GPU": 0.25}, 0.25), ({"GPU": 1.0}, None),
+                                             ({"CPU": 2.0}, None)])
+def test_a_packed_trial_may_use_its_share_of_the_gpus_memory(assigned, share):
+    """Set as torch's per-process memory fraction in the trial's set-up (on a GPU; none here)."""
+    assert trainable_module.gpu_memory_share(assigned) == share
