@@ -62,8 +62,12 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     ('finished', {'completed': 5, 'stopped_by_asha': 3, 'failed': 0, 'interrupted': 0})
     """
     started = time.perf_counter()
-    from_storage = not _local_sweep(sweep, results) and is_mirror(str(sweep))
-    sweep_dir = restore_sweep_folder(str(sweep), results) if from_storage else find_sweep(sweep, results)
+    try:
+        sweep_dir, from_storage = find_sweep(sweep, results), False
+    except SweepError:
+        if not is_mirror(str(sweep)):
+            raise
+        sweep_dir, from_storage = restore_sweep_folder(str(sweep), results), True
     record = read_record(sweep_dir)
     if record.get("status") == "finished":
         raise SweepError(f"sweep '{record['name']}' already finished; export it with "
@@ -124,14 +128,6 @@ def check_ray_state(experiment_path: str, name: str) -> None:
         raise SweepError(f"sweep '{name}' was stopped before Ray first saved its state (no {pattern} in "
                          f"{experiment_path}), so Ray cannot resume it; start it again with a new --name "
                          f"(its first trials' runs stay in MLflow)")
-
-
-def _local_sweep(sweep: str | Path, results: str | Path) -> bool:
-    try:
-        find_sweep(sweep, results)
-    except SweepError:
-        return False
-    return True
 
 
 def check_parent_run(uri: str, record: dict) -> None:
