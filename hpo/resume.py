@@ -157,7 +157,10 @@ def check_driver_gone(record: dict, driver_gone: bool = False) -> None:
     if host and host != platform.node() and not ended and not driver_gone:
         raise SweepError(f"sweep '{record['name']}' was driven from host {host} (pid {driver.get('pid')}), which may "
                          f"still run it; stop it there, or if that driver is gone resume with --driver-gone")
-    if (not host or host == platform.node()) and driver.get("pid") and is_running(driver["pid"], driver.get("cmdline")):
+    # A driver that closed the record (Ctrl-C, a stop) is done with the sweep even if its process
+    # lives on: a notebook's kernel, or a script that resumes what it stopped.
+    if (not host or host == platform.node()) and not ended and driver.get("pid") \
+            and is_running(driver["pid"], driver.get("cmdline")):
         raise SweepError(f"sweep '{record['name']}' is still running (driver pid {driver['pid']}); "
                          f"stop it first (Ctrl-C) or wait for it to end")
 
