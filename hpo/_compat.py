@@ -90,6 +90,14 @@ def never_retry(trial) -> None:
     trial.max_failures = 0
 
 
+def allow_another_try(trial) -> None:
+    """A trial whose failure was its place's, not its own (hpo.placement), is retried without
+    spending one of its retries: its copy of FailureConfig's number is raised by one (-1, no
+    limit, stays)."""
+    if trial.max_failures >= 0:
+        trial.max_failures += 1
+
+
 def restart_iteration_count(trainable) -> None:
     """A trainable that gave up on every checkpoint starts over: Tune's epoch counter, which the
     failed restore attempts had set, goes back to 0 (Trainable has no setter)."""

@@ -32,6 +32,7 @@ from .storage import join, resolve_storage
 from .study import JOURNAL, STUDY_FOLDER
 
 ENDED_FOLDER = "cmath_ended"  # in the experiment's storage folder: <trial_id>.json, written when a trial ends
+PROBE_FOLDER = "cmath_probe"  # in the experiment's storage folder: the driver's marker that trials check
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ class SweepPlan:
     def ended_dir(self) -> str:
         """Where the driver records ended trials, beside Ray's experiment folder (shared storage)."""
         return join(self.storage_path, self.storage_name, ENDED_FOLDER)
+
+    @property
+    def probe_dir(self) -> str:
+        """Where the driver leaves the marker each trial reads before it trains (hpo.storage.probe_storage)."""
+        return join(self.storage_path, self.storage_name, PROBE_FOLDER)
 
     @property
     def experiment_path(self) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from .recovery import REPLAYED, RESTORE_NOTE, TRIAL_ERROR, error_summary, trial_key
+from .recovery import REPLAYED, RESTORE_NOTE, error_summary, is_epoch, trial_key
 from .space import show
 from .trials import end_state
 
@@ -35,12 +35,14 @@ class ProgressPrinter(Callback):
         self.log(f"[{trial_key(trial)}] start{again} ({number}/{self.num_samples})  {params}")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        if not is_epoch(trial.last_result or {}):
+            return  # it reported a fault of its place first, and hpo.placement said what is done about it
         self.log(f"[{trial_key(trial)}] lost its worker: {error_summary(trial)}; retrying from its last checkpoint")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if RESTORE_NOTE in result:
             self.log(f"[{trial_key(trial)}] {result[RESTORE_NOTE]}")
-        if self.verbose and TRIAL_ERROR not in result and REPLAYED not in result:
+        if self.verbose and is_epoch(result) and REPLAYED not in result:
             self.log(f"[{trial_key(trial)}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
                      f"  ({result.get('epoch_seconds', 0):.1f}s)")
 

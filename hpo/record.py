@@ -15,6 +15,7 @@ OPTUNA_FILE = "optuna.db"
 RESCORE_TABLE = "rescored.parquet"  # one row per (trial, seed), written as each run ends
 RESCORE_FILE = "rescored.json"  # the finished re-scoring: each trial's mean and spread, and the pick
 FAILURES_FILE = "mlflow_failures.json"  # what the trials' MLflow calls lost (hpo.tracking writes it at the end)
+NODE_FAULTS_FILE = "node_faults.json"  # nodes that could not use the storage (hpo.placement)
 
 
 def find_sweep(sweep: str | Path, results: str | Path = "results") -> Path:
@@ -56,3 +57,13 @@ def read_rescore(sweep_dir: Path) -> dict | None:
     """The finished re-scoring of the sweep's best trials (rescored.json), None if there is none."""
     path = sweep_dir / RESCORE_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_node_faults(sweep_dir: Path) -> dict[str, dict]:
+    """The nodes that could not use the storage during the sweep ({} when none): node id -> its
+    faults, whether it is excluded (in the driver's run that wrote it), the first problem, and
+    the trials it failed."""
+    try:
+        return json.loads((sweep_dir / NODE_FAULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}

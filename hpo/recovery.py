@@ -24,6 +24,10 @@ from ray.tune.experiment import Trial
 from ._compat import never_retry
 
 TRIAL_ERROR = "cmath_error"  # a result key: the trial raised; the driver must not retry it
+# Result keys for a fault of where a trial runs, not of its config (hpo.placement decides how it is
+# retried): its node cannot use the sweep's storage; it ran out of its share of a GPU.
+STORAGE_FAULT = "cmath_storage_fault"
+OUT_OF_MEMORY = "cmath_out_of_memory"
 RESTORE_NOTE = "cmath_restore_note"  # a result key: how the trial came back after a restore
 REPLAYED = "cmath_replayed"  # a result key: an ended trial's final result, repeated after a restore
 ENDED_CHECKPOINT = "cmath_ended_checkpoint"  # with REPLAYED: the path of the checkpoint the trial ended with
@@ -41,6 +45,11 @@ CONTINUES = "cmath_continues"
 CHECKPOINTS_OF = "cmath_checkpoints_of"
 LOST = "lost: started after Ray last saved its state, then the driver was killed; a resume carries it on"
 MAX_ERROR_CHARS = 500
+
+
+def is_epoch(result: dict) -> bool:
+    """Whether a trial's result is an epoch's numbers, not a report of its error or of a fault."""
+    return not any(key in result for key in (TRIAL_ERROR, STORAGE_FAULT, OUT_OF_MEMORY))
 
 
 def trial_key(trial) -> str:

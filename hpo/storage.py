@@ -94,6 +94,13 @@ def _read(uri: str) -> str:
         return stream.read().decode()
 
 
+def place_marker(folder: str) -> str:
+    """Write a new marker at `folder`/driver for nodes to check with `probe_storage`; returns its token."""
+    token = uuid.uuid4().hex
+    _write(join(folder, "driver"), token)
+    return token
+
+
 def probe_storage(folder: str, token: str, node_id: str) -> str | None:
     """On one node: read the driver's marker, write this node's. None if both worked, else why not."""
     try:

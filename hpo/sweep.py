@@ -24,7 +24,7 @@ from .errors import SweepError
 from .mirror import SweepMirror
 from .plan import SweepOptions, SweepPlan, plan_sweep
 from .provenance import SweepRecord
-from .record import FAILURES_FILE, OPTUNA_FILE
+from .record import FAILURES_FILE, OPTUNA_FILE, read_node_faults
 from .space import show
 from .study import copy_to_sqlite, open_storage
 from .trials import END_STATES, TRIALS_FILE, best_row, read_trials
@@ -47,12 +47,14 @@ class SweepOutcome:
     trial_train_seconds: float
     mlflow_failures: int = 0  # MLflow calls that failed (the sweep went on; its tables have everything)
     mlflow_failure_notes: list[str] = field(default_factory=list)
+    node_faults: dict[str, dict] = field(default_factory=dict)  # nodes that could not use the storage (hpo.placement)
 
     @property
     def exit_code(self) -> int:
-        """1 when every trial failed or MLflow lost part of the record, else 0."""
+        """1 when every trial failed, MLflow lost part of the record, or a node could not use the
+        storage (the cluster needs fixing, though no result was lost); else 0."""
         c = self.counts
-        return 1 if (c["failed"] and c["failed"] == sum(c.values())) or self.mlflow_failures else 0
+        return 1 if (c["failed"] and c["failed"] == sum(c.values())) or self.mlflow_failures or self.node_faults else 0
 
 
 def run_sweep(options: SweepOptions, log: Callable[[str], None] = print, trainable: type | None = None) -> SweepOutcome:
@@ -142,15 +144,16 @@ def finish_sweep(plan: SweepPlan, record: SweepRecord, ray_seconds: float, start
     metrics.update(wall_seconds=wall, fit_seconds=fit_seconds, trial_train_seconds=train_seconds)
     if best is not None:
         metrics.update(best_val_wf1=best["best_val_wf1"], best_test_wf1_at_best_val=best["test_wf1_at_best_val"])
+    node_faults = read_node_faults(plan.sweep_dir)
     ended = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": status, "counts": counts,
              "wall_seconds": wall, "fit_seconds": fit_seconds, "ray_init_seconds": ray_seconds,
-             "trial_train_seconds": train_seconds, "best": best}
+             "trial_train_seconds": train_seconds, "best": best, "node_faults": node_faults}
     failures = record.close(ended, metrics, best and best["trial_id"], finished, read_failures(plan.sweep_dir))
     keep_a_copy(plan, log)
     outcome = SweepOutcome(name=plan.name, sweep_dir=plan.sweep_dir, status=status, counts=counts, best=best,
                            wall_seconds=wall, fit_seconds=fit_seconds, ray_init_seconds=ray_seconds,
                            trial_train_seconds=train_seconds, mlflow_failures=failures["failures"],
-                           mlflow_failure_notes=failures["notes"])
+                           mlflow_failure_notes=failures["notes"], node_faults=node_faults)
     log(summary_text(outcome, plan.searched))
     return outcome
 
@@ -247,5 +250,10 @@ def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
         lines.append(f"MLflow: {outcome.mlflow_failures} calls failed, so its record of this sweep is incomplete "
                      f"(first: {outcome.mlflow_failure_notes[0] if outcome.mlflow_failure_notes else '?'}); "
                      f"trials.parquet and history.parquet have every result; check the tracking store")
+    for node, fault in outcome.node_faults.items():
+        lines.append(f"node {node[:12]} could not use the sweep's storage ({fault['faults']} trials moved off it"
+                     + (", then it got no more trials" if fault["excluded"] else "") + f"): {fault['problem']}; "
+                     f"make the storage reachable there (the same mount, or the object store's credentials in "
+                     f"that node's environment) or take the node out of the cluster")
     lines.append(str(outcome.sweep_dir))
     return "\n".join(lines)

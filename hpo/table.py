@@ -30,8 +30,8 @@ from .recovery import (
     REPLAYED,
     RESTORE_NOTE,
     RESTORED_FROM,
-    TRIAL_ERROR,
     error_summary,
+    is_epoch,
     read_ended,
     read_lines,
     searched_config,
@@ -135,7 +135,7 @@ class TrialTable(Callback):
         self._note_change()
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if TRIAL_ERROR in result:
+        if not is_epoch(result):
             return
         if RESTORE_NOTE in result:
             row = self.row(trial)

@@ -43,9 +43,9 @@ from .recovery import (
     LOST,
     REPLAYED,
     RESTORE_NOTE,
-    TRIAL_ERROR,
     error_summary,
     error_text,
+    is_epoch,
     read_ended,
     searched_config,
     trial_key,
@@ -383,7 +383,7 @@ class MlflowTrials(Callback):
 
     @keep_going
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if TRIAL_ERROR in result:
+        if not is_epoch(result):
             return
         key = trial_key(trial)
         if RESTORE_NOTE in result:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -41,14 +42,17 @@ from .recovery import (
     CONTINUES,
     ENDED_AT,
     ENDED_CHECKPOINT,
+    OUT_OF_MEMORY,
     REPLAYED,
     RESTORE_NOTE,
     RESTORED_FROM,
+    STORAGE_FAULT,
     TRIAL_ERROR,
     read_ended,
     read_json,
     searched_config,
 )
+from .storage import probe_storage, redact
 
 SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
 # setup: building the trial's model and optimiser; checkpoint: its checkpoints so far, Ray's copy to storage included
@@ -65,6 +69,17 @@ def model_metrics(result: dict) -> dict[str, float]:
 
 
 CHECKPOINT_FILE = "checkpoint.json"  # in each checkpoint: the epoch it holds
+# A trial out of its share of a GPU waits this long, up to twice as long at random, before it is
+# retried: packed trials that ran out together do not come back together into the same memory.
+OOM_BACKOFF_S = 5.0
+
+
+class StorageFault(OSError):
+    """The trial's node cannot use the sweep's storage: a fault of the node, not of the config."""
+
+
+class DoesNotFit(RuntimeError):
+    """The trial's config does not fit in the GPU memory it had to itself."""
 
 
 class CMATHTrial(tune.Trainable):
@@ -75,19 +90,46 @@ class CMATHTrial(tune.Trainable):
     raised (a bad config, a NaN loss) would fail again. So an error is first reported as a
     result carrying TRIAL_ERROR, on which the driver turns retries off for this trial
     (hpo.recovery.NoRetryOnTrialError), and then raised on the next step, so Ray records the
-    trial as ERROR with the real exception."""
+    trial as ERROR with the real exception.
+
+    A fault of the trial's place, not of its config, is reported the same way under its own key
+    (STORAGE_FAULT, OUT_OF_MEMORY), and the driver decides how it is retried (hpo.placement):
+    before any training, a trial checks that its node can read the driver's marker on the sweep's
+    storage and write beside it (`probe`: the marker's folder and token), since a node that cannot
+    would train to its first checkpoint and fail there."""
+
+    oom_backoff_s = OOM_BACKOFF_S  # see OOM_BACKOFF_S
 
     def setup(self, config: dict, base: dict | None = None, dataset: Dataset | None = None,
-              ended_dir: str | None = None, checkpoint_epochs: tuple[int, ...] = ()) -> None:
+              ended_dir: str | None = None, checkpoint_epochs: tuple[int, ...] = (),
+              probe: tuple[str, str] | None = None) -> None:
         self.base = base or {}
         self.dataset = dataset
         self.ended_dir = ended_dir
         self.checkpoint_epochs = set(checkpoint_epochs)  # ASHA's rungs: where the trial may be stopped
-        share = gpu_memory_share(ray.get_runtime_context().get_assigned_resources()) if ray.is_initialized() else None
-        if share is not None and torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(share, 0)  # device 0: the one Ray made visible
+        self.probe = probe
+        self.gpu_share = (gpu_memory_share(ray.get_runtime_context().get_assigned_resources())
+                          if ray.is_initialized() else None)
+        if self.gpu_share is not None and torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(self.gpu_share, 0)  # device 0: the one Ray made visible
         self._start(config)
         self.carries_on = config.get(CHECKPOINTS_OF)  # see _carry_on
+        self._check_storage()
+
+    def _check_storage(self) -> None:
+        """Set the trial's fault when its node cannot use the sweep's storage (see the class)."""
+        self.fault: tuple[str, Exception] | None = None  # (its result key, the error raised after the report)
+        self.fault_reported = False
+        if not self.probe:
+            return
+        folder, token = self.probe
+        node = ray.get_runtime_context().get_node_id()
+        problem = probe_storage(folder, token, node)
+        if problem:
+            storage = redact(folder).partition("?")[0].rsplit("/", 1)[0]  # the experiment's folder there
+            self.fault = (STORAGE_FAULT, StorageFault(
+                f"node {node[:12]} ({ray.util.get_node_ip_address()}) cannot use the sweep's storage {storage}: "
+                f"{problem}"))
 
     def _start(self, params: dict) -> None:
         self.drop_trainer()  # a reused worker's previous trial, or a restore that starts over
@@ -106,12 +148,12 @@ class CMATHTrial(tune.Trainable):
             self.cmath_config = from_dict({**self.base, **searched_config(params)}, source="trial config")
             self.trainer = Trainer(self.cmath_config, self.dataset, keep_best=True)
         except Exception as exc:  # raised from step(), after the driver knows
-            if out_of_memory(exc):
-                raise  # says nothing about the config: Ray retries it (see step)
             self.error = exc
         self.setup_seconds = time.perf_counter() - started
 
     def step(self) -> dict:
+        if self.fault is not None:
+            return self._report_fault()
         if self.carries_on:
             self._carry_on(self.carries_on)
         if self.ended is not None and self.ended["end_state"] != "failed":
@@ -125,6 +167,8 @@ class CMATHTrial(tune.Trainable):
             return replay
         if self.ended is not None:
             self.error = RuntimeError(self.ended.get("error") or "failed before the sweep was resumed")
+        if self.error is not None and out_of_memory(self.error) and not self.reported_error:
+            return self._out_of_memory(self.error)  # building the model already ran out
         if self.error is not None:
             if self.reported_error:
                 raise self.error
@@ -139,12 +183,36 @@ class CMATHTrial(tune.Trainable):
             return result
         except Exception as exc:
             if out_of_memory(exc):
-                # Packed trials ran out of GPU memory: a fault of the placement, not of the config,
-                # so it is not told to Optuna as a failure; Ray retries it from its last checkpoint.
-                raise
+                return self._out_of_memory(exc)
             self.error = exc
             self.reported_error = True
             return {TRIAL_ERROR: f"{type(exc).__name__}: {exc}"}
+
+    def _out_of_memory(self, exc: Exception) -> dict:
+        """Out of GPU memory. In a share of a GPU (`--gpus-per-trial` below 1), its neighbours or its
+        placement may be to blame: a fault of the place, retried on its own budget after a back-off
+        (hpo.placement). On a GPU of its own, nothing else is: the config does not fit, and the
+        trial fails as a config error would."""
+        self.drop_trainer()  # its memory goes back to the GPU now, not when the actor ends
+        if self.gpu_share is None:
+            self.error = DoesNotFit(f"out of memory on a GPU of its own, so this config does not fit in it "
+                                    f"(lower d or batch_size, or narrow the space): {type(exc).__name__}: {exc}")
+            self.reported_error = True
+            return {TRIAL_ERROR: f"{type(self.error).__name__}: {self.error}"}
+        self.fault = (OUT_OF_MEMORY, exc)
+        return self._report_fault()
+
+    def _report_fault(self) -> dict:
+        """A fault of the trial's place: reported as a result once (the driver then lets Ray retry
+        it without counting it against --max-retries), then raised."""
+        key, error = self.fault
+        if not self.fault_reported:
+            self.fault_reported = True
+            return {key: f"{type(error).__name__}: {str(error)[:1000]}", "gpu_share": self.gpu_share or 0.0,
+                    "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""}
+        if key == OUT_OF_MEMORY:
+            time.sleep(self.oom_backoff_s * (1 + random.random()))
+        raise error
 
     def _epoch(self) -> dict:
         record = self.trainer.step()
@@ -269,6 +337,7 @@ class CMATHTrial(tune.Trainable):
     def reset_config(self, new_config: dict) -> bool:
         self._start(new_config)
         self.carries_on = new_config.get(CHECKPOINTS_OF)
+        self._check_storage()
         return True
 
     def drop_trainer(self) -> None:

@@ -1,6 +1,7 @@
 """The Ray Tune experiment of a sweep: the trainable with its resources, Optuna's TPE behind a
-concurrency limiter, ASHA, and the driver's callbacks (MLflow, tables, progress, no retry of a
-trial's own error); built for a new sweep, restored for a resumed one."""
+concurrency limiter, ASHA (or FIFO) keeping trials off faulty nodes (hpo.placement), and the
+driver's callbacks (MLflow, tables, progress, no retry of a trial's own error); built for a new
+sweep, restored for a resumed one."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ._compat import asha_brackets, asha_record, restored_scheduler, set_restore
 from .plan import SweepPlan
 from .provenance import SweepRecord
 from .space import METRIC, MODE
-from .storage import public_query
+from .storage import place_marker, public_query
 from .trials import read_journal
 
 
@@ -48,14 +49,16 @@ def tune_environment() -> None:
 
 def build_trainable(plan: SweepPlan, trial_class: type | None = None):
     """The trial class with its resources; the base config and the dataset go to the object store
-    once. The dataset is the file the plan checked (its SHA-256 pinned)."""
+    once. The dataset is the file the plan checked (its SHA-256 pinned). Writes the marker on the
+    storage that each trial checks before it trains."""
     from ray import tune
 
     from .trainable import CMATHTrial
 
     dataset = load_dataset(plan.data.path, plan.data.sha256)
+    probe = (plan.probe_dir, place_marker(plan.probe_dir))  # a new token for each driver, so a stale marker fails
     trainable = tune.with_parameters(trial_class or CMATHTrial, base=plan.base.to_dict(), dataset=dataset,
-                                     ended_dir=plan.ended_dir, checkpoint_epochs=plan.rungs)
+                                     ended_dir=plan.ended_dir, checkpoint_epochs=plan.rungs, probe=probe)
     return tune.with_resources(trainable, plan.resources)
 
 
@@ -84,9 +87,9 @@ def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], N
 def build_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None], trial_class: type | None = None):
     """A new sweep's Tuner, its trials logged under the record's MLflow parent run."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from .placement import SweepASHA, SweepFIFO
     from .search import SweepSearch
 
     tune_environment()
@@ -96,10 +99,11 @@ def build_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None]
                                               study_name=plan.name, sampler=plan.options.sampler),
                                   max_concurrent=plan.max_concurrent)
     if plan.options.early_stopping:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_t,
-                                  grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
+        scheduler = SweepASHA(time_attr="training_iteration", max_t=plan.max_t,
+                              grace_period=plan.space.grace_period, reduction_factor=plan.space.reduction_factor)
     else:
-        scheduler = FIFOScheduler()
+        scheduler = SweepFIFO()
+    scheduler.attach(log, plan.sweep_dir)
     return tune.Tuner(
         build_trainable(plan, trial_class),
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
@@ -125,8 +129,11 @@ def restore_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], Non
     tuner = tune.Tuner.restore(plan.experiment_path, trainable=build_trainable(plan, trial_class),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     set_restored_callbacks(tuner, sweep_callbacks(plan, record, log))
+    scheduler = restored_scheduler(tuner)
+    if hasattr(scheduler, "attach"):  # a sweep started before hpo.placement has Ray's own
+        scheduler.attach(log, plan.sweep_dir)
     if plan.options.early_stopping:
-        rebuild_rungs(restored_scheduler(tuner), read_journal(plan.sweep_dir))
+        rebuild_rungs(scheduler, read_journal(plan.sweep_dir))
     return tuner
 
 

@@ -386,3 +386,58 @@ def test_sweep_on_shared_storage_survives_losing_the_worker(cluster, tiny_path):
     assert (sweep_dir / "report" / "confusion.png").exists()  # drawn from the best trial's best/
     print(f"trial {victim} moved from the worker to the head; epochs redone {moved['epochs_redone']}; "
           f"wall {wall:.0f}s")
+
+
+def test_a_node_that_joins_after_the_preflight_and_cannot_see_the_storage_gets_no_trials(cluster, tiny_path):
+    """A node that joins once the sweep has passed its preflight (an autoscaler, a replaced
+    machine), in a mount namespace where the shared folder is an empty tmpfs, as a machine whose
+    NFS mount failed. Before each trial checked the storage, trials placed there trained and wrote
+    their checkpoints to that node's own disk, lost to the sweep, and the sweep exited 0."""
+    results, name = cluster["private"] / "results-late", "late"
+    storage = cluster["nfs"] / "late"
+    late_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")
+    out = cluster["private"] / "driver-late.log"
+    env = {**cluster["env"], "PYTHONUNBUFFERED": "1"}  # its lines reach the log as they are printed
+    with open(out, "w") as log:
+        driver = subprocess.Popen(_sweep_command(_space(cluster["private"], d=64, epochs=4), tiny_path, results, name,
+                                                 "--num-samples", "6", "--max-concurrent", "4",
+                                                 "--address", cluster["address"], "--storage", str(storage)),
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    late = None
+    try:
+        deadline = time.monotonic() + 180
+        while f"sweep {name}: 6 trials" not in out.read_text():  # past the preflight, its record open
+            assert driver.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.05)
+        # The driver waits (SIGSTOP) while the node joins, so the first trials find it there.
+        os.kill(driver.pid, signal.SIGSTOP)
+        try:
+            subprocess.run([*_private_namespace(cluster["nfs"]), RAY, "start", "--address", cluster["address"],
+                            "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", late_dir,
+                            "--disable-usage-stats"], env=cluster["env"], check=True, capture_output=True, timeout=120)
+        finally:
+            os.kill(driver.pid, signal.SIGCONT)
+        code = driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        stop(pids_using(late_dir), timeout=10)
+        shutil.rmtree(late_dir, ignore_errors=True)
+    text = out.read_text()
+    known = {cluster["node_ids"]["head"], cluster["node_ids"]["worker"]}
+    trials = read_trials(results / name)
+    assert len(trials) == 6 and set(trials["end_state"]) == {"completed"}
+    used = set(",".join(trials["nodes"]).split(","))
+    assert used <= {node[:12] for node in known}, used  # no epoch was trained on the late node
+    assert code == 1, text[-3000:]
+    faults = json.loads((results / name / "node_faults.json").read_text())
+    [late] = faults  # one node could not use the storage: the late one
+    assert late not in known and faults[late]["excluded"] and faults[late]["faults"] >= 2, faults
+    assert "is not there (this node sees another disk)" in faults[late]["problem"]
+    warnings = [line for line in text.splitlines() if line.startswith("warning: [") and late[:12] in line]
+    assert len(warnings) == faults[late]["faults"] and "the node gets no more trials of this sweep" in text, text
+    assert f"node {late[:12]} could not use the sweep's storage ({faults[late]['faults']} trials moved off it, " \
+           f"then it got no more trials)" in text
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{results / name / 'optuna.db'}")
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}  # none told to Optuna as a failure
+    print(f"late node {late[:12]}: {faults[late]['faults']} trials moved off it, then excluded")

@@ -63,6 +63,16 @@ def test_a_tune_trial_told_never_to_retry_does_not_recover():
     assert not trial.should_recover()
 
 
+def test_a_trial_can_be_given_one_more_try():
+    from ray.tune.experiment import Trial
+
+    trial = Trial("compat_trainable", config={}, stub=True, max_failures=1)
+    trial.run_metadata.num_failures = 2
+    assert not trial.should_recover()
+    _compat.allow_another_try(trial)
+    assert trial.should_recover()
+
+
 def test_a_trainables_iteration_count_restarts_at_zero():
     from ray.tune.trainable import Trainable
 

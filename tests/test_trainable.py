@@ -1,7 +1,9 @@
 """CMATHTrial's own rules, on one process without Ray: what a reused worker frees between trials,
-and which errors Ray retries (a lost GPU's memory) versus which fail the trial once (a bad config)."""
+and which errors Ray retries (out of memory in a share of a GPU) versus which fail the trial once
+(a bad config, a config that does not fit a GPU of its own)."""
 
 import gc
+import time
 import weakref
 
 import pytest
@@ -9,8 +11,8 @@ import torch
 
 from cmath_model.config import paper_defaults
 from hpo import trainable as trainable_module
-from hpo.recovery import TRIAL_ERROR
-from hpo.trainable import CMATHTrial
+from hpo.recovery import OUT_OF_MEMORY, TRIAL_ERROR
+from hpo.trainable import CMATHTrial, DoesNotFit
 
 
 @pytest.fixture
@@ -42,16 +44,45 @@ def test_reset_config_frees_the_previous_trainer_before_building_the_next(trial_
     assert trial.trainer.config.lr == 2e-3
 
 
-def test_cuda_out_of_memory_is_raised_for_ray_to_retry(trial_class, monkeypatch):
-    """Out of GPU memory says nothing about the config: not an error result (which ends the trial
-    once and tells Optuna FAIL) but an exception, which Ray retries from the last checkpoint."""
-    trial = trial_class(config={"lr": 1e-3})
+def _packed(trial, share=0.25):
+    """The trial as Ray would have placed it in a share of a GPU (set in setup from Ray's resources)."""
+    trial.gpu_share = share
+    trial.oom_backoff_s = 0.05
+    return trial
+
+
+def test_out_of_memory_in_a_share_of_a_gpu_is_reported_then_raised_for_ray_to_retry(trial_class, monkeypatch):
+    """In a share of a GPU, out of memory may be the neighbours' doing: a fault report the driver
+    turns into a retry on its own budget (hpo.placement), then the exception Ray retries, after a
+    back-off; never an error result, which would end the trial and tell Optuna FAIL."""
+    trial = _packed(trial_class(config={"lr": 1e-3}))
 
     def out_of_memory():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trial.trainer, "step", out_of_memory)
+    reported = trial.step()
+    assert TRIAL_ERROR not in reported and "CUDA out of memory" in reported[OUT_OF_MEMORY]
+    assert reported["gpu_share"] == 0.25 and trial.trainer is None  # its memory is given back at once
+    started = time.perf_counter()
     with pytest.raises(torch.cuda.OutOfMemoryError):
+        trial.step()
+    assert time.perf_counter() - started >= 0.05  # the back-off
+
+
+def test_out_of_memory_on_a_gpu_of_its_own_is_a_config_that_does_not_fit(trial_class, monkeypatch):
+    """Nothing else shares its memory, so a retry would run out again: the trial fails as a bad
+    config does (error result, then the error), saying why."""
+    trial = trial_class(config={"lr": 1e-3})
+    assert trial.gpu_share is None
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trial.trainer, "step", out_of_memory)
+    error = trial.step()[TRIAL_ERROR]
+    assert error.startswith("DoesNotFit: out of memory on a GPU of its own") and "lower d or batch_size" in error
+    with pytest.raises(DoesNotFit):
         trial.step()
 
 
@@ -62,23 +93,26 @@ def test_cuda_out_of_memory_is_raised_for_ray_to_retry(trial_class, monkeypatch)
 ])
 def test_cublas_and_cudnn_allocation_failures_are_out_of_memory_too(trial_class, monkeypatch, error):
     """They arrive as RuntimeError, which was taken for a bad config (an error result, Optuna FAIL)."""
-    trial = trial_class(config={"lr": 1e-3})
+    trial = _packed(trial_class(config={"lr": 1e-3}))
 
     def fails():
         raise error
 
     monkeypatch.setattr(trial.trainer, "step", fails)
+    assert OUT_OF_MEMORY in trial.step()
     with pytest.raises(RuntimeError, match="ALLOC_FAILED|out of memory"):
         trial.step()
 
 
-def test_out_of_memory_while_building_the_model_is_raised_too(trial_class, monkeypatch):
+def test_out_of_memory_while_building_the_model_is_out_of_memory_too(trial_class, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
     monkeypatch.setattr(trainable_module, "Trainer", out_of_memory)
+    trial = _packed(trial_class(config={"lr": 1e-3}))
+    assert OUT_OF_MEMORY in trial.step()
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        trial_class(config={"lr": 1e-3})
+        trial.step()
 
 
 def test_a_bad_config_is_an_error_result_then_the_error(trial_class, monkeypatch):
