@@ -87,11 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--num-cpus", type=int, help="CPUs the private local Ray may use (default: all)")
     export.add_argument("--allow-open-cluster", action="store_true",
                         help="re-score on a cluster that runs without token authentication")
+    export.add_argument("--mlflow-uri", help="the sweep's tracking store for the re-scoring runs, if not the "
+                                             "recorded one (e.g. with its secret, which is not recorded)")
 
     report = sub.add_parser("report", help="plots and report.md from a sweep (also logged to its MLflow parent run)")
     report.add_argument("sweep", help="a sweep folder, a sweep name under --results, or latest")
     report.add_argument("--results", default="results")
     report.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's parent run")
+    report.add_argument("--mlflow-uri", help="the sweep's tracking store, if not the recorded one (e.g. with its "
+                                             "secret, which is not recorded)")
 
     bench = sub.add_parser("bench", help="run a benchmark of this source checkout (python -m benchmarks NAME): "
                                          "prints a table, writes results/benchmarks/NAME.json", add_help=False)
@@ -149,7 +153,7 @@ def _export(args: argparse.Namespace) -> int:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         rescore_best(sweep_dir, top=3 if args.top is None else args.top,
                      seeds=3 if args.seeds is None else args.seeds, address=args.address, num_cpus=args.num_cpus,
-                     allow_open_cluster=args.allow_open_cluster)
+                     allow_open_cluster=args.allow_open_cluster, mlflow_uri=args.mlflow_uri)
     values = export_best(sweep_dir, args.output, args.results)
     p = values["provenance"]
     rescored = read_rescore(sweep_dir)
@@ -174,7 +178,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import make_report
 
-    out = make_report(args.sweep, args.results, log_to_mlflow=not args.no_mlflow)
+    out = make_report(args.sweep, args.results, log_to_mlflow=not args.no_mlflow, mlflow_uri=args.mlflow_uri)
     print(f"wrote {out / 'report.md'} and its plots in {out}")
     return 0
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import SweepError
+from .storage import has_redacted
 
 SWEEP_FILE = "sweep.json"
 OPTUNA_FILE = "optuna.db"
@@ -44,6 +45,28 @@ def find_sweep(sweep: str | Path, results: str | Path = "results") -> Path:
 def read_record(sweep_dir: Path) -> dict:
     """The sweep's sweep.json."""
     return json.loads((sweep_dir / SWEEP_FILE).read_text())
+
+
+def tracked_record(record: dict, mlflow_uri: str | None = None) -> dict:
+    """A sweep's record, for logging to its MLflow runs after the sweep (report, re-scoring).
+
+    Args:
+        record: the sweep's sweep.json.
+        mlflow_uri: the sweep's tracking store, given again (its secret is not recorded, see
+            hpo.storage.redact) or as this host reaches it; None: the recorded one.
+
+    Returns:
+        The record with `mlflow_uri` in place of the recorded URI if given; SweepError if the
+        recorded one lost its secret and none is given.
+    """
+    recorded = (record.get("mlflow") or {}).get("uri")
+    if mlflow_uri:
+        return {**record, "mlflow": {**(record.get("mlflow") or {}), "uri": mlflow_uri}}
+    if has_redacted(recorded):
+        raise SweepError(f"sweep '{record.get('name')}' recorded its MLflow store without the secret in it "
+                         f"({recorded}); pass --mlflow-uri with it, or keep secrets out of URLs "
+                         f"(MLFLOW_TRACKING_PASSWORD, PGPASSWORD or ~/.pgpass)")
+    return record
 
 
 def write_json(path: Path, values: dict) -> None:

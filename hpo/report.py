@@ -26,7 +26,7 @@ from cmath_model.metrics import accuracy, confusion_matrix, per_class_f1, weight
 
 from .errors import SweepError  # noqa: E402
 from .plan import asha_rungs  # noqa: E402
-from .record import OPTUNA_FILE, find_sweep, read_record  # noqa: E402
+from .record import OPTUNA_FILE, find_sweep, read_record, tracked_record  # noqa: E402
 from .space import show  # noqa: E402
 from .trials import HISTORY_FILE, TRIALS_FILE, best_row, read_trials  # noqa: E402
 
@@ -36,9 +36,17 @@ STATE_COLOURS = {"completed": "tab:green", "stopped_by_asha": "tab:orange", "fai
                  "interrupted": "tab:gray", "running": "tab:gray"}
 
 
-def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflow: bool = True) -> Path:
+def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflow: bool = True,
+                mlflow_uri: str | None = None) -> Path:
     """The paper's analyses of a sweep (finished or not) as PNG plots, report.md and report.json
     in <sweep>/report/, also logged to the sweep's MLflow parent run. Returns that folder.
+
+    Args:
+        sweep: a sweep folder, a sweep name under `results`, or `latest`.
+        results: the folder sweeps are written to.
+        log_to_mlflow: log the report to the sweep's parent run.
+        mlflow_uri: the sweep's tracking store, if not the recorded one (e.g. its secret, which
+            is not recorded).
 
     >>> folder = make_report("latest")
     >>> sorted(p.name for p in folder.glob("*.png"))[:3]
@@ -47,6 +55,8 @@ def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflo
     if not (sweep_dir / TRIALS_FILE).exists():
         raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has started")
     record = read_record(sweep_dir)
+    if log_to_mlflow or mlflow_uri:
+        record = tracked_record(record, mlflow_uri)
     trials = read_trials(sweep_dir).sort_values("number").reset_index(drop=True)
     history = pd.read_parquet(sweep_dir / HISTORY_FILE) if (sweep_dir / HISTORY_FILE).exists() else pd.DataFrame()
     out = sweep_dir / "report"

@@ -28,7 +28,7 @@ from cmath_model.data import load_dataset
 from cmath_model.tracking import log_metrics, metrics_at, open_run
 
 from .errors import SweepError
-from .record import RESCORE_FILE, RESCORE_TABLE, find_sweep, read_record
+from .record import RESCORE_FILE, RESCORE_TABLE, find_sweep, read_record, tracked_record
 from .trials import TRIALS_FILE, ranked, read_trials, write_parquet_atomic
 
 SEED_OFFSET = 1000
@@ -49,7 +49,7 @@ def runs_to_train(chosen: list[dict], table: pd.DataFrame, seeds: int) -> list[t
 
 def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str | Path = "results",
                  address: str | None = None, num_cpus: int | None = None, log: Callable[[str], None] = print,
-                 allow_open_cluster: bool = False) -> dict:
+                 allow_open_cluster: bool = False, mlflow_uri: str | None = None) -> dict:
     """Train the sweep's `top` best trials with `seeds` new seeds each (runs already in
     rescored.parquet are kept), write rescored.json and return it; export_best then takes its pick.
 
@@ -62,6 +62,8 @@ def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str |
         num_cpus: CPUs of the private local Ray (None: all).
         log: where progress lines go.
         allow_open_cluster: re-score on a cluster without token authentication (a warning).
+        mlflow_uri: the sweep's tracking store, if not the recorded one (e.g. its secret, which
+            is not recorded).
 
     Returns:
         rescored.json's content: each trial's mean and spread over its seeds, and the pick.
@@ -75,7 +77,7 @@ def rescore_best(sweep: str | Path, top: int = 3, seeds: int = 3, results: str |
                          f"(e.g. --top 3 --seeds 3)")
     if not (sweep_dir / TRIALS_FILE).exists():
         raise SweepError(f"{sweep_dir}: no {TRIALS_FILE} yet; no trial of this sweep has finished")
-    record = read_record(sweep_dir)
+    record = tracked_record(read_record(sweep_dir), mlflow_uri)
     chosen = ranked(read_trials(sweep_dir), top)
     if not chosen:
         raise SweepError(f"{sweep_dir}: no trial has a validation score (all failed?); see {TRIALS_FILE}")

@@ -475,6 +475,26 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
 
 
 # ------------------------------------------------------------------ the report (issue: sweep report)
+def test_a_tracking_store_recorded_without_its_secret_is_asked_for_again(sweep, tmp_path, capsys):
+    """A password in --mlflow-uri is not written into sweep.json (hpo.storage.redact). The report
+    and the re-scoring log to that store after the sweep: they ask for it in one line, before
+    anything runs, instead of failing on the `***` a call at a time."""
+    copy = tmp_path / "s1"
+    shutil.copytree(sweep["dir"], copy, ignore=shutil.ignore_patterns("report"))
+    record = json.loads((copy / "sweep.json").read_text())
+    real = record["mlflow"]["uri"]
+    (copy / "sweep.json").write_text(json.dumps({**record, "mlflow": {**record["mlflow"],
+                                                                      "uri": "http://me:***@127.0.0.1:5000"}}))
+    assert hpo_main(["report", str(copy)]) == 2
+    assert hpo_main(["export-best", str(copy), "-o", str(tmp_path / "b.yaml"), "--top", "1", "--seeds", "1"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("without the secret in it (http://me:***@127.0.0.1:5000); pass --mlflow-uri"
+                                    in line for line in errors), errors
+    assert not (copy / "report").exists() and not (copy / RESCORE_TABLE).exists()
+    assert hpo_main(["report", str(copy), "--mlflow-uri", real]) == 0
+    assert (copy / "report" / "report.md").exists()
+
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
