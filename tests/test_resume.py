@@ -177,6 +177,21 @@ def test_resume_after_ctrl_c(launch, tmp_path, free_port, capsys):
     _check_resumed(sweep_dir, tmp_path / "results", finished_before, journal_before)
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGHUP, signal.SIGTERM])
+def test_a_closed_terminal_or_a_shutdown_is_taken_as_ctrl_c(stop_signal):
+    """What the sweep's driver sets up once it has joined Ray: SIGHUP and SIGTERM raise Ctrl-C's
+    KeyboardInterrupt (Tune's own SIGINT handler, in a sweep: see test_resume_after_ctrl_c), where
+    Python's defaults would end the process at once. Its own process: signal handlers are global."""
+    code = ("import os, signal, sys, time\n"
+            "from hpo.cluster import stop_signals_as_ctrl_c\n"
+            "stop_signals_as_ctrl_c()\n"
+            f"os.kill(os.getpid(), {int(stop_signal)})\n"
+            "time.sleep(30)\n"
+            "print('not stopped')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "KeyboardInterrupt" in done.stderr and "not stopped" not in done.stdout, done.stderr[-2000:]
+
+
 def test_resume_refuses_a_finished_or_running_sweep(tmp_path):
     sweep_dir = tmp_path / "done"
     sweep_dir.mkdir()
