@@ -158,3 +158,20 @@ def test_dry_run_and_ui_help_load_no_ray_or_torch(tmp_path, tiny_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "after dry run []" in done.stdout and "after ui --help []" in done.stdout, done.stdout[-2000:]
     assert "dry run: nothing started" in done.stdout
+
+
+def test_every_test_the_docs_name_exists():
+    """docs/faults.md names the test behind each fault (`test_x.py::name`); a renamed or deleted
+    test would leave a row with nothing behind it."""
+    import re
+
+    named, current = [], None
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        for match in re.finditer(r"`(test_\w+\.py)?(?:::(\w+))?`", doc.read_text()):
+            current = match.group(1) or current
+            if match.group(2):
+                named.append((doc.name, current, match.group(2)))
+    assert len(named) >= 20  # the faults table alone names more
+    missing = [f"{doc}: {file}::{name}" for doc, file, name in named
+               if f"def {name}(" not in (REPO / "tests" / file).read_text()]
+    assert not missing, missing
