@@ -32,9 +32,9 @@ from ray.tune.execution.placement_groups import PlacementGroupFactory
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from ._compat import allow_another_try, never_retry
+from ._compat import allow_another_try, asha_brackets, bracket_rungs, never_retry
 from .record import NODE_FAULTS_FILE, read_node_faults, write_json
-from .recovery import OUT_OF_MEMORY, STORAGE_FAULT, trial_key
+from .recovery import CONTINUES, OUT_OF_MEMORY, STORAGE_FAULT, trial_key
 
 STORAGE_FAULTS_TO_EXCLUDE = 2
 OOM_RETRIES = 2
@@ -125,7 +125,20 @@ class AvoidsFaultyPlaces:
 
 
 class SweepASHA(AvoidsFaultyPlaces, ASHAScheduler):
-    """Ray's ASHA, keeping trials off nodes that cannot use the storage (AvoidsFaultyPlaces)."""
+    """Ray's ASHA, keeping trials off nodes that cannot use the storage (AvoidsFaultyPlaces).
+
+    A trial a resume carries on (hpo.search.SweepSearch) is a new Ray trial for a lost one, whose
+    rungs hpo.tuner.rebuild_rungs recorded under the lost one's id: they become the new trial's,
+    so the trial counts once at each rung, not twice."""
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        lost = trial.config.get(CONTINUES)
+        if lost and lost != trial.trial_id:
+            for bracket in asha_brackets(self):
+                for _, recorded in bracket_rungs(bracket):
+                    if lost in recorded:
+                        recorded[trial.trial_id] = recorded.pop(lost)
 
 
 class SweepFIFO(AvoidsFaultyPlaces, FIFOScheduler):

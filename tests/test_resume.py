@@ -258,6 +258,31 @@ def test_asha_after_a_resume_stops_a_trial_below_the_rung_it_recorded_before():
     assert decision(resumed) == TrialScheduler.STOP
 
 
+def test_a_carried_on_trial_counts_once_at_each_rung():
+    """A trial a resume carries on is a new Ray trial for a lost one, whose rungs the journal
+    replay recorded under the lost id. It resumes from the lost one's last checkpoint, which can
+    be older than its journal: passing a rung again, it was recorded a second time under the new
+    id, and one trial counted twice in that rung's cut."""
+    from ray.tune.experiment import Trial
+
+    from hpo._compat import asha_brackets, bracket_rungs
+    from hpo.placement import SweepASHA
+    from hpo.recovery import CONTINUES
+    from hpo.tuner import rebuild_rungs
+
+    scheduler = SweepASHA(time_attr="training_iteration", max_t=8, grace_period=2, reduction_factor=2)
+    scheduler.set_search_properties("val_wf1", "max")
+    rebuild_rungs(scheduler, {"lost": [{"epoch": e, "val_wf1": 0.5} for e in (1, 2, 3, 4)],
+                              "other": [{"epoch": e, "val_wf1": 0.6} for e in (1, 2, 3, 4)]})
+    carried = Trial("CMATHTrial", config={CONTINUES: "lost"}, trial_id="new", stub=True)
+    scheduler.on_trial_add(None, carried)
+    for epoch in (3, 4):  # from its checkpoint at epoch 2, past the rung at 4 again
+        scheduler.on_trial_result(None, carried, {"training_iteration": epoch, "val_wf1": 0.7})
+    rungs = {milestone: dict(recorded) for milestone, recorded in bracket_rungs(asha_brackets(scheduler)[0])}
+    assert rungs[4] == {"new": 0.5, "other": 0.6}  # once, as it was first recorded
+    assert rungs[2] == {"new": 0.5, "other": 0.6}
+
+
 def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatch):
     """A driver killed while writing the table must not leave a trial that the table calls
     finished but a resume would train again: the ended record is written first."""
