@@ -1,6 +1,8 @@
-"""A sweep's driver is killed (SIGKILL) or interrupted (SIGINT) mid-sweep, for real, and
-`cmath-hpo resume` finishes it: nothing finished is rerun, unfinished trials continue from their
-checkpoints, MLflow keeps one run per trial and one parent, the Optuna study is complete."""
+"""A sweep's driver is stopped (SIGTERM, as Ctrl-C) or killed (SIGKILL, with Ray's saved state
+lagging it) mid-sweep, for real, and `cmath-hpo resume` finishes it: nothing finished is rerun,
+unfinished trials continue from their checkpoints, what the killed driver's Ray left running is
+stopped by PID, MLflow keeps one run per trial and one parent, the Optuna study is complete. (A
+kill with two trials running, resumed from another host: tests/test_cluster.py.)"""
 
 import json
 import os
@@ -23,8 +25,8 @@ from hpo.recovery import read_ended
 from hpo.resume import resume_sweep
 from hpo.trials import read_journal, read_trials
 
-EPOCHS = 10
-SAMPLES = 5
+EPOCHS = 8
+SAMPLES = 4
 SPACE = {
     "dataset": "iemocap",
     "search": {"d": {"type": "categorical", "choices": [128, 256]},
@@ -125,27 +127,6 @@ def _check_resumed(sweep_dir, results, finished_before, journal_before):
     record = json.loads((sweep_dir / "sweep.json").read_text())
     assert record["status"] == "finished" and len(record["resumes"]) == 1
     return record
-
-
-def test_resume_after_the_driver_is_killed(launch, tmp_path):
-    process, sweep_dir = launch("killed")
-    _wait_mid_sweep(sweep_dir, process)
-    session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    # What had ended is read after the kill: a trial can end between the wait and the signal.
-    trials = read_trials(sweep_dir)
-    finished_before = trials.set_index("trial_id")["finished_at"].dropna().to_dict()
-    journal_before = _trial_results(sweep_dir)
-    try:
-        assert pids_using(session), "expected the killed driver's Ray to leave processes behind"
-        lines = []
-        resume_sweep("killed", tmp_path / "results", log=lines.append)
-        assert not pids_using(session)
-        assert any("stopping" in line and "left behind" in line for line in lines)
-        _check_resumed(sweep_dir, tmp_path / "results", finished_before, journal_before)
-    finally:
-        stop(pids_using(session))
 
 
 def test_resume_after_ctrl_c(launch, tmp_path, free_port, capsys):
@@ -429,7 +410,11 @@ def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path)
     assert first in ray_state and second not in ray_state, "the second trial must be unknown to Ray's state"
     assert read_ended(str(sweep_dir / "ray" / "cmath_ended"), first)["end_state"] == "completed"
     try:
-        resume_sweep("stale", tmp_path / "results", log=lambda line: None)
+        assert pids_using(session), "expected the killed driver's Ray to leave processes behind"
+        lines = []
+        resume_sweep("stale", tmp_path / "results", log=lines.append)
+        assert not pids_using(session)  # the resume stopped them, by PID, before it started its own Ray
+        assert any("stopping" in line and "left behind" in line for line in lines)
     finally:
         stop(pids_using(session))
 
