@@ -27,6 +27,7 @@ class Cluster:
     """The Ray a sweep's driver joined or started, as the sweep reports and records it."""
 
     session_dir: str | None  # a resume finds what a killed driver's private Ray left by it
+    own: bool  # the sweep started (or joined) this Ray itself, and so leaves it; else a Ray this process had
     start_seconds: float
     resources: dict[str, float]  # the cluster's totals (Ray's names: CPU, GPU, ...)
     nodes: int
@@ -36,7 +37,10 @@ class Cluster:
 @contextmanager
 def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Iterator[tuple[SweepPlan, Cluster]]:
     """Join the plan's cluster (or start a private Ray), check it can run the sweep, and leave
-    it when the block ends, however it ends.
+    it when the block ends, however it ends. Without an address, in a process that already
+    called ray.init() (a notebook, a script running several sweeps), the sweep runs on that Ray
+    and leaves it running: Ray Tune's own way, and it saves a Ray's start and its trial
+    workers' start (their imports) for every sweep after the first.
 
     Args:
         plan: the sweep's plan.
@@ -45,20 +49,23 @@ def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Itera
     Yields:
         The plan sized for the cluster's slots (a new plan), and the cluster.
     """
+    import ray
+
     started = time.perf_counter()
-    session = init_ray(plan.address, plan.local_cpus, plan.options.verbose, plan.options.allow_open_cluster, log)
+    own = plan.address is not None or not ray.is_initialized()
+    session = (init_ray(plan.address, plan.local_cpus, plan.options.verbose, plan.options.allow_open_cluster, log)
+               if own else None)  # None: not the sweep's to stop, nor a resume's (hpo.resume.stop_leftovers)
     earlier = stop_signals_as_ctrl_c()
     asked = False
     try:
         seconds = time.perf_counter() - started
         asked = check_cluster(plan, log)
         # On a private Ray there is only this machine; a cluster's nodes must share the storage.
-        preflight = check_storage_on_every_node(plan.storage_path) if plan.address else None
-        import ray
-
+        nodes = len(_alive_nodes())
+        preflight = check_storage_on_every_node(plan.storage_path) if plan.address or nodes > 1 else None
         resources = ray.cluster_resources()
-        cluster = Cluster(session_dir=session, start_seconds=seconds, resources=resources,
-                          nodes=len(_alive_nodes()), preflight_seconds=preflight)
+        cluster = Cluster(session_dir=session, own=own, start_seconds=seconds, resources=resources, nodes=nodes,
+                          preflight_seconds=preflight)
         yield with_slots(plan, cluster_slots(resources, plan.options)), cluster
     finally:
         if asked:
@@ -66,7 +73,8 @@ def joined_cluster(plan: SweepPlan, log: Callable[[str], None] = print) -> Itera
         for stop_signal, handler in earlier.items():
             if handler is not None:  # None: a handler set outside Python, which cannot be put back
                 signal.signal(stop_signal, handler)
-        leave_ray(plan.address, session)
+        if own:
+            leave_ray(plan.address, session)
 
 
 def stop_signals_as_ctrl_c() -> dict:
@@ -91,7 +99,7 @@ def stop_signals_as_ctrl_c() -> dict:
 def describe_cluster(plan: SweepPlan, cluster: Cluster) -> str:
     """Where the sweep runs, what the cluster has, and how many trials it runs at once."""
     r = cluster.resources
-    where = f"joined {plan.address}" if plan.address else "local"
+    where = f"joined {plan.address}" if plan.address else "local" if cluster.own else "this process's Ray (ray.init)"
     checked = (f"; storage {plan.storage_path} checked on {cluster.nodes} nodes in {cluster.preflight_seconds:.1f}s"
                if cluster.preflight_seconds is not None else "")
     return (f"ray: {where} in {cluster.start_seconds:.1f}s; cluster {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU"

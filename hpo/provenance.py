@@ -169,7 +169,7 @@ def options_record(options: SweepOptions) -> dict:
 def driver_record(plan: SweepPlan, cluster: Cluster) -> dict:
     """Who runs the sweep: a resume checks this driver is gone and stops what its private Ray left."""
     return {"host": platform.node(), "pid": os.getpid(), "cmdline": command_line(os.getpid()),
-            "private_ray": plan.address is None, "ray_session_dir": cluster.session_dir}
+            "private_ray": plan.address is None and cluster.own, "ray_session_dir": cluster.session_dir}
 
 
 def parent_params(plan: SweepPlan) -> dict:

@@ -169,9 +169,11 @@ def _train_on_ray(sweep_dir: Path, record: dict, todo: list[tuple[dict, int]], a
     first = json.loads(todo[0][0]["config"])
     data = load_dataset(first["data"], first["data_sha256"])
     address = address or os.environ.get("RAY_ADDRESS")
+    own = address is not None or not ray.is_initialized()  # else this process's Ray, left running (as a sweep does)
     session = None
     try:
-        session = init_ray(address, num_cpus, allow_open=allow_open_cluster, log=log)
+        if own:
+            session = init_ray(address, num_cpus, allow_open=allow_open_cluster, log=log)
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         if not node_fits(bundle):
             raise SweepError(f"no node has {cpus:g} CPU and {gpus:g} GPU for a re-scoring run (the sweep's "
@@ -202,7 +204,8 @@ def _train_on_ray(sweep_dir: Path, record: dict, todo: list[tuple[dict, int]], a
         raise SweepError(f"re-scoring interrupted; finished runs are kept in {sweep_dir / RESCORE_TABLE}: run "
                          f"the same command again to train the rest") from None
     finally:
-        leave_ray(address, session)
+        if own:
+            leave_ray(address, session)
 
 
 def _one_line(exc: Exception) -> str:

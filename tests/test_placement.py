@@ -1,8 +1,10 @@
 """Faults of a trial's place, not of its config (hpo.placement), injected into real sweeps on a
-real Ray: a trial out of its share of a GPU is retried on its own budget, and a config that keeps
-running out fails; the storage failing on the only node stops the sweep, resumable, with one
-`error:` line. (A node that joins late and cannot use the storage: tests/test_cluster.py.)"""
+real Ray (one for the module, as a notebook's ray.init(); the sweeps run on it): a trial out of
+its share of a GPU is retried on its own budget, and a config that keeps running out fails; the
+storage failing on the only node stops the sweep, resumable, with one `error:` line. (A node
+that joins late and cannot use the storage: tests/test_cluster.py.)"""
 
+import json
 import sys
 from pathlib import Path
 
@@ -67,6 +69,22 @@ class StorageGoneTrial(CMATHTrial):
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_of_this_process():
+    """One Ray for this module's sweeps, started as a notebook's ray.init() would: each sweep runs
+    on it and leaves it running (hpo.cluster.joined_cluster), which saves every sweep after the
+    first Ray's start and its trial workers' start. Stopped by PID at the module's end."""
+    import logging
+
+    from hpo.processes import pids_using, stop
+
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                       log_to_driver=False)
+    yield context
+    ray.shutdown()
+    stop(pids_using(context.address_info["session_dir"]), timeout=10)
+
+
 def _space(tmp_path: Path) -> Path:
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(SPACE))
@@ -101,6 +119,9 @@ def test_out_of_memory_in_a_share_of_a_gpu_is_retried_on_its_own_budget(tmp_path
     assert text.count("ran out of memory in its 0.5 of a GPU (1/3); retried") == 2
     assert "ran out of memory in its 0.5 of a GPU 3 times: taken as a config that does not fit" in text
     assert outcome.exit_code == 0  # one trial completed; the failed one is a config's failure
+    # It ran on this process's Ray and left it running, for the next sweep (and recorded it as not its own).
+    assert ray.is_initialized() and "ray: this process's Ray (ray.init)" in text
+    assert json.loads((tmp_path / "results" / "oom" / "sweep.json").read_text())["driver"]["private_ray"] is False
 
 
 @pytest.mark.slow
