@@ -140,18 +140,21 @@ def check_storage_on_every_node(storage: str, timeout: float = PREFLIGHT_TIMEOUT
         pending = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                    .remote(folder, token, n["NodeID"]): n for n in nodes}
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
-        problems = []
+        problems, gone = [], []
         for ref in ready:
             try:
                 problem = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - the check could not run there at all
+                if not _alive(pending[ref]):  # it died since ray.nodes() listed it: it runs no trial either
+                    gone.append(pending[ref])
+                    continue
                 raise SweepError(_cannot_run(pending[ref], exc)) from None
             if problem:
                 problems.append((pending[ref], problem))
-        problems += [(pending[ref], f"no answer within {timeout:.0f}s") for ref in late]
+        problems += [(pending[ref], f"no answer within {timeout:.0f}s") for ref in late if _alive(pending[ref])]
         for ref in ready:  # the driver must see what each node wrote
             node = pending[ref]
-            if any(node is n for n, _ in problems):
+            if any(node is n for n, _ in problems) or any(node is n for n in gone):
                 continue
             try:
                 seen = _read(join(folder, node["NodeID"]))
@@ -167,6 +170,14 @@ def check_storage_on_every_node(storage: str, timeout: float = PREFLIGHT_TIMEOUT
     finally:
         _remove(fs, root, folder, made_root)
     return time.perf_counter() - started
+
+
+def _alive(node: dict) -> bool:
+    """Whether a node Ray listed is still alive: a node that died meanwhile (killed, or found dead
+    by Ray's health checks only now) fails its check without telling anything about the storage."""
+    import ray
+
+    return any(n["NodeID"] == node["NodeID"] and n.get("Alive") for n in ray.nodes())
 
 
 def _cannot_run(node: dict, exc: Exception) -> str:

@@ -1,8 +1,9 @@
 """Faults of a trial's place, not of its config (hpo.placement), injected into real sweeps on a
 real Ray (one for the module, as a notebook's ray.init(); the sweeps run on it): a trial out of
 its share of a GPU is retried on its own budget, and a config that keeps running out fails; the
-storage failing on the only node stops the sweep, resumable, with one `error:` line. (A node
-that joins late and cannot use the storage: tests/test_cluster.py.)"""
+storage failing on the only node stops the sweep, resumable, with one `error:` line; a node that
+dies during the preflight is not a node without the storage. (A node that joins late and cannot
+use the storage: tests/test_cluster.py.)"""
 
 import json
 import sys
@@ -97,6 +98,25 @@ def test_avoiding_keeps_the_bundles_and_rules_out_the_nodes():
     assert kept_off.bundles == asked.bundles and kept_off.strategy == asked.strategy
     assert kept_off != asked
     assert avoiding(kept_off, []) == asked  # a resume starts with no node excluded
+
+
+def test_a_node_that_dies_during_the_preflight_is_not_taken_for_one_without_the_storage(tmp_path, monkeypatch):
+    """Ray lists a node as alive until its health checks give up on it (seconds after a kill): the
+    preflight's check pinned there then fails, not for the storage. A fresh-clone CI run refused
+    the late-node test that way, on the worker node the test before it had killed. Here the dead
+    node is one that Ray lists once and never had."""
+    from hpo.storage import check_storage_on_every_node
+
+    real = ray.nodes
+    calls = []
+
+    def listed_with_a_dead_node():
+        calls.append(1)
+        nodes = real()
+        return nodes + [{**nodes[0], "NodeID": "ab" * 28}] if len(calls) == 1 else nodes
+
+    monkeypatch.setattr(ray, "nodes", listed_with_a_dead_node)
+    assert check_storage_on_every_node(str(tmp_path / "storage")) < 60  # no SweepError naming node abab...
 
 
 @pytest.mark.slow
