@@ -45,19 +45,29 @@ def check_artifact_home(uri: str) -> None:
                           f"http:// address")
 
 
+# What the experiment is, in MLflow's own terms: model training, not GenAI. MLflow's tools read it
+# (its assistant; its UI when the GenAI/model-training switch is off). MLflow 3.17's UI itself opens
+# every experiment in its GenAI view unless the link asks otherwise (hpo.ui.experiment_url).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def mlflow_experiment(client, name: str, uri: str) -> str:
-    """The experiment's id, created if needed. With a sqlite store its artifacts go beside the
-    database (<folder>/mlartifacts/<name>), not into ./mlruns of whatever the working directory is;
-    another database is refused (check_artifact_home)."""
+    """The experiment's id, created if needed, of MLflow's model-training kind (EXPERIMENT_KIND).
+    With a sqlite store its artifacts go beside the database (<folder>/mlartifacts/<name>), not
+    into ./mlruns of whatever the working directory is; another database is refused
+    (check_artifact_home)."""
     check_artifact_home(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in experiment.tags:  # one made before this tag (or by hand): a kind the user set stays
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     database = sqlite_file(uri)
     location = (database.resolve().parent / "mlartifacts" / name).as_uri() if database else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def open_run(client, experiment_id: str, name: str, tags: dict[str, str], params: dict) -> str:

@@ -198,10 +198,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .ui import serve_until_stopped, start_ui
+    from .ui import serve_until_stopped, start_ui, sweep_links
 
     process, url = start_ui(args.results, args.port, args.host, args.mlflow_uri)
     print(f"MLflow UI: {url}  (pid {process.pid}; Ctrl-C stops it)", flush=True)
+    links = sweep_links(url, args.results)
+    if links:
+        print("each sweep's runs (MLflow opens an experiment in its GenAI view otherwise; its \"Model training\" "
+              "switch shows them too):\n" + "\n".join(links), flush=True)
     serve_until_stopped(process)
     return 0
 

@@ -42,6 +42,35 @@ def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127
         raise
 
 
+def experiment_url(server: str, experiment_id: str) -> str:
+    """A link that opens an experiment on its runs. MLflow 3.17's UI opens every experiment in its
+    GenAI view (a traces dashboard, "Traces 0") unless the link says otherwise, whatever the
+    experiment's kind; its runs are then behind the "Model training" switch.
+
+    Args:
+        server: the UI's address (`start_ui` returns it).
+        experiment_id: the MLflow experiment (a sweep's is in its sweep.json).
+
+    Returns:
+        The experiment page's URL, with the model-training view asked for.
+    """
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def sweep_links(server: str, results: str | Path = "results", most: int = 5) -> list[str]:
+    """One line per sweep under `results` (the newest `most`): its name and `experiment_url`."""
+    from .record import SWEEP_FILE, read_record
+
+    lines = []
+    for path in sorted(Path(results).glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)[-most:]:
+        try:
+            record = read_record(path.parent)
+            lines.append(f"  sweep {record['name']}: {experiment_url(server, record['mlflow']['experiment_id'])}")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a sweep refused before its record opened, or a foreign folder
+    return lines
+
+
 def _die_with_parent() -> None:
     """In the server, before exec: SIGTERM it when the process that started it dies, even by
     SIGKILL, which leaves no chance to stop it (it runs in a session of its own, so it would

@@ -33,7 +33,7 @@ from hpo.rescore import SEED_OFFSET, rescore_best
 from hpo.sweep import SweepOptions, run_sweep
 from hpo.trainable import CMATHTrial
 from hpo.trials import HISTORY_FILE, read_trials, records
-from hpo.ui import start_ui, stop_ui
+from hpo.ui import start_ui, stop_ui, sweep_links
 
 EPOCHS = 4
 SAMPLES = 6
@@ -362,6 +362,10 @@ def test_ui_serves_the_sweep_runs(sweep, free_port):
         with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s1",
                                     timeout=60) as r:
             experiment = json.load(r)["experiment"]
+        # A model-training experiment in MLflow's terms, and a link that opens it on its runs.
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+        assert (f"  sweep s1: {url}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
+                in sweep_links(url, sweep["results"]))
         request = urllib.request.Request(
             f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
             data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100,
@@ -622,6 +626,12 @@ def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_charts_metrics(sweep,
         page.get(f"{url}/#/experiments")
         _wait_for_text(page, ["s1"])  # the sweep's experiment is listed
         experiment = sweep["runs"][0].info.experiment_id
+        # The link `cmath-hpo ui` prints opens the experiment on its runs, without a click: MLflow
+        # 3.17's plain experiment link opens a GenAI traces page ("Traces 0", "Detect Issues").
+        [link] = [line for line in sweep_links(url, sweep["results"]) if line.startswith("  sweep s1: ")]
+        page.get(link.split(": ", 1)[1])
+        body = _wait_for_text(page, ["s1", "matching runs"])
+        assert "Detect Issues" not in body, body[:500]
         page.get(f"{url}/#/experiments/{experiment}/runs")
         _wait_for_text(page, ["s1", "matching runs"])
         # trial runs are nested under the sweep's parent run: open it
