@@ -303,9 +303,17 @@ def _alive_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+def nodes_that_fit(bundle: dict) -> set[str]:
+    """The ids of the alive nodes that have every resource of `bundle` (Ray's names: CPU, GPU)."""
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes()
+            if n.get("Alive") and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())}
+
+
 def node_fits(bundle: dict) -> bool:
-    """Whether some alive node has every resource of `bundle` (Ray's names: CPU, GPU)."""
-    return any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in _alive_nodes())
+    """Whether some alive node has every resource of `bundle`."""
+    return bool(nodes_that_fit(bundle))
 
 
 def leave_ray(address: str | None, session_dir: str | None, timeout: float = 20.0) -> None:

@@ -33,6 +33,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ._compat import allow_another_try, asha_brackets, bracket_rungs, never_retry
+from .cluster import nodes_that_fit
 from .record import NODE_FAULTS_FILE, read_node_faults, write_json
 from .recovery import CONTINUES, OUT_OF_MEMORY, STORAGE_FAULT, trial_key
 
@@ -94,8 +95,8 @@ class AvoidsFaultyPlaces:
         fault["trials"] = sorted({*fault["trials"], trial_key(trial)})
         problem = result[STORAGE_FAULT].split(": ", 1)[-1]
         allow_another_try(trial)  # its retry, on another node, spends none of its retries
-        if not _nodes_that_fit(trial.placement_group_factory.required_resources) - set(self.excluded()) - {node}:
-            # No other node to go to: the storage, not the node, is what fails.
+        if not nodes_that_fit(trial.placement_group_factory.required_resources) - set(self.excluded()) - {node}:
+            # No other node that fits a trial (a head with no CPUs is none): the storage, not the node, fails.
             write_json(self._sweep_dir / NODE_FAULTS_FILE, self._nodes)
             self._log(f"error: {problem}, and no other node of the cluster can take its trials; the sweep stops "
                       f"here as after Ctrl-C (nothing finished is lost): make the storage reachable, then "
@@ -158,12 +159,3 @@ def avoiding(resources: PlacementGroupFactory, nodes: list[str]) -> PlacementGro
     """
     selector = {"bundle_label_selector": [{NODE_LABEL: f"!in({','.join(nodes)})"} for _ in resources.bundles]}
     return PlacementGroupFactory(resources.bundles, strategy=resources.strategy, **(selector if nodes else {}))
-
-
-def _nodes_that_fit(bundle: dict[str, float]) -> set[str]:
-    """The ids of the alive nodes with every resource of `bundle` (a head started with no CPUs
-    for trials is not a place to go)."""
-    import ray
-
-    return {n["NodeID"] for n in ray.nodes()
-            if n.get("Alive") and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())}
