@@ -14,7 +14,15 @@ from .data import Dataset, dataset_name, load_dataset, pin_data
 from .errors import ConfigError
 from .metrics import classification_metrics
 from .synth import default_dataset_path
-from .tracking import describe_run, log_artifacts_once, log_metrics, metrics_at, mlflow_experiment, open_run
+from .tracking import (
+    describe_run,
+    log_artifacts_once,
+    log_metrics,
+    metrics_at,
+    mlflow_experiment,
+    open_run,
+    tracking_client,
+)
 from .train import load_model, pick_device, predict, train
 
 DEFAULT_RESULTS = Path("results")
@@ -127,9 +135,7 @@ class _MlflowRun:
     suffixed by seed when there are several), the summary and the best checkpoints."""
 
     def __init__(self, uri: str, experiment: str, config: CMATHConfig, out: Path, tags: dict[str, str]):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(uri)
+        self.client = tracking_client(uri)
         self.out = out
         self.uri, self.experiment = uri, experiment
         experiment_id = mlflow_experiment(self.client, experiment, uri)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from cmath_model.tracking import metrics_at, mlflow_experiment, open_run
+from cmath_model.tracking import metrics_at, mlflow_experiment, open_run, tracking_client
 
 from .cluster import Cluster
 from .plan import SweepOptions, SweepPlan
@@ -50,7 +50,7 @@ class SweepRecord:
         values = {**provenance(plan), "driver": driver_record(plan, cluster)}
         path = plan.sweep_dir / SWEEP_FILE
         write_json(path, values)
-        client = MlflowClient(plan.tracking_uri)
+        client = tracking_client(plan.tracking_uri)
         experiment_id = mlflow_experiment(client, plan.experiment, plan.tracking_uri)
         parent_id = open_run(client, experiment_id, plan.name, tags={
             "cmath.sweep": plan.name, "cmath.kind": "sweep", "cmath.git_commit": str(values["git_commit"]),

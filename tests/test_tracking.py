@@ -177,3 +177,48 @@ def test_the_writers_queue_is_bounded(tmp_path, monkeypatch):
     gate.set()
     writer.close()
     assert done == [1, 2]
+
+
+def test_a_new_sqlite_store_is_a_copy_of_an_empty_one_made_once(tmp_path, monkeypatch):
+    """The first store builds the empty template (MLflow's migrations, once per version); every
+    later new store is a copy of it, with no migration run, and each store keeps its own runs."""
+    import logging
+
+    import mlflow
+
+    from cmath_model.tracking import tracking_client
+
+    built = []  # MLflow's own line each time it builds a store's tables
+    handler = logging.Handler()
+    handler.emit = lambda record: built.append(record.getMessage())
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    monkeypatch.setattr(store_log, "level", logging.INFO)  # the CLI quiets MLflow's loggers to WARNING
+    monkeypatch.setattr(logging.getLogger("mlflow"), "level", logging.INFO)
+    store_log.addHandler(handler)
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        first = tracking_client(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+        first.create_run(first.create_experiment("a"))
+        template = tmp_path / "cache" / "cmath-hpo" / f"mlflow-{mlflow.__version__}-empty.db"
+        assert template.exists() and (tmp_path / "a" / "mlflow.db").exists()
+        assert sum("Creating initial MLflow database tables" in line for line in built) == 1  # the template
+        second = tracking_client(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+        second.create_run(second.create_experiment("b"))
+        assert sum("Creating initial MLflow database tables" in line for line in built) == 1  # a copy, not built
+    finally:
+        store_log.removeHandler(handler)
+    assert [e.name for e in second.search_experiments() if e.name != "Default"] == ["b"]
+    assert [e.name for e in first.search_experiments() if e.name != "Default"] == ["a"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["mlflow.db"]  # no partial copy left
+    empty = tracking_client(f"sqlite:///{template}")
+    assert [e.name for e in empty.search_experiments()] == ["Default"]  # the template stays empty
+
+
+def test_without_a_cache_folder_mlflow_builds_the_store_itself(tmp_path, monkeypatch):
+    from cmath_model.tracking import tracking_client
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    client = tracking_client(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}")
+    client.create_experiment("c")
+    assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["c"]
