@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Fixtures that start a Ray cluster (and usually a sweep on it): a test that uses one is `slow`,
 # and the two-node cluster's are `cluster` too. `pytest -m "not slow"` is the quick loop.
-RAY_FIXTURES = {"sweep": (), "failing_sweep": (), "launch": (), "cluster": ("cluster",)}
+RAY_FIXTURES = {"sweep": (), "failing_sweep": (), "launch": (), "shared_ray": (), "cluster": ("cluster",)}
 
 
 def pytest_collection_modifyitems(items):
@@ -27,6 +27,44 @@ def pytest_collection_modifyitems(items):
                 for mark in ("slow", *marks):
                     item.add_marker(mark)
 SHARED_MELD = REPO.parent / "shared" / "data" / "meld"
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """This process's Ray for a module's sweeps (2 CPUs, started as a notebook's ray.init()): each
+    sweep runs on it and leaves it running (hpo.cluster.joined_cluster), which saves every sweep
+    after the first a Ray start and stop, about 5 s. A test that checks what a sweep starts and
+    stops on its own asks for `without_ray`. Stopped, with what it started (by PID), at the
+    module's end."""
+    import logging
+
+    import ray
+
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                       log_to_driver=False)
+    yield context
+    _leave_ray(context.address_info["session_dir"])
+
+
+@pytest.fixture
+def without_ray():
+    """No Ray in this process before the test (a module's `shared_ray` is stopped): the sweep
+    under test starts and stops its own."""
+    import ray
+
+    if ray.is_initialized():
+        context = ray.get_runtime_context()  # a session's folder is <temp dir>/<session name>
+        _leave_ray(os.path.join(context.get_temp_dir(), context.get_session_name()))
+
+
+def _leave_ray(session_dir: str) -> None:
+    import ray
+
+    from hpo.processes import pids_using, stop
+
+    if ray.is_initialized():
+        ray.shutdown()
+    stop(pids_using(session_dir), timeout=10)
 
 
 @pytest.fixture(scope="session")

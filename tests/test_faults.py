@@ -47,113 +47,6 @@ def _write_space(path, **changes):
     return path
 
 
-@pytest.fixture(scope="module")
-def failing_sweep(tmp_path_factory, tiny_path):
-    root = tmp_path_factory.mktemp("faults")
-    space = _write_space(root / "faults.yaml")
-    lines = []
-    outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
-                                     num_cpus=2, results=root, name="faults"),
-                        log=lines.append, trainable=RaisingTrial)
-    return {"outcome": outcome, "root": root, "trials": read_trials(root / "faults"), "lines": lines}
-
-
-def test_a_failing_trial_is_one_failed_trial(failing_sweep):
-    trials = failing_sweep["trials"].set_index("number")
-    assert failing_sweep["outcome"].status == "finished"
-    assert failing_sweep["outcome"].counts == {"completed": 1, "stopped_by_asha": 0, "failed": 2, "interrupted": 0}
-    assert trials.loc[0, "end_state"] == "failed" and "NonFiniteLossError" in trials.loc[0, "error"]
-    assert "lower lr" in trials.loc[0, "error"]
-    assert trials.loc[1, "end_state"] == "failed"
-    assert "RuntimeError: injected fault in epoch 2" in trials.loc[1, "error"]
-    assert trials.loc[1, "epochs"] == 1  # its first epoch is kept
-    assert trials.loc[2, "end_state"] == "completed" and trials.loc[2, "epochs"] == 3
-    assert list(trials["optuna_state"]) == ["FAIL", "FAIL", "COMPLETE"]
-    text = "\n".join(failing_sweep["lines"])
-    assert text.count("] failed: ") == 2 and "1 completed, 0 stopped by ASHA, 2 failed" in text
-
-
-def test_failed_trials_are_ray_errors_and_never_retried(failing_sweep):
-    analysis = ExperimentAnalysis(str(failing_sweep["root"] / "faults" / "ray"))
-    by_id = {t.trial_id: t for t in analysis.trials}
-    for row in failing_sweep["trials"].itertuples():
-        trial = by_id[row.trial_id]
-        assert trial.status == ("ERROR" if row.end_state == "failed" else "TERMINATED")
-        # retries stay for lost workers: a trial that raised ran once and failed once
-        assert trial.run_metadata.num_failures == (1 if row.end_state == "failed" else 0)
-    # (that lost workers are retried is test_recovery's: killed workers resume from checkpoints)
-
-
-def test_failed_trials_are_failed_mlflow_runs_with_the_error(failing_sweep, tmp_path):
-    client = MlflowClient(default_tracking_uri(failing_sweep["root"]))
-    for row in failing_sweep["trials"].itertuples():
-        run = client.get_run(row.mlflow_run_id)
-        assert run.data.tags["cmath.end_state"] == row.end_state
-        if row.end_state == "failed":
-            assert run.info.status == "FAILED" and run.data.tags["cmath.error"] == row.error
-            error_file = client.download_artifacts(row.mlflow_run_id, "error.txt", str(tmp_path))
-            assert row.error.split(":")[0].split(".")[-1] in open(error_file).read()
-        else:
-            assert run.info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_sweep_exits_nonzero_only_when_every_trial_failed(tmp_path, tiny_path, capsys):
-    space = _write_space(tmp_path / "all-nan.yaml", warm_start=[],
-                         search={"lr": {"type": "categorical", "choices": [1.0e6, 2.0e6]}})
-    args = ["sweep", "--space", str(space), "--data", str(tiny_path), "--num-samples", "2", "--num-cpus", "2",
-            "--results", str(tmp_path), "--name", "all-nan"]
-    assert hpo_main(args) == 1
-    out = capsys.readouterr().out
-    assert "0 completed, 0 stopped by ASHA, 2 failed" in out and "no trial produced a result" in out
-    assert len(read_trials(tmp_path / "all-nan")) == 2
-
-
-class KillsTheTrackingServer(CMATHTrial):
-    """The first trial to reach epoch 2 kills the sweep's MLflow server (its process group), for real."""
-
-    def _epoch(self) -> dict:
-        import os
-        import signal
-
-        if self.trainer.epoch == 1:
-            try:
-                os.killpg(int(os.environ["CMATH_TEST_MLFLOW_PID"]), signal.SIGKILL)
-            except ProcessLookupError:  # another trial got there first
-                pass
-        return super()._epoch()
-
-
-@pytest.mark.slow
-def test_a_tracking_server_that_dies_mid_sweep_is_reported_and_exits_1(tmp_path, tiny_path, free_port, monkeypatch):
-    """The trials go on and the tables keep everything; the summary and sweep.json say how many
-    MLflow calls failed, and the exit code says the record is incomplete."""
-    from hpo.ui import start_ui, stop_ui
-
-    MlflowClient(default_tracking_uri(tmp_path / "store")).search_experiments()  # an empty store to serve
-    server, url = start_ui(tmp_path / "store", free_port())
-    monkeypatch.setenv("CMATH_TEST_MLFLOW_PID", str(server.pid))
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after minutes of retries
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    space = _write_space(tmp_path / "ok.yaml", warm_start=[], search={"d": {"type": "categorical", "choices": [32]}})
-    lines = []
-    try:
-        outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
-                                         num_cpus=2, results=tmp_path / "results", name="no-store", mlflow_uri=url),
-                            log=lines.append, trainable=KillsTheTrackingServer)
-    finally:
-        stop_ui(server)
-    assert server.poll() is not None
-    assert outcome.mlflow_failures > 0 and outcome.exit_code == 1
-    assert outcome.counts["completed"] == 3  # the trials did not notice
-    summary = "\n".join(lines)
-    assert f"MLflow: {outcome.mlflow_failures} calls failed" in summary
-    record = json.loads((tmp_path / "results" / "no-store" / "sweep.json").read_text())
-    assert record["mlflow_failures"] == outcome.mlflow_failures and record["mlflow_failure_notes"]
-    history = pq.read_table(tmp_path / "results" / "no-store" / "history.parquet").to_pandas()
-    assert len(history) == 3 * SPACE["fixed"]["epochs"]  # every epoch of every trial is in the tables
-
-
 # ------------------------------------------------------------------ bad input: nothing starts
 def _bad_data(tmp_path, kind, tiny_path):
     path = tmp_path / f"{kind}.parquet"
@@ -236,8 +129,119 @@ def test_pickle_import_without_trust_is_refused_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "out.parquet").exists()
 
 
+# ------------------------------------------------------------------ sweeps on this process's Ray
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory, tiny_path, shared_ray):
+    root = tmp_path_factory.mktemp("faults")
+    space = _write_space(root / "faults.yaml")
+    lines = []
+    outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
+                                     num_cpus=2, results=root, name="faults"),
+                        log=lines.append, trainable=RaisingTrial)
+    return {"outcome": outcome, "root": root, "trials": read_trials(root / "faults"), "lines": lines}
+
+
+def test_a_failing_trial_is_one_failed_trial(failing_sweep):
+    trials = failing_sweep["trials"].set_index("number")
+    assert failing_sweep["outcome"].status == "finished"
+    assert failing_sweep["outcome"].counts == {"completed": 1, "stopped_by_asha": 0, "failed": 2, "interrupted": 0}
+    assert trials.loc[0, "end_state"] == "failed" and "NonFiniteLossError" in trials.loc[0, "error"]
+    assert "lower lr" in trials.loc[0, "error"]
+    assert trials.loc[1, "end_state"] == "failed"
+    assert "RuntimeError: injected fault in epoch 2" in trials.loc[1, "error"]
+    assert trials.loc[1, "epochs"] == 1  # its first epoch is kept
+    assert trials.loc[2, "end_state"] == "completed" and trials.loc[2, "epochs"] == 3
+    assert list(trials["optuna_state"]) == ["FAIL", "FAIL", "COMPLETE"]
+    text = "\n".join(failing_sweep["lines"])
+    assert text.count("] failed: ") == 2 and "1 completed, 0 stopped by ASHA, 2 failed" in text
+
+
+def test_failed_trials_are_ray_errors_and_never_retried(failing_sweep):
+    analysis = ExperimentAnalysis(str(failing_sweep["root"] / "faults" / "ray"))
+    by_id = {t.trial_id: t for t in analysis.trials}
+    for row in failing_sweep["trials"].itertuples():
+        trial = by_id[row.trial_id]
+        assert trial.status == ("ERROR" if row.end_state == "failed" else "TERMINATED")
+        # retries stay for lost workers: a trial that raised ran once and failed once
+        assert trial.run_metadata.num_failures == (1 if row.end_state == "failed" else 0)
+    # (that lost workers are retried is test_recovery's: killed workers resume from checkpoints)
+
+
+def test_failed_trials_are_failed_mlflow_runs_with_the_error(failing_sweep, tmp_path):
+    client = MlflowClient(default_tracking_uri(failing_sweep["root"]))
+    for row in failing_sweep["trials"].itertuples():
+        run = client.get_run(row.mlflow_run_id)
+        assert run.data.tags["cmath.end_state"] == row.end_state
+        if row.end_state == "failed":
+            assert run.info.status == "FAILED" and run.data.tags["cmath.error"] == row.error
+            error_file = client.download_artifacts(row.mlflow_run_id, "error.txt", str(tmp_path))
+            assert row.error.split(":")[0].split(".")[-1] in open(error_file).read()
+        else:
+            assert run.info.status == "FINISHED"
+
+
 @pytest.mark.slow
-def test_sweep_writes_only_under_results(tmp_path, tiny_path, monkeypatch):
+def test_sweep_exits_nonzero_only_when_every_trial_failed(tmp_path, tiny_path, capsys, shared_ray):
+    space = _write_space(tmp_path / "all-nan.yaml", warm_start=[],
+                         search={"lr": {"type": "categorical", "choices": [1.0e6, 2.0e6]}})
+    args = ["sweep", "--space", str(space), "--data", str(tiny_path), "--num-samples", "2", "--num-cpus", "2",
+            "--results", str(tmp_path), "--name", "all-nan"]
+    assert hpo_main(args) == 1
+    out = capsys.readouterr().out
+    assert "0 completed, 0 stopped by ASHA, 2 failed" in out and "no trial produced a result" in out
+    assert len(read_trials(tmp_path / "all-nan")) == 2
+
+
+class KillsTheTrackingServer(CMATHTrial):
+    """The first trial to reach epoch 2 kills the sweep's MLflow server (its process group), for real."""
+
+    server_pid = 0  # set by the test; shipped with the class (by value) to the trial workers
+
+    def _epoch(self) -> dict:
+        import os
+        import signal
+
+        if self.trainer.epoch == 1:
+            try:
+                os.killpg(self.server_pid, signal.SIGKILL)
+            except ProcessLookupError:  # another trial got there first
+                pass
+        return super()._epoch()
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_dies_mid_sweep_is_reported_and_exits_1(tmp_path, tiny_path, free_port, monkeypatch,
+                                                                        shared_ray):
+    """The trials go on and the tables keep everything; the summary and sweep.json say how many
+    MLflow calls failed, and the exit code says the record is incomplete."""
+    from hpo.ui import start_ui, stop_ui
+
+    MlflowClient(default_tracking_uri(tmp_path / "store")).search_experiments()  # an empty store to serve
+    server, url = start_ui(tmp_path / "store", free_port())
+    monkeypatch.setattr(KillsTheTrackingServer, "server_pid", server.pid)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after minutes of retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    space = _write_space(tmp_path / "ok.yaml", warm_start=[], search={"d": {"type": "categorical", "choices": [32]}})
+    lines = []
+    try:
+        outcome = run_sweep(SweepOptions(space=space, data=str(tiny_path), num_samples=3, max_concurrent=2,
+                                         num_cpus=2, results=tmp_path / "results", name="no-store", mlflow_uri=url),
+                            log=lines.append, trainable=KillsTheTrackingServer)
+    finally:
+        stop_ui(server)
+    assert server.poll() is not None
+    assert outcome.mlflow_failures > 0 and outcome.exit_code == 1
+    assert outcome.counts["completed"] == 3  # the trials did not notice
+    summary = "\n".join(lines)
+    assert f"MLflow: {outcome.mlflow_failures} calls failed" in summary
+    record = json.loads((tmp_path / "results" / "no-store" / "sweep.json").read_text())
+    assert record["mlflow_failures"] == outcome.mlflow_failures and record["mlflow_failure_notes"]
+    history = pq.read_table(tmp_path / "results" / "no-store" / "history.parquet").to_pandas()
+    assert len(history) == 3 * SPACE["fixed"]["epochs"]  # every epoch of every trial is in the tables
+
+
+@pytest.mark.slow
+def test_sweep_writes_only_under_results(tmp_path, tiny_path, monkeypatch, shared_ray):
     """Nothing lands in the working directory: MLflow's store, its artifacts and Optuna's
     study all live under --results; Ray's own files under its temp dir."""
     work = tmp_path / "cwd"
@@ -275,7 +279,7 @@ class SlowToStopTrial(CMATHTrial):
 
 
 @pytest.mark.slow
-def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, monkeypatch):
+def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, monkeypatch, without_ray):
     """Nothing the sweep started outlives it, even a process slow to tear down. Ray itself kills
     a dead worker's children; that is turned off here so that one outlives its worker for sure."""
     from hpo.processes import pids_using
@@ -296,7 +300,7 @@ def test_a_sweep_returns_only_once_its_private_ray_is_gone(tmp_path, tiny_path, 
 
 
 @pytest.mark.slow
-def test_the_parent_run_is_failed_when_the_tuner_cannot_be_built(tmp_path, tiny_path):
+def test_the_parent_run_is_failed_when_the_tuner_cannot_be_built(tmp_path, tiny_path, without_ray):
     """Whatever raises once the sweep's record is open (building the Tuner here, or its fit) ends
     the MLflow parent run FAILED, leaves sweep.json resumable and leaves Ray."""
     space = _write_space(tmp_path / "space.yaml")

@@ -70,20 +70,9 @@ class StorageGoneTrial(CMATHTrial):
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_of_this_process():
-    """One Ray for this module's sweeps, started as a notebook's ray.init() would: each sweep runs
-    on it and leaves it running (hpo.cluster.joined_cluster), which saves every sweep after the
-    first Ray's start and its trial workers' start. Stopped by PID at the module's end."""
-    import logging
-
-    from hpo.processes import pids_using, stop
-
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                       log_to_driver=False)
-    yield context
-    ray.shutdown()
-    stop(pids_using(context.address_info["session_dir"]), timeout=10)
+@pytest.fixture(autouse=True)
+def _on_this_processs_ray(shared_ray):
+    """Every test here runs on one Ray of this process, as after a notebook's ray.init()."""
 
 
 def _space(tmp_path: Path) -> Path:

@@ -102,7 +102,7 @@ def _inject(ray_dir, done, events, errors):
 
 
 @pytest.mark.slow
-def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path):
+def test_killed_workers_resume_from_checkpoints(tmp_path, tiny_path, shared_ray):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     results = tmp_path / "results"

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_sweep_logs_every_trial_to_a_postgresql_backed_server(tracking_server, postgres, tiny_path, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, shared_ray):
     """...and keeps its Optuna study in PostgreSQL too (--study-storage), copied into optuna.db at the end."""
     monkeypatch.chdir(tmp_path)  # where MLflow would put ./mlruns if it fell back to it
     space = tmp_path / "space.yaml"
@@ -70,7 +70,7 @@ def test_a_sweep_logs_every_trial_to_a_postgresql_backed_server(tracking_server,
 
 
 def test_a_server_that_stops_answering_does_not_stop_the_training(tracking_server, tiny_path, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, shared_ray):
     """The tracking server hangs (SIGSTOP: it accepts connections and answers nothing) for 8 s
     early in a sweep. Training goes on meanwhile, logging waits, and once the server answers
     every run gets every epoch once: nothing is counted lost. Before, each call waited out MLflow's
