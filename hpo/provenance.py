@@ -29,6 +29,8 @@ from .space import METRIC
 from .storage import redact
 from .trials import TRIALS_FILE
 
+BEST_MARK = "★ "  # in front of the best trial's run name
+
 URI_OPTIONS = ("mlflow_uri", "storage", "study_storage")  # SweepOptions fields that may carry a secret
 PACKAGES = ("cmath-hpo", "torch", "ray", "optuna", "mlflow", "pandas", "pyarrow", "numpy")
 
@@ -103,6 +105,8 @@ class SweepRecord:
         try:
             if best_trial_id is not None:
                 self.client.set_tag(self.parent_id, "cmath.best_trial_id", best_trial_id)
+            if self.experiment_id:
+                mark_best_run(self.client, self.experiment_id, self.plan.name, best_trial_id)
             self.client.log_batch(self.parent_id, metrics=metrics_at(metrics, 0))
             if trials.exists():
                 self.client.log_artifact(self.parent_id, str(trials))
@@ -120,6 +124,26 @@ class SweepRecord:
             self.values.update(mlflow_failures=failures["failures"], mlflow_failure_notes=failures["notes"])
             write_json(path, self.values)
         return failures
+
+
+def mark_best_run(client: MlflowClient, experiment_id: str, sweep: str, best_trial_id: str | None) -> None:
+    """Put BEST_MARK in front of the best trial's run name, and take it off any other trial run
+    of the sweep (a best that a resumed sweep overtook).
+
+    Args:
+        client: the tracking store's client.
+        experiment_id: the sweep's experiment.
+        sweep: the sweep's name.
+        best_trial_id: the best trial (None: no trial scored).
+    """
+    runs = client.search_runs([experiment_id], max_results=10000, filter_string=(
+        f"tags.`cmath.sweep` = '{sweep}' and tags.`cmath.kind` = 'trial'"))
+    for run in runs:
+        name = run.info.run_name or ""
+        plain = name.removeprefix(BEST_MARK)
+        wanted = BEST_MARK + plain if run.data.tags.get("cmath.trial_id") == best_trial_id else plain
+        if wanted != name:
+            client.update_run(run.info.run_id, name=wanted)
 
 
 def _count(failures: dict, exc: Exception) -> None:

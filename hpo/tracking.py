@@ -250,9 +250,45 @@ def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str
     return runs[0].info.run_id if runs else None
 
 
+def _number(trials: list[Trial], trial: Trial) -> int:
+    """The trial's number, as trials.parquet has it: its place in Ray's list, in creation order."""
+    return trials.index(trial) if trial in trials else len(trials)
+
+
 def _received_ms(row: dict) -> int | None:
     received = row.get("received_at")
     return int(received * 1000) if isinstance(received, (int, float)) else None
+
+
+_STATE_WORDS = {"completed": "", "stopped_by_asha": "stopped by ASHA", "interrupted": "interrupted", "failed": "failed"}
+
+
+def trial_run_name(number: int, config: dict, searched: list[str], state: str | None = None,
+                   best_val_wf1: float | None = None) -> str:
+    """What a trial's run is called in MLflow: its number (as in trials.parquet and the Optuna
+    study, from 0), once it ended its best validation W-F1 (in percent, as the console and the
+    report show it) and how it ended if not completed, then the values it tried. The sweep's
+    best trial gets a mark in front when the sweep ends (hpo.provenance.mark_best_run).
+
+    Args:
+        number: the trial's number.
+        config: its config (the searched values are read from it).
+        searched: the searched names, in the space's order.
+        state: how it ended (hpo.trials.end_state); None while it runs.
+        best_val_wf1: its best validation W-F1, a fraction.
+
+    Returns:
+        The name, e.g. `#3  W-F1 84.03%  d=256 gamma1=1.2 gamma2=0.4 lr=0.001`.
+    """
+    from .space import show
+
+    words = [f"#{number}"]
+    if best_val_wf1 is not None:
+        words.append(f"W-F1 {100 * best_val_wf1:.2f}%")
+    if state is not None and _STATE_WORDS.get(state, state):
+        words.append(_STATE_WORDS.get(state, state))
+    words.append(" ".join(f"{name}={show(config.get(name), 3)}" for name in searched))
+    return "  ".join(words)[:250]
 
 
 class MlflowTrials(Callback):
@@ -313,9 +349,10 @@ class MlflowTrials(Callback):
     def failure_count(self) -> int:
         return getattr(self, "failures", 0) + (self._writer.failures if self._writer is not None else 0)
 
-    def open_run(self, key: str, config: dict, reopen: bool = False) -> str:
+    def open_run(self, key: str, config: dict, reopen: bool = False, name: str | None = None) -> str:
         """The trial's run (`key`: hpo.recovery.trial_key): the one already in the store (a
-        resumed trial, or one carried on under its old id), else a new child. In the writer."""
+        resumed trial, or one carried on under its old id), else a new child called `name`. In
+        the writer."""
         if key in self.run_ids:
             if reopen:  # a trial that ran before (an earlier driver, a retry) continues
                 self.client.update_run(self.run_ids[key], status="RUNNING")
@@ -323,7 +360,7 @@ class MlflowTrials(Callback):
         tags = {"cmath.sweep": self.sweep, "cmath.trial_id": key}
         run_id = find_run(self.client, self.experiment, tags)
         if run_id is None:
-            run_id = open_run(self.client, self.experiment, key, tags={
+            run_id = open_run(self.client, self.experiment, name or key, tags={
                 **tags, "mlflow.parentRunId": self.parent_run_id, "cmath.kind": "trial",
                 "cmath.searched": ",".join(self.searched)}, params={**self.base, **config})
             self.last_step[key] = 0
@@ -379,7 +416,8 @@ class MlflowTrials(Callback):
         key = trial_key(trial)
         reopen = key in self.ended
         self.ended.discard(key)
-        self.writer.call(self.open_run, key, searched_config(trial.config), reopen)
+        name = trial_run_name(_number(trials, trial), trial.config, self.searched)
+        self.writer.call(self.open_run, key, searched_config(trial.config), reopen, name)
 
     @keep_going
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
@@ -399,11 +437,11 @@ class MlflowTrials(Callback):
     @keep_going
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         state = end_state(trial.last_result)
-        self._finish(trial, state, "KILLED" if state == "interrupted" else "FINISHED")
+        self._finish(trials, trial, state, "KILLED" if state == "interrupted" else "FINISHED")
 
     @keep_going
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self._finish(trial, "failed", "FAILED", error=error_summary(trial))
+        self._finish(trials, trial, "failed", "FAILED", error=error_summary(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
         try:
@@ -419,7 +457,7 @@ class MlflowTrials(Callback):
         self.flush()  # every run the writer was asked to open is open
         for trial in trials:
             if trial_key(trial) in self.run_ids and trial_key(trial) not in self.ended:
-                self._finish(trial, "interrupted", "KILLED")
+                self._finish(trials, trial, "interrupted", "KILLED")
         # A run still open for a trial Ray does not know started after Ray's last saved state
         # before a driver was killed; a resume carries it on.
         known = {trial_key(t): t for t in trials}
@@ -434,6 +472,7 @@ class MlflowTrials(Callback):
                 self._backfill(key, run.info.run_id)
                 self.upload_best(self._ended_checkpoint(key), run.info.run_id, replayed=True)
                 self.client.log_batch(run.info.run_id, tags=[RunTag("cmath.end_state", state)])
+                self.client.update_run(run.info.run_id, name=self._ended_name(trials, known[key], state))
                 status = {"failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
                 self.client.set_terminated(run.info.run_id, status)
                 continue
@@ -463,14 +502,22 @@ class MlflowTrials(Callback):
         return self.client.search_runs([self.experiment], max_results=10000, filter_string=(
             f"tags.`cmath.sweep` = '{self.sweep}' and tags.`cmath.kind` = 'trial' {condition}"))
 
-    def _finish(self, trial: Trial, state: str, status: str, error: str | None = None) -> None:
-        """Tags, error text, the best checkpoint and the run's end, in the writer's order (after
-        the trial's last metrics). What is read off the trial is read now, while it is current."""
+    def _ended_name(self, trials: list[Trial], trial: Trial, state: str) -> str:
+        best = (trial.last_result or {}).get("best_val_wf1")
+        return trial_run_name(_number(trials, trial), trial.config, self.searched, state,
+                              best if isinstance(best, (int, float)) else None)
+
+    def _finish(self, trials: list[Trial], trial: Trial, state: str, status: str, error: str | None = None) -> None:
+        """Tags, its name with how it ended, error text, the best checkpoint and the run's end,
+        in the writer's order (after the trial's last metrics). What is read off the trial is
+        read now, while it is current."""
         key = trial_key(trial)
         tags = [RunTag("cmath.end_state", state)]
         if error:
             tags.append(RunTag("cmath.error", error))
+        name = self._ended_name(trials, trial, state)
         self.writer.call(self._on_run, key, lambda run_id: self.client.log_batch(run_id, tags=tags))
+        self.writer.call(self._on_run, key, lambda run_id: self.client.update_run(run_id, name=name))
         if error:
             self.writer.call(self._on_run, key, self.client.log_text, error_text(trial), "error.txt")
         replayed = bool((trial.last_result or {}).get(REPLAYED))

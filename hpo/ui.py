@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -43,18 +44,25 @@ def start_ui(results: str | Path = "results", port: int = 5000, host: str = "127
 
 
 def experiment_url(server: str, experiment_id: str) -> str:
-    """A link that opens an experiment on its runs. MLflow 3.17's UI opens every experiment in its
-    GenAI view (a traces dashboard, "Traces 0") unless the link says otherwise, whatever the
-    experiment's kind; its runs are then behind the "Model training" switch.
+    """A link that opens a sweep's experiment on its trials, best first. MLflow 3.17's UI opens
+    every experiment in its GenAI view (a traces dashboard, "Traces 0") unless the link asks for
+    the model-training one, whatever the experiment's kind; its runs list nests the trials under
+    the sweep's parent run, collapsed, unless it is filtered or sorted by something other than
+    the start time. So the link asks for the runs, the trial runs only, sorted by their best
+    validation W-F1; each trial's name says its number, score and values, the best one marked
+    (hpo.tracking.trial_run_name). Clearing the search box shows the parent run again.
 
     Args:
         server: the UI's address (`start_ui` returns it).
         experiment_id: the MLflow experiment (a sweep's is in its sweep.json).
 
     Returns:
-        The experiment page's URL, with the model-training view asked for.
+        The URL.
     """
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "orderByKey": "metrics.`best_val_wf1`",
+                                    "orderByAsc": "false", "searchFilter": "tags.`cmath.kind` = 'trial'"},
+                                   quote_via=urllib.parse.quote)
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def sweep_links(server: str, results: str | Path = "results", most: int = 5) -> list[str]:

@@ -179,6 +179,12 @@ def test_mlflow_has_one_parent_and_one_child_per_trial(sweep):
         assert run.data.tags["cmath.end_state"] == row.end_state and run.info.status == "FINISHED"
         for key in WARM:
             assert float(run.data.params[key]) == pytest.approx(getattr(row, f"param_{key}"))
+        # a name a person can read: number, score, how it ended unless completed, values; the best marked
+        mark = "★ " if row.trial_id == sweep["outcome"].best["trial_id"] else ""
+        ended = {"completed": "", "stopped_by_asha": "  stopped by ASHA"}[row.end_state]
+        values = "  ".join([f"d={int(row.param_d)} gamma1={row.param_gamma1:.3g} gamma2={row.param_gamma2:.3g} "
+                            f"lr={row.param_lr:.3g}"])
+        assert run.info.run_name == f"{mark}#{row.number}  W-F1 {100 * row.best_val_wf1:.2f}%{ended}  {values}"
 
 
 def test_metric_history_matches_the_table(sweep):
@@ -376,8 +382,9 @@ def test_ui_serves_the_sweep_runs(sweep, free_port):
             experiment = json.load(r)["experiment"]
         # A model-training experiment in MLflow's terms, and a link that opens it on its runs.
         assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
-        assert (f"  sweep s1: {url}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
-                in sweep_links(url, sweep["results"]))
+        [link] = sweep_links(url, sweep["results"])
+        assert link.startswith(f"  sweep s1: {url}/#/experiments/{experiment['experiment_id']}/runs?"
+                               f"workflowType=machine_learning&"), link
         request = urllib.request.Request(
             f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
             data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100,
@@ -629,22 +636,20 @@ def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_charts_metrics(sweep,
         experiment = sweep["runs"][0].info.experiment_id
         # The link `cmath-hpo ui` prints opens the experiment on its runs, without a click: MLflow
         # 3.17's plain experiment link opens a GenAI traces page ("Traces 0", "Detect Issues").
+        # It lists every trial, best first, each named by its number and score, the best marked:
+        # without it the trials are nested, collapsed, under the parent run and named by Ray's ids.
         [link] = [line for line in sweep_links(url, sweep["results"]) if line.startswith("  sweep s1: ")]
         page.get(link.split(": ", 1)[1])
-        body = _wait_for_text(page, ["s1", "matching runs"])
+        ranked = trials.sort_values(["best_val_wf1", "number"], ascending=[False, True])
+        names = [f"#{row.number} W-F1 {100 * row.best_val_wf1:.2f}%" for row in ranked.itertuples()]
+        body = _wait_for_text(page, [f"{SAMPLES} matching runs", *names])
         assert "Detect Issues" not in body, body[:500]
-        page.get(f"{url}/#/experiments/{experiment}/runs")
-        _wait_for_text(page, ["s1", "matching runs"])
-        # trial runs are nested under the sweep's parent run: open it
-        expanders = [b for b in page.find_elements("xpath", "//*[@role='row']//button")
-                     if b.get_attribute("aria-label") is None]
-        assert expanders, "no expander on the parent run's row"
-        expanders[0].click()
-        _wait_for_text(page, list(trials["trial_id"]))
+        assert [body.index(name) for name in names] == sorted(body.index(name) for name in names), body[:2000]
+        assert f"★ {names[0]}" in body and body.count("★") == 1, body[:2000]
         page.save_screenshot(str(tmp_path / "runs.png"))
         best = sweep["outcome"].best
         page.get(f"{url}/#/experiments/{experiment}/runs/{best['mlflow_run_id']}/model-metrics")
-        _wait_for_text(page, [best["trial_id"], "Model metrics", "loss_kl"])
+        _wait_for_text(page, [f"★ {names[0]}", "Model metrics", "loss_kl"])
         search = page.find_element("css selector", "input[placeholder='Search metric charts']")
         search.send_keys("test_wf1")  # only the charts of that metric stay
         _wait_for_text(page, ["test_wf1"])

@@ -222,3 +222,31 @@ def test_without_a_cache_folder_mlflow_builds_the_store_itself(tmp_path, monkeyp
     client = tracking_client(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}")
     client.create_experiment("c")
     assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["c"]
+
+
+def test_trial_runs_are_named_by_number_score_and_values_and_the_best_is_marked_once(tmp_path):
+    """A resumed sweep whose best trial changed moves the mark: one marked run per sweep."""
+    from cmath_model.tracking import tracking_client
+    from hpo.provenance import mark_best_run
+    from hpo.tracking import trial_run_name
+
+    config = {"d": 256, "lr": 0.00123456, "gamma1": 1.0}
+    assert trial_run_name(3, config, ["d", "lr"]) == "#3  d=256 lr=0.00123"
+    assert trial_run_name(3, config, ["d", "lr"], "completed", 0.84031) == "#3  W-F1 84.03%  d=256 lr=0.00123"
+    assert trial_run_name(0, config, ["lr"], "failed") == "#0  failed  lr=0.00123"
+    assert trial_run_name(1, config, ["lr"], "stopped_by_asha", 0.5) == "#1  W-F1 50.00%  stopped by ASHA  lr=0.00123"
+
+    client = tracking_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("s")
+    ids = {}
+    for trial, sweep in (("a", "s"), ("b", "s"), ("c", "other")):
+        run = client.create_run(experiment, run_name=f"#{trial}", tags={
+            "cmath.sweep": sweep, "cmath.kind": "trial", "cmath.trial_id": trial})
+        ids[trial] = run.info.run_id
+    names = lambda: {t: client.get_run(i).info.run_name for t, i in ids.items()}  # noqa: E731
+    mark_best_run(client, experiment, "s", "a")
+    assert names() == {"a": "★ #a", "b": "#b", "c": "#c"}
+    mark_best_run(client, experiment, "s", "b")
+    assert names() == {"a": "#a", "b": "★ #b", "c": "#c"}
+    mark_best_run(client, experiment, "other", "c")  # another sweep's mark is its own
+    assert names() == {"a": "#a", "b": "★ #b", "c": "★ #c"}
