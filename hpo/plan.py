@@ -181,8 +181,8 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
     unsized = SweepPlan(options=options, space=space, base=base, data=data, name=name, sweep_dir=sweep_dir,
                         tracking_uri=options.mlflow_uri or default_tracking_uri(options.results),
                         experiment=options.experiment or name, address=address, local_cpus=local_cpus,
-                        max_t=_max_t(space, base), storage_path=storage_path, storage_name=storage_name,
-                        slots=None, max_concurrent=None, n_startup=None)
+                        max_t=_max_t(space, base, options.early_stopping), storage_path=storage_path,
+                        storage_name=storage_name, slots=None, max_concurrent=None, n_startup=None)
     return with_slots(unsized, slots)
 
 
@@ -248,13 +248,17 @@ def _base_and_data(options: SweepOptions, space: SearchSpace) -> tuple[CMATHConf
     return base, data
 
 
-def _max_t(space: SearchSpace, base: CMATHConfig) -> int:
+def _max_t(space: SearchSpace, base: CMATHConfig, early_stopping: bool = True) -> int:
+    """The most epochs a trial runs (ASHA's max_t); with early stopping, the space's asha
+    settings checked against it (without, there is no ASHA for them to be at odds with)."""
     epochs = space.distributions.get("epochs")
     if epochs is None:
         most_epochs = base.epochs
     else:
         most_epochs = int(max(epochs.choices) if hasattr(epochs, "choices") else epochs.high)
     max_t = space.max_t or most_epochs
+    if not early_stopping:
+        return most_epochs
     if max_t < most_epochs:
         raise SweepError(f"{space.path}: asha.max_t {max_t} is below the {most_epochs} epochs a trial runs; ASHA "
                          f"would stop every trial there. Drop max_t or lower epochs")

@@ -89,6 +89,16 @@ def test_grace_period_beyond_the_epochs_set_on_the_command_line(tmp_path, tiny_p
     assert not (tmp_path / "x").exists()
 
 
+def test_without_early_stopping_asha_settings_are_not_checked(tmp_path, tiny_path):
+    """--no-early-stopping: no ASHA, so its grace period and max_t cannot be at odds with the epochs."""
+    from hpo.sweep import plan_sweep
+
+    space = _write_space(tmp_path / "space.yaml", asha={"grace_period": 3, "max_t": 2})
+    plan = plan_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", early_stopping=False,
+                                   overrides={"epochs": 2}))
+    assert plan.base.epochs == 2
+
+
 def test_asha_max_t_below_the_epochs_is_refused_and_categorical_epochs_plan(tmp_path, tiny_path):
     from hpo.sweep import plan_sweep
 
@@ -98,7 +108,6 @@ def test_asha_max_t_below_the_epochs_is_refused_and_categorical_epochs_plan(tmp_
     space = _write_space(tmp_path / "epochs.yaml", warm_start=[], asha={"grace_period": 1},
                          fixed={"batch_size": 4}, search={"epochs": {"type": "categorical", "choices": [2, 4]}})
     assert plan_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x")).max_t == 4
-
 
 
 def test_unreachable_mlflow_uri_fails_fast(tmp_path, tiny_path, free_port):
