@@ -111,7 +111,7 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
         raise SpaceError(f"{path}: expected a mapping with a 'search' section at the top level")
     for key in raw:
         if key not in TOP_LEVEL:
-            raise fail(key, f"unknown key; known keys: {', '.join(TOP_LEVEL)}")
+            raise fail(key, f"unknown key{did_you_mean(str(key), TOP_LEVEL)}; known keys: {', '.join(TOP_LEVEL)}")
     dataset = raw.get("dataset", "iemocap")
     if dataset not in DATASETS:
         raise fail("dataset", f"'{dataset}' is not one of {', '.join(DATASETS)}")
@@ -165,7 +165,7 @@ def parse_space(raw: Any, path: str | Path = "<space>") -> SearchSpace:
         raise fail("asha", "expected a mapping such as {grace_period: 5, reduction_factor: 3}")
     for key in asha:
         if key not in ASHA_KEYS:
-            raise fail(f"asha.{key}", f"unknown key; known: {', '.join(ASHA_KEYS)}")
+            raise fail(f"asha.{key}", f"unknown key{did_you_mean(str(key), ASHA_KEYS)}; known: {', '.join(ASHA_KEYS)}")
     grace = _integer(asha.get("grace_period", 1), "asha.grace_period", fail, minimum=1)
     try:
         factor = float(asha.get("reduction_factor", 3))

@@ -69,6 +69,7 @@ def _with(path: str, value):
 
 @pytest.mark.parametrize("path, value, message", [
     ("colour", "blue", "colour: unknown key"),
+    ("serach", {"lr": {"type": "float", "low": 0.1, "high": 0.2}}, "serach: unknown key (did you mean 'search'?)"),
     ("search.depth", {"type": "int", "low": 1, "high": 3}, "search.depth: is not a CMATHConfig field; the fields"),
     ("search.gama1", {"type": "float", "low": 0, "high": 3},
      "search.gama1: is not a CMATHConfig field (did you mean 'gamma1'?); the fields are in cmath_model/config.py"),
@@ -92,6 +93,7 @@ def _with(path: str, value):
     ("asha.grace_period", 50, "asha.grace_period: 50 exceeds the 10 epochs"),
     ("asha.reduction_factor", 1, "asha.reduction_factor: 1.0 must be > 1"),
     ("asha.brackets", 2, "asha.brackets: unknown key"),
+    ("asha.grace_peroid", 2, "asha.grace_peroid: unknown key (did you mean 'grace_period'?)"),
     ("metric", "test_wf1", "metric: 'test_wf1' is not supported: sweeps maximise val_wf1"),
     # val_acc would drive TPE and ASHA while best epochs, best/ and export-best use val W-F1.
     ("metric", "val_acc", "metric: 'val_acc' is not supported: sweeps maximise val_wf1"),
