@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import shutil
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class CMATHError(Exception):
@@ -32,3 +35,23 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     """" (did you mean 'gamma1'?)" for a typo of one of the options, else ""."""
     match = closest(word, options)
     return f" (did you mean '{match}'?)" if match else ""
+
+
+def command(script: str) -> str:
+    """How a hint names one of this install's commands (`cmath-train`, `cmath-hpo`, ...) so that
+    it runs as printed: bare when the shell finds this install's, else its path (`.venv/bin/cmath-train`
+    from the checkout, as the README runs them).
+
+    Args:
+        script: the command's name.
+
+    Returns:
+        What to type.
+    """
+    beside = Path(sys.executable).parent / script
+    if not beside.exists() or shutil.which(script) == str(beside):
+        return script
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)

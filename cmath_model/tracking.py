@@ -17,7 +17,7 @@ import urllib.parse
 from contextlib import closing
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, command
 
 MAX_PARAM_CHARS = 500  # MLflow refuses longer parameter values
 MAX_BATCH_PARAMS = 100  # MLflow's limits per log_batch
@@ -203,8 +203,8 @@ def describe_run(where: dict) -> str:
     """Where a run is logged and how to look at it (`where`: uri, experiment, run_id, run_name)."""
     database = sqlite_file(where["uri"])
     if database is not None and database.name == "mlflow.db":  # the sweeps' store layout
-        view = f"cmath-hpo ui --results {database.parent}"
+        view = f"{command('cmath-hpo')} ui --results {database.parent}"
     else:
-        view = f"cmath-hpo ui --mlflow-uri {where['uri']}" if database else f"open {where['uri']}"
+        view = f"{command('cmath-hpo')} ui --mlflow-uri {where['uri']}" if database else f"open {where['uri']}"
     return (f"mlflow: run '{where['run_name']}' ({where['run_id']}) in experiment '{where['experiment']}' "
             f"at {where['uri']}; to see it: {view}")

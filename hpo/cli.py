@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from cmath_model.cli import _parse_set, _run
+from cmath_model.errors import command
 
 from .errors import SweepError
 
@@ -171,7 +172,7 @@ def _export(args: argparse.Namespace) -> int:
         if close:
             print(f"{close} other trial{'s' if close > 1 else ''} ended within 1 point of it: one seed each "
                   f"cannot rank them; --top {min(close + 1, 5)} --seeds 3 re-scores them before picking")
-    print(f"wrote {args.output}; retrain it with: cmath-train --config {args.output} --seeds 5")
+    print(f"wrote {args.output}; retrain it with: {command('cmath-train')} --config {args.output} --seeds 5")
     return 0
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from cmath_model.errors import command
+
 from .errors import SweepError
 from .record import FAILURES_FILE, SWEEP_FILE
 from .storage import is_uri, join
@@ -96,7 +98,8 @@ def restore_sweep_folder(location: str, results: str | Path) -> Path:
     sweep_dir = Path(results) / record["name"]
     if (sweep_dir / SWEEP_FILE).exists():
         raise SweepError(f"{sweep_dir} already holds sweep '{record['name']}'; resume it with "
-                         f"`cmath-hpo resume {sweep_dir}`, or pass another --results to rebuild it from {location}")
+                         f"`{command('cmath-hpo')} resume {sweep_dir}`, or pass another --results to rebuild it "
+                         f"from {location}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for name in MIRRORED + MIRRORED_AT_END:
         if name != SWEEP_FILE and fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File:

@@ -21,6 +21,7 @@ import optuna
 
 from cmath_model.config import CMATHConfig
 from cmath_model.data import DatasetInfo, inspect_dataset, pin_data
+from cmath_model.errors import command
 from cmath_model.synth import default_dataset_path
 from cmath_model.tracking import default_tracking_uri
 
@@ -164,7 +165,7 @@ def plan_sweep(options: SweepOptions, space: SearchSpace | None = None, resuming
     sweep_dir = Path(options.results) / name
     if (sweep_dir / SWEEP_FILE).exists() and not resuming:
         raise SweepError(f"sweep '{name}' already exists in {sweep_dir}; pick another --name, "
-                         f"or continue it with `cmath-hpo resume {sweep_dir}`")
+                         f"or continue it with `{command('cmath-hpo')} resume {sweep_dir}`")
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith("ray://"):
         raise SweepError(f"--address {address}: under Ray Client the sweep's driver would run on the head and write "

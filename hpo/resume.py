@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from cmath_model.errors import command
+
 from .errors import SweepError
 from .mirror import is_mirror, restore_sweep_folder, storage_of
 from .plan import SweepOptions, plan_sweep
@@ -71,10 +73,10 @@ def resume_sweep(sweep: str | Path, results: str | Path = "results", log: Callab
     record = read_record(sweep_dir)
     if record.get("status") == "finished":
         raise SweepError(f"sweep '{record['name']}' already finished; export it with "
-                         f"`cmath-hpo export-best {sweep_dir}` or start a new one")
+                         f"`{command('cmath-hpo')} export-best {sweep_dir}` or start a new one")
     if record.get("status") == "time_budget_spent":
         raise SweepError(f"sweep '{record['name']}' ended at its --time-budget, which Ray does not continue; export "
-                         f"what it found (`cmath-hpo export-best {sweep_dir}`) or start a new sweep")
+                         f"what it found (`{command('cmath-hpo')} export-best {sweep_dir}`) or start a new sweep")
     values = {**record["options"], "name": record["name"], "results": str(sweep_dir.parent)}
     if address is not None:
         values["address"] = address

@@ -109,3 +109,26 @@ def test_bad_input_is_one_error_line(argv, needle, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_hints_name_commands_as_they_run_here(monkeypatch, tmp_path):
+    """A hint's command runs as printed: bare when the shell finds this install's, else by its
+    path (.venv/bin/cmath-train from the checkout, as the README runs them)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cmath_model.errors import command
+
+    bin_dir = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin:/bin")
+    assert command("cmath-train") == "cmath-train"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(bin_dir.parent.parent)
+    hint = command("cmath-train")
+    assert hint == str(bin_dir.relative_to(bin_dir.parent.parent) / "cmath-train")  # .venv/bin/cmath-train
+    assert subprocess.run([hint, "--help"], capture_output=True, timeout=120).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    assert command("cmath-train") == str(bin_dir / "cmath-train")
+    assert command("no-such-command") == "no-such-command"
