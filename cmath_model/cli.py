@@ -14,6 +14,15 @@ import yaml
 from .errors import CMATHError, ConfigError
 
 
+class CommandLine(argparse.ArgumentParser):
+    """argparse, with a usage error as one `error:` line that points at --help (argparse's own
+    leads with the whole usage block, 13 lines for `cmath-hpo sweep`, before the line that
+    matters). Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     try:
         return main(argv)
@@ -27,7 +36,7 @@ def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int
 
 # ---------------------------------------------------------------------------- cmath-data
 def _data(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="cmath-data", description="Create canonical CMATH Parquet datasets.")
+    parser = CommandLine(prog="cmath-data", description="Create canonical CMATH Parquet datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="generate a synthetic IEMOCAP- or MELD-shaped dataset")
@@ -113,7 +122,7 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmath-train", description="Train CMATH (one or more seeds).")
+    parser = CommandLine(prog="cmath-train", description="Train CMATH (one or more seeds).")
     parser.add_argument("--config", help="YAML config (an exported best config works as is)")
     parser.add_argument("--data", help="canonical Parquet dataset (default: built-in synthetic IEMOCAP-shaped)")
     parser.add_argument("--epochs", type=int)
@@ -214,7 +223,7 @@ def _print_summary(summary: dict, seeds: int) -> None:
 
 # ---------------------------------------------------------------------------- cmath-eval
 def _eval(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="cmath-eval", description="Test metrics of a saved best checkpoint.")
+    parser = CommandLine(prog="cmath-eval", description="Test metrics of a saved best checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a best/ folder written by cmath-train or a sweep")
     parser.add_argument("--data", help="dataset to evaluate on (default: the one the checkpoint was trained on)")
     parser.add_argument("--out", help="where to write the JSON (default: CHECKPOINT/eval.json)")

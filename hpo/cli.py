@@ -9,14 +9,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from cmath_model.cli import _parse_set, _run
+from cmath_model.cli import CommandLine, _parse_set, _run
 from cmath_model.errors import command
 
 from .errors import SweepError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmath-hpo", description="CMATH hyperparameter sweeps "
+    parser = CommandLine(prog="cmath-hpo", description="CMATH hyperparameter sweeps "
                                      "(Ray Tune + Optuna TPE + ASHA, tracked in MLflow).")
     sub = parser.add_subparsers(dest="command", required=True)
 

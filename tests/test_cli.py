@@ -132,3 +132,20 @@ def test_hints_name_commands_as_they_run_here(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert command("cmath-train") == str(bin_dir / "cmath-train")
     assert command("no-such-command") == "no-such-command"
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    ("hpo", ["sweep", "--num-samples", "3"], "error: the following arguments are required: --space; "
+                                              "see cmath-hpo sweep --help"),
+    ("hpo", ["swep"], "error: argument command: invalid choice: 'swep'"),
+    ("train", ["--bogus"], "error: unrecognized arguments: --bogus; see cmath-train --help"),
+])
+def test_a_usage_error_is_one_line_that_points_at_help(main, argv, message, capsys):
+    from cmath_model.cli import train_main
+    from hpo.cli import main as hpo_main
+
+    with pytest.raises(SystemExit) as exited:
+        {"hpo": hpo_main, "train": train_main}[main](argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), err
