@@ -326,6 +326,15 @@ def describe_concurrency(plan: SweepPlan) -> str:
     return f"{plan.max_concurrent} trials at a time ({why}); {plan.n_startup} random start-up trials, then TPE"
 
 
+def describe_data(plan: SweepPlan) -> str:
+    """The sweep's dataset in a line; the built-in synthetic set (no --data) says so."""
+    line = f"{plan.data.path} ({plan.data.name}, sha256 {plan.data.sha256[:12]}...)"
+    if plan.options.data is None:
+        line += (f"; no --data given: the built-in synthetic {plan.data.name.upper()}-shaped set, made on first "
+                 f"use, whose scores say nothing of real data")
+    return line
+
+
 def describe_plan(plan: SweepPlan) -> str:
     """The plan as `--dry-run` prints it: what the sweep will run, where, and its first configs."""
     o = plan.options
@@ -338,7 +347,7 @@ def describe_plan(plan: SweepPlan) -> str:
         f"space {plan.space.path}: maximise {METRIC} over {o.num_samples} trials ({_describe_search(plan)})",
         *[f"  search {line}" for line in plan.space.describe()],
         f"fixed: {fixed}",
-        f"data: {plan.data.path} ({plan.data.name}, sha256 {plan.data.sha256[:12]}...)",
+        f"data: {describe_data(plan)}",
         f"resources per trial: {o.cpus_per_trial:g} CPU, {o.gpus_per_trial:g} GPU",
         describe_concurrency(plan),
         f"ray: {where}; storage {plan.storage_path}",

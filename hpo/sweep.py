@@ -22,7 +22,7 @@ from cmath_model.tracking import check_artifact_home, sqlite_file
 from .cluster import describe_cluster, joined_cluster
 from .errors import SweepError
 from .mirror import SweepMirror
-from .plan import SweepOptions, SweepPlan, plan_sweep
+from .plan import SweepOptions, SweepPlan, describe_data, plan_sweep
 from .provenance import SweepRecord
 from .record import FAILURES_FILE, OPTUNA_FILE, read_node_faults
 from .space import show
@@ -101,6 +101,8 @@ def fit_sweep(plan: SweepPlan, started: float, log: Callable[[str], None], train
         if resumed is None:
             record = SweepRecord.open(plan, cluster)
             log(f"sweep {plan.name}: {plan.options.num_samples} trials -> {plan.sweep_dir}")
+            if plan.options.data is None:
+                log(f"data: {describe_data(plan)}")
         else:
             record = SweepRecord.reopen(plan, cluster, resumed)
             log(f"resuming sweep {plan.name} from {plan.experiment_path}")

@@ -4,6 +4,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -115,9 +116,6 @@ def test_hints_name_commands_as_they_run_here(monkeypatch, tmp_path):
     """A hint's command runs as printed: bare when the shell finds this install's, else by its
     path (.venv/bin/cmath-train from the checkout, as the README runs them)."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from cmath_model.errors import command
 
@@ -149,3 +147,13 @@ def test_a_usage_error_is_one_line_that_points_at_help(main, argv, message, caps
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(message), err
+
+
+def test_a_sweep_without_data_says_it_runs_on_the_built_in_synthetic_set(tmp_path, capsys):
+    from hpo.cli import main as hpo_main
+
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "iemocap.yaml"
+    assert hpo_main(["sweep", "--space", str(space), "--results", str(tmp_path), "--dry-run"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")]
+    assert str(tmp_path / "data" / "synthetic-iemocap-small-seed0.parquet") in line
+    assert "no --data given: the built-in synthetic IEMOCAP-shaped set" in line
