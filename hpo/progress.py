@@ -1,8 +1,10 @@
-"""The lines a person reads while a sweep runs: one when a trial starts, one when it ends
-(with --verbose, one per epoch), and how a trial came back after a lost worker or a resume."""
+"""The lines a person reads while a sweep runs: one when a trial starts, one at each of ASHA's
+rungs (without early stopping, at each quarter of its epochs), one when it ends (with --verbose,
+one per epoch), and how a trial came back after a lost worker or a resume."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from ray.tune import Callback
@@ -14,14 +16,24 @@ from .trials import end_state
 
 
 class ProgressPrinter(Callback):
-    """One line when a trial starts and one when it ends; with verbose, one per epoch."""
+    """One line when a trial starts, at each rung and when it ends; with verbose, one per epoch.
+
+    Args:
+        searched: the searched names, in the space's order.
+        num_samples: the sweep's trials.
+        log: where the lines go.
+        verbose: a line per epoch.
+        rungs: the epochs ASHA decides at; () without early stopping (then a line at each
+            quarter of a trial's epochs).
+    """
 
     def __init__(self, searched: list[str], num_samples: int, log: Callable[[str], None] = print,
-                 verbose: bool = False):
+                 verbose: bool = False, rungs: tuple[int, ...] = ()):
         self.searched = searched
         self.num_samples = num_samples
         self.log = log
         self.verbose = verbose
+        self.rungs = rungs
         self.started: dict[str, int] = {}  # trial id -> its place in start order, 1-based
 
     def __getstate__(self) -> dict:
@@ -42,9 +54,19 @@ class ProgressPrinter(Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if RESTORE_NOTE in result:
             self.log(f"[{trial_key(trial)}] {result[RESTORE_NOTE]}")
-        if self.verbose and is_epoch(result) and REPLAYED not in result:
+        if not is_epoch(result) or REPLAYED in result:
+            return
+        if self.verbose:
             self.log(f"[{trial_key(trial)}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
                      f"  ({result.get('epoch_seconds', 0):.1f}s)")
+        elif result["epoch"] in self._milestones(result["epochs_planned"]):
+            self.log(f"[{trial_key(trial)}] epoch {result['epoch']}/{result['epochs_planned']}  val W-F1 "
+                     f"{100 * result['val_wf1']:.2f}, best {100 * result['best_val_wf1']:.2f}")
+
+    def _milestones(self, planned: int) -> set[int]:
+        """The epochs before the last that get a line without --verbose."""
+        marks = self.rungs or {math.ceil(planned * quarter / 4) for quarter in (1, 2, 3)}
+        return {epoch for epoch in marks if epoch < planned}
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         r = trial.last_result

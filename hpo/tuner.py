@@ -80,7 +80,7 @@ def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], N
     mirror = SweepMirror(plan.sweep_dir, plan.shared_state) if plan.shared_state else None
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.study_storage, plan.name,
                        plan.ended_dir, mirror=mirror, storage_query=public_query(plan.storage_path))
-    printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose)
+    printer = ProgressPrinter(plan.searched, plan.options.num_samples, log, plan.options.verbose, plan.rungs)
     return [NoRetryOnTrialError(), tracker, table, printer]
 
 

@@ -15,3 +15,23 @@ def test_trials_are_numbered_in_the_order_they_start():
     printer.on_trial_start(0, [first, second], second)  # its worker was lost: it starts again
     assert lines == ["[bbb] start (1/8)  lr=0.001", "[aaa] start (2/8)  lr=0.001",
                      "[bbb] start again, from its last checkpoint (1/8)  lr=0.001"]
+
+
+def _epochs(printer, trial, planned):
+    for epoch in range(1, planned + 1):
+        printer.on_trial_result(0, [trial], trial, {"epoch": epoch, "epochs_planned": planned, "val_wf1": epoch / 100,
+                                                    "best_val_wf1": epoch / 100, "training_iteration": epoch})
+
+
+def test_a_running_trial_gets_a_line_at_each_rung_or_quarter_of_its_epochs():
+    """Without --verbose a trial of many epochs printed nothing between its start and its end."""
+    trial = Trial("CMATHTrial", config={"lr": 1e-3}, trial_id="aaa", stub=True)
+    lines = []
+    _epochs(ProgressPrinter(["lr"], 4, lines.append, rungs=(1, 3, 9)), trial, planned=9)
+    assert lines == ["[aaa] epoch 1/9  val W-F1 1.00, best 1.00", "[aaa] epoch 3/9  val W-F1 3.00, best 3.00"]
+    lines.clear()
+    _epochs(ProgressPrinter(["lr"], 4, lines.append), trial, planned=8)  # no ASHA: each quarter
+    assert [line.split("  ")[0] for line in lines] == ["[aaa] epoch 2/8", "[aaa] epoch 4/8", "[aaa] epoch 6/8"]
+    lines.clear()
+    _epochs(ProgressPrinter(["lr"], 4, lines.append, verbose=True), trial, planned=3)
+    assert len(lines) == 3 and lines[0].startswith("[aaa] epoch   1  val W-F1 1.00")
