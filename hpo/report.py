@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cmath_model.metrics import accuracy, confusion_matrix, per_class_f1, weighted_f1  # noqa: E402
@@ -32,6 +33,7 @@ from .trials import HISTORY_FILE, TRIALS_FILE, best_row, read_trials  # noqa: E4
 
 # Conversation-length buckets of the paper's Fig. 5 (utterances per dialogue).
 LENGTH_BUCKETS = {"iemocap": [(1, 39), (40, 69), (70, None)], "meld": [(1, 9), (10, 20), (21, None)]}
+FEW_TRIALS = 20  # below this, fANOVA's ranking is a rough guide (the report says so)
 STATE_COLOURS = {"completed": "tab:green", "stopped_by_asha": "tab:orange", "failed": "tab:red",
                  "interrupted": "tab:gray", "running": "tab:gray"}
 
@@ -92,15 +94,20 @@ def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflo
 
 
 # ------------------------------------------------------------------ plots
+def _state_label(state: str) -> str:
+    return state.replace("_", " ").replace("asha", "ASHA")
+
+
 def _history(trials: pd.DataFrame, path: Path, data: dict) -> str:
     scored = trials[trials["best_val_wf1"].notna()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for state, group in scored.groupby("end_state"):
-        ax.scatter(group["number"], 100 * group["best_val_wf1"], label=state.replace("_", " "),
+        ax.scatter(group["number"], 100 * group["best_val_wf1"], label=_state_label(state),
                    color=STATE_COLOURS.get(state, "tab:blue"), zorder=3)
     running = scored.sort_values("number")["best_val_wf1"].cummax()
     ax.step(scored.sort_values("number")["number"], 100 * running, where="post", color="black", label="best so far")
-    ax.set(xlabel="trial (in the order started)", ylabel="best validation W-F1 (%)", title="Optimisation history")
+    ax.set(xlabel="trial number (from 0, as in trials.parquet, the study and the MLflow run names)",
+           ylabel="best validation W-F1 (%)", title="Optimisation history")
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
     data["history"] = {"number": scored["number"].tolist(), "best_val_wf1": scored["best_val_wf1"].tolist(),
@@ -123,6 +130,10 @@ def _asha(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: Path,
             stopped[row.trial_id] = int(curve["epoch"].iloc[-1])
     for r in rungs:
         ax.axvline(r, color="gray", linestyle="--", linewidth=0.8)
+    shown = [state for state in STATE_COLOURS if (trials["end_state"] == state).any()]
+    ax.legend(handles=[Line2D([], [], color=STATE_COLOURS[state], label=_state_label(state)) for state in shown]
+              + [Line2D([], [], color="gray", marker="x", linestyle="", label="stopped by ASHA here")] * bool(stopped)
+              + [Line2D([], [], color="gray", linestyle="--", label="ASHA rung")] * bool(rungs), fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="validation W-F1 (%)",
            title=f"Learning curves; ASHA rungs (dashed) at {rungs}, x = stopped there")
@@ -170,11 +181,14 @@ def _importance(sweep_dir: Path, record: dict, trials: pd.DataFrame, path: Path,
     names = list(importances)[::-1]
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(names)))
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    stopped = int(trials["end_state"].eq("stopped_by_asha").sum())
+    caveat = (f"from {len(scored)} trials, {stopped} of them stopped early and ranked by the best they reached"
+              + (f"; with fewer than {FEW_TRIALS} trials read it as a rough guide" if len(scored) < FEW_TRIALS else ""))
     ax.set(xlabel="importance for the best validation W-F1 (fANOVA, sums to 1)",
-           title=f"Hyperparameter importance ({len(scored)} trials)")
+           title=f"Hyperparameter importance ({len(scored)} trials{', rough' if len(scored) < FEW_TRIALS else ''})")
     _save(fig, path)
     data["importance"] = {"method": "fanova on each trial's best validation W-F1", "trials": len(scored),
-                          "values": dict(importances)}
+                          "values": dict(importances), "caveat": caveat}
     return path.name
 
 
@@ -182,7 +196,8 @@ def _versus_d(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: P
     """Best validation W-F1 per d, compared at one budget: a trial ASHA stopped at its first rung
     had fewer epochs than one that finished, so joining both in one line makes a d look bad for
     being stopped. The line takes every trial's best up to the first rung (the epochs all of them
-    had); trials are drawn by how they ended, and the finished ones' best beside it."""
+    had); trials are drawn by how they ended. Validation only: test scores are for the end, not
+    for choosing d (the best trial's are in the report's table)."""
     scored = trials[trials["best_val_wf1"].notna()]
     budget = next(iter(_rungs(record)), None)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -190,12 +205,9 @@ def _versus_d(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: P
         some = scored[scored["end_state"] == state]
         if len(some):
             ax.scatter(some["param_d"], 100 * some["best_val_wf1"], marker=marker, alpha=0.6,
-                       color=STATE_COLOURS[state], label=f"{state.replace('_', ' ')}: its best (val)")
+                       color=STATE_COLOURS[state], label=f"{_state_label(state)}: its best (val)")
     finished = scored[scored["end_state"] == "completed"]
-    by_d = finished.groupby("param_d")[["best_val_wf1", "test_wf1_at_best_val"]].max().reset_index()
-    if len(by_d):
-        ax.plot(by_d["param_d"], 100 * by_d["test_wf1_at_best_val"], "s--", color="tab:purple",
-                label="finished: validation-selected test")
+    by_d = finished.groupby("param_d")[["best_val_wf1"]].max().reset_index()
     same_budget = None
     if budget is not None and len(history):
         early = history[(history["epoch"] <= budget) & history["trial_id"].isin(scored["trial_id"])]
@@ -204,8 +216,9 @@ def _versus_d(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: P
         same_budget = per_trial.groupby(d_of.loc[per_trial.index].to_numpy()).max().sort_index()
         ax.plot(same_budget.index, 100 * same_budget.to_numpy(), "o-", color="tab:blue",
                 label=f"best per d within {budget} epochs (every trial)")
-    ax.set(xlabel="d", ylabel="W-F1 (%)", title="Performance vs d (paper Fig. 4)")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="d", ylabel="validation W-F1 (%)", title="Performance vs d (paper Fig. 4)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     _save(fig, path)
     data["performance_vs_d"] = {
         "finished": by_d.to_dict("list"),
@@ -340,7 +353,11 @@ def _markdown(record: dict, trials: pd.DataFrame, data: dict, figures: dict) -> 
     if best:
         config = best["config"]
         searched = ", ".join(f"{k}={show(config[k])}" for k in record.get("searched", []))
-        lines += [f"| best trial | `{best['trial_id']}` (MLflow run `{best.get('mlflow_run_id')}`) |",
+        origin = best.get("suggested_by")
+        origin = ("the space's warm-start point, not one the search found" if origin == "warm_start"
+                  else f"suggested by {origin}" if origin else "")
+        lines += [f"| best trial | #{int(best['number'])} `{best['trial_id']}` (MLflow run "
+                  f"`{best.get('mlflow_run_id')}`){'; ' + origin if origin else ''} |",
                   f"| its searched values | {searched} |",
                   f"| best validation W-F1 | {100 * best['best_val_wf1']:.2f} at epoch {int(best['best_epoch'])} |",
                   f"| validation-selected test | ACC {100 * best['test_acc_at_best_val']:.2f}, "
@@ -354,17 +371,19 @@ def _markdown(record: dict, trials: pd.DataFrame, data: dict, figures: dict) -> 
               "length": "Best trial by conversation length"}
     for key, name in figures.items():
         lines += [f"## {titles[key]}", "", f"![{titles[key]}]({name})", ""]
+        if key == "importance":
+            lines += [f"fANOVA {data['importance']['caveat']}.", ""]
     if "note" in data.get("importance", {}):
         lines += ["## Hyperparameter importance", "", f"Not computed: {data['importance']['note']}.", ""]
     top = trials[trials["best_val_wf1"].notna()].sort_values("best_val_wf1", ascending=False).head(10)
     params = [c for c in trials.columns if c.startswith("param_")]
-    lines += ["## Top trials", "", "| trial | state | " + " | ".join(p[6:] for p in params)
+    lines += ["## Top trials", "", "| # | trial | state | " + " | ".join(p[6:] for p in params)
               + " | val W-F1 | test W-F1 (val-selected) | epochs |",
-              "|" + "---|" * (len(params) + 5)]
+              "|" + "---|" * (len(params) + 6)]
     for row in top.itertuples():
         values = " | ".join(show(getattr(row, p)) for p in params)
-        lines.append(f"| `{row.trial_id}` | {row.end_state} | {values} | {100 * row.best_val_wf1:.2f} | "
-                     f"{100 * row.test_wf1_at_best_val:.2f} | {int(row.epochs)} |")
+        lines.append(f"| {int(row.number)} | `{row.trial_id}` | {row.end_state} | {values} | "
+                     f"{100 * row.best_val_wf1:.2f} | {100 * row.test_wf1_at_best_val:.2f} | {int(row.epochs)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 
 import numpy as np
 import optuna
@@ -478,7 +479,10 @@ def test_shared_storage_and_time_budget_keep_what_finished(space_path, tiny_path
     assert not [t for t in study.trials if t.state.name == "RUNNING"]  # cut-short trials are pruned, not left open
     from hpo.report import make_report
 
-    text = (make_report(tmp_path / "results" / "budget", log_to_mlflow=False) / "report.md").read_text()
+    with warnings.catch_warnings(record=True) as warned:  # matplotlib: "No artists with labels", once
+        warnings.simplefilter("always")
+        text = (make_report(tmp_path / "results" / "budget", log_to_mlflow=False) / "report.md").read_text()
+    assert not [w for w in warned if "artists" in str(w.message)], [str(w.message) for w in warned]
     assert "**Incomplete sweep**" in text and "(history.png)" in text
     from hpo.resume import resume_sweep
 
@@ -539,9 +543,19 @@ def test_report_writes_every_plot_with_the_data_behind_it(sweep):
     assert same_budget["epochs"] == first_rung
     assert same_budget["d"] == expected.index.tolist()
     assert same_budget["best_val_wf1"] == pytest.approx(expected.tolist())
-    # importance over the searched parameters sums to 1
+    # importance over the searched parameters sums to 1, with how far to trust it
     assert set(data["importance"]["values"]) == set(WARM)
     assert sum(data["importance"]["values"].values()) == pytest.approx(1.0)
+    stopped_early = (trials["end_state"] == "stopped_by_asha").sum()
+    assert data["importance"]["caveat"] == (f"from {SAMPLES} trials, {stopped_early} of them stopped early and ranked "
+                                            f"by the best they reached; with fewer than 20 trials read it as a "
+                                            f"rough guide")
+    report = (sweep["dir"] / "report" / "report.md").read_text()
+    assert f"fANOVA {data['importance']['caveat']}." in report
+    best = sweep["outcome"].best
+    assert f"| best trial | #{best['number']} `{best['trial_id']}`" in report
+    if best["suggested_by"] == "warm_start":
+        assert "the space's warm-start point, not one the search found" in report
     # the best trial's test numbers: buckets partition the test utterances, the matrix counts them all
     best = data["best_test"]
     n = best["num_utterances"]
