@@ -172,7 +172,8 @@ def check_authentication(address: str, allow_open: bool = False, log: Callable[[
     """Refuse a cluster that lets in a client without a token (token authentication off): anyone
     who reaches its ports runs code on every node. Unless `allow_open`, that is a SweepError when
     any node listens at an address other than loopback; otherwise a warning line. A cluster that
-    asks for a token passes silently.
+    asks for a token passes silently, if this driver runs with RAY_AUTH_MODE=token (without it,
+    a SweepError at once instead of Ray's client retrying for 20 s).
 
     Args:
         address: the cluster's host:port.
@@ -205,6 +206,12 @@ def open_cluster_warning(address: str, nodes: list[str] | None, allow_open: bool
         The warning line to print ("" for a token cluster); SweepError where joining is refused.
     """
     if nodes is None:
+        if driver_auth_mode.lower() != "token":
+            # Ray 2.60's client reads the token only in token mode: it would retry for ~20 s, then
+            # say the mode is "disabled", token file or not.
+            raise SweepError(f"the Ray cluster at {address} asks for a token and this driver runs without "
+                             f"RAY_AUTH_MODE=token; set it, with the cluster's token in ~/.ray/auth_token or "
+                             f"RAY_AUTH_TOKEN (docs/cluster.md)")
         return ""
     exposed = [node for node in nodes if not is_loopback(node)]
     what = (f"the Ray cluster at {address} runs without authentication (a client with no token joined it)"

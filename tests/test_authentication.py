@@ -29,6 +29,7 @@ def test_only_loopback_addresses_count_as_this_machine_alone(host, loopback):
 
 @pytest.mark.parametrize("nodes, allow, mode, outcome", [
     (None, False, "token", ""),  # the cluster asked the anonymous client for a token
+    (None, False, "", "error: asks for a token and this driver runs without RAY_AUTH_MODE=token"),
     (["127.0.0.1"], False, "", "warning"),  # open, but this machine alone reaches it
     (["127.0.0.1", "192.0.2.7"], False, "", "error: listen at 192.0.2.7: anyone who reaches them"),
     (["192.0.2.7"], True, "", "warning"),  # --allow-open-cluster

@@ -172,6 +172,22 @@ def test_preflight_refuses_storage_the_worker_node_cannot_see(cluster, tiny_path
     print(f"preflight refusal took {seconds:.1f}s from the command's start: {errors[0]}")
 
 
+def test_a_driver_without_the_token_setting_is_refused_in_one_line(cluster, tiny_path):
+    """The token is in ~/.ray/auth_token but RAY_AUTH_MODE is unset: Ray's client would retry for
+    about 20 s and then say the mode is 'disabled'. The sweep says what to set, before ray.init."""
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_MODE"}
+    results = cluster["nfs"] / "results-no-mode"
+    started = time.monotonic()
+    done = subprocess.run(_sweep_command(_space(cluster["private"]), tiny_path, results, "no-mode", "--num-samples",
+                                         "1", "--address", cluster["address"], "--storage", str(cluster["nfs"] / "s")),
+                          env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "asks for a token and this driver runs without RAY_AUTH_MODE=token" in errors[0], errors[0]
+    assert not (results / "no-mode").exists()
+    print(f"refused in {time.monotonic() - started:.1f}s: {errors[0]}")
+
+
 def test_a_sweep_whose_driver_is_killed_is_finished_from_another_host(cluster, tracking_server, tiny_path,
                                                                       monkeypatch):
     """docs/cluster.md's recipe: Ray's trial folders, checkpoints, the study and the sweep's records
