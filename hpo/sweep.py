@@ -245,7 +245,8 @@ def summary_text(outcome: SweepOutcome, searched: list[str]) -> str:
         lines.append(f"best trial {best['trial_id']}: val W-F1 {100 * best['best_val_wf1']:.2f} at epoch "
                      f"{int(best['best_epoch'])}, its test W-F1 {100 * best['test_wf1_at_best_val']:.2f} "
                      f"ACC {100 * best['test_acc_at_best_val']:.2f}")
-        lines.append(f"  {params}")
+        warm = best.get("suggested_by") == "warm_start"
+        lines.append(f"  {params}" + ("  (the space's warm-start point, not one the search found)" if warm else ""))
     else:
         lines.append("no trial produced a result")
     if outcome.mlflow_failures:

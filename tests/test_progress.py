@@ -35,3 +35,18 @@ def test_a_running_trial_gets_a_line_at_each_rung_or_quarter_of_its_epochs():
     lines.clear()
     _epochs(ProgressPrinter(["lr"], 4, lines.append, verbose=True), trial, planned=3)
     assert len(lines) == 3 and lines[0].startswith("[aaa] epoch   1  val W-F1 1.00")
+
+
+def test_the_summary_says_when_the_best_trial_is_the_warm_start_point():
+    """The quick start's best trial was the space's own warm start, and nothing said so."""
+    from pathlib import Path
+
+    from hpo.sweep import SweepOutcome, summary_text
+
+    best = {"trial_id": "aaa", "best_val_wf1": 0.84, "best_epoch": 12, "test_wf1_at_best_val": 0.74,
+            "test_acc_at_best_val": 0.75, "param_lr": 3e-4, "suggested_by": "warm_start"}
+    counts = {"completed": 1, "stopped_by_asha": 0, "failed": 0, "interrupted": 0}
+    outcome = SweepOutcome("s", Path("s"), "finished", counts, best, 1.0, 1.0, 0.0, 1.0)
+    assert "  lr=0.0003  (the space's warm-start point, not one the search found)" in summary_text(outcome, ["lr"])
+    outcome.best["suggested_by"] = "tpe"
+    assert "warm-start" not in summary_text(outcome, ["lr"])
