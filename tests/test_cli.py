@@ -83,13 +83,14 @@ def test_mlflow_run_gets_params_and_epoch_history(tiny_path, tmp_path, capsys):
 
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
+    from cmath_model.errors import command
     from cmath_model.tracking import local_artifact_dir
 
     weights = local_artifact_dir(run.info.artifact_uri) / "seed0" / "best" / "model.pt"
     assert weights.stat().st_ino == (tmp_path / "r" / "seed0" / "best" / "model.pt").stat().st_ino  # one copy
     # Even with --quiet, it says where the run went and how to look at it.
     assert (f"mlflow: run 'r' ({run.info.run_id}) in experiment 't' at {uri}; to see it: "
-            f"cmath-hpo ui --results {tmp_path}") in capsys.readouterr().out
+            f"{command('cmath-hpo')} ui --results {tmp_path}") in capsys.readouterr().out
     assert run.info.status == "FINISHED" and run.data.params["d"] == "32"
     history = client.get_metric_history(run.info.run_id, "val_wf1/seed0")
     assert [m.step for m in history] == [1, 2, 3]
