@@ -110,19 +110,16 @@ def test_asha_max_t_below_the_epochs_is_refused_and_categorical_epochs_plan(tmp_
     assert plan_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x")).max_t == 4
 
 
-def test_unreachable_mlflow_uri_fails_fast(tmp_path, tiny_path, free_port):
-    uri = f"http://127.0.0.1:{free_port()}"
+@pytest.mark.parametrize("option, where, message", [
+    ("mlflow_uri", "http://127.0.0.1:{port}", "MLflow tracking server {where} is unreachable"),
+    ("address", "127.0.0.1:{port}", "Ray cluster at {where} is unreachable"),
+])
+def test_an_unreachable_server_fails_fast(tmp_path, tiny_path, free_port, option, where, message):
+    """An unreachable --mlflow-uri or --address: one line, before Ray starts or anything is written."""
+    where = where.format(port=free_port())
     space = _write_space(tmp_path / "space.yaml")
-    with pytest.raises(SweepError, match=f"MLflow tracking server {uri} is unreachable"):
-        run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", mlflow_uri=uri))
-    assert not ray.is_initialized() and not (tmp_path / "x").exists()
-
-
-def test_unreachable_ray_address_fails_fast(tmp_path, tiny_path, free_port):
-    address = f"127.0.0.1:{free_port()}"
-    space = _write_space(tmp_path / "space.yaml")
-    with pytest.raises(SweepError, match=f"Ray cluster at {address} is unreachable"):
-        run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", address=address))
+    with pytest.raises(SweepError, match=message.format(where=where)):
+        run_sweep(SweepOptions(space=space, data=str(tiny_path), results=tmp_path, name="x", **{option: where}))
     assert not ray.is_initialized() and not (tmp_path / "x").exists()
 
 
