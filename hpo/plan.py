@@ -257,9 +257,9 @@ def _max_t(space: SearchSpace, base: CMATHConfig, early_stopping: bool = True) -
         most_epochs = base.epochs
     else:
         most_epochs = int(max(epochs.choices) if hasattr(epochs, "choices") else epochs.high)
-    max_t = space.max_t or most_epochs
     if not early_stopping:
         return most_epochs
+    max_t = space.max_t or most_epochs
     if max_t < most_epochs:
         raise SweepError(f"{space.path}: asha.max_t {max_t} is below the {most_epochs} epochs a trial runs; ASHA "
                          f"would stop every trial there. Drop max_t or lower epochs")

@@ -136,14 +136,28 @@ def mark_best_run(client: MlflowClient, experiment_id: str, sweep: str, best_tri
         sweep: the sweep's name.
         best_trial_id: the best trial (None: no trial scored).
     """
-    runs = client.search_runs([experiment_id], max_results=10000, filter_string=(
-        f"tags.`cmath.sweep` = '{sweep}' and tags.`cmath.kind` = 'trial'"))
-    for run in runs:
+    for run in trial_runs(client, experiment_id, sweep):
         name = run.info.run_name or ""
         plain = name.removeprefix(BEST_MARK)
         wanted = BEST_MARK + plain if run.data.tags.get("cmath.trial_id") == best_trial_id else plain
         if wanted != name:
             client.update_run(run.info.run_id, name=wanted)
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, sweep: str, condition: str = "") -> list:
+    """The sweep's trial runs (its child runs, by their tags).
+
+    Args:
+        client: the tracking store's client.
+        experiment_id: the sweep's experiment.
+        sweep: the sweep's name.
+        condition: more of MLflow's filter, e.g. `and attributes.status = 'RUNNING'`.
+
+    Returns:
+        The runs, as MLflow's search returns them.
+    """
+    return client.search_runs([experiment_id], max_results=10000, filter_string=(
+        f"tags.`cmath.sweep` = '{sweep}' and tags.`cmath.kind` = 'trial' {condition}"))
 
 
 def _count(failures: dict, exc: Exception) -> None:

@@ -29,7 +29,7 @@ from .errors import SweepError  # noqa: E402
 from .plan import asha_rungs  # noqa: E402
 from .record import OPTUNA_FILE, find_sweep, read_record, tracked_record  # noqa: E402
 from .space import show  # noqa: E402
-from .trials import HISTORY_FILE, TRIALS_FILE, best_row, read_trials  # noqa: E402
+from .trials import HISTORY_FILE, TRIALS_FILE, best_row, read_trials, state_words  # noqa: E402
 
 # Conversation-length buckets of the paper's Fig. 5 (utterances per dialogue).
 LENGTH_BUCKETS = {"iemocap": [(1, 39), (40, 69), (70, None)], "meld": [(1, 9), (10, 20), (21, None)]}
@@ -94,15 +94,11 @@ def make_report(sweep: str | Path, results: str | Path = "results", log_to_mlflo
 
 
 # ------------------------------------------------------------------ plots
-def _state_label(state: str) -> str:
-    return state.replace("_", " ").replace("asha", "ASHA")
-
-
 def _history(trials: pd.DataFrame, path: Path, data: dict) -> str:
     scored = trials[trials["best_val_wf1"].notna()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for state, group in scored.groupby("end_state"):
-        ax.scatter(group["number"], 100 * group["best_val_wf1"], label=_state_label(state),
+        ax.scatter(group["number"], 100 * group["best_val_wf1"], label=state_words(state),
                    color=STATE_COLOURS.get(state, "tab:blue"), zorder=3)
     running = scored.sort_values("number")["best_val_wf1"].cummax()
     ax.step(scored.sort_values("number")["number"], 100 * running, where="post", color="black", label="best so far")
@@ -131,7 +127,7 @@ def _asha(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: Path,
     for r in rungs:
         ax.axvline(r, color="gray", linestyle="--", linewidth=0.8)
     shown = [state for state in STATE_COLOURS if (trials["end_state"] == state).any()]
-    ax.legend(handles=[Line2D([], [], color=STATE_COLOURS[state], label=_state_label(state)) for state in shown]
+    ax.legend(handles=[Line2D([], [], color=STATE_COLOURS[state], label=state_words(state)) for state in shown]
               + [Line2D([], [], color="gray", marker="x", linestyle="", label="stopped by ASHA here")] * bool(stopped)
               + [Line2D([], [], color="gray", linestyle="--", label="ASHA rung")] * bool(rungs), fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -205,7 +201,7 @@ def _versus_d(trials: pd.DataFrame, history: pd.DataFrame, record: dict, path: P
         some = scored[scored["end_state"] == state]
         if len(some):
             ax.scatter(some["param_d"], 100 * some["best_val_wf1"], marker=marker, alpha=0.6,
-                       color=STATE_COLOURS[state], label=f"{_state_label(state)}: its best (val)")
+                       color=STATE_COLOURS[state], label=f"{state_words(state)}: its best (val)")
     finished = scored[scored["end_state"] == "completed"]
     by_d = finished.groupby("param_d")[["best_val_wf1"]].max().reset_index()
     same_budget = None

@@ -50,6 +50,7 @@ from .trials import (
     read_journal,
     read_trials,
     records,
+    trial_number,
     write_parquet_atomic,
 )
 
@@ -130,7 +131,7 @@ class TrialTable(Callback):
         return self.rows[key]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        row = self.row(trial, number=trials.index(trial))  # creation order: the warm start is number 0
+        row = self.row(trial, number=trial_number(trials, trial))
         row["end_state"] = "running"
         self._note_change()
 

@@ -36,6 +36,7 @@ from ray.tune.experiment import Trial
 from cmath_model.tracking import log_artifacts_once, log_metrics, metrics_at, open_run
 
 from .checkpoints import last_checkpoint, prune_checkpoints
+from .provenance import trial_runs
 from .record import FAILURES_FILE
 from .recovery import (
     CHECKPOINTS_OF,
@@ -51,7 +52,7 @@ from .recovery import (
     trial_key,
 )
 from .trainable import model_metrics
-from .trials import end_state, ended_state, read_journal
+from .trials import end_state, ended_state, read_journal, state_words, trial_number
 
 logger = logging.getLogger("hpo")
 
@@ -250,17 +251,9 @@ def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str
     return runs[0].info.run_id if runs else None
 
 
-def _number(trials: list[Trial], trial: Trial) -> int:
-    """The trial's number, as trials.parquet has it: its place in Ray's list, in creation order."""
-    return trials.index(trial) if trial in trials else len(trials)
-
-
 def _received_ms(row: dict) -> int | None:
     received = row.get("received_at")
     return int(received * 1000) if isinstance(received, (int, float)) else None
-
-
-_STATE_WORDS = {"completed": "", "stopped_by_asha": "stopped by ASHA", "interrupted": "interrupted", "failed": "failed"}
 
 
 def trial_run_name(number: int, config: dict, searched: list[str], state: str | None = None,
@@ -285,8 +278,8 @@ def trial_run_name(number: int, config: dict, searched: list[str], state: str | 
     words = [f"#{number}"]
     if best_val_wf1 is not None:
         words.append(f"W-F1 {100 * best_val_wf1:.2f}%")
-    if state is not None and _STATE_WORDS.get(state, state):
-        words.append(_STATE_WORDS.get(state, state))
+    if state not in (None, "completed"):
+        words.append(state_words(state))
     words.append(" ".join(f"{name}={show(config.get(name), 3)}" for name in searched))
     return "  ".join(words)[:250]
 
@@ -416,7 +409,7 @@ class MlflowTrials(Callback):
         key = trial_key(trial)
         reopen = key in self.ended
         self.ended.discard(key)
-        name = trial_run_name(_number(trials, trial), trial.config, self.searched)
+        name = trial_run_name(trial_number(trials, trial), trial.config, self.searched)
         self.writer.call(self.open_run, key, searched_config(trial.config), reopen, name)
 
     @keep_going
@@ -499,12 +492,11 @@ class MlflowTrials(Callback):
         os.replace(tmp, path)
 
     def child_runs(self, condition: str = "") -> list:
-        return self.client.search_runs([self.experiment], max_results=10000, filter_string=(
-            f"tags.`cmath.sweep` = '{self.sweep}' and tags.`cmath.kind` = 'trial' {condition}"))
+        return trial_runs(self.client, self.experiment, self.sweep, condition)
 
     def _ended_name(self, trials: list[Trial], trial: Trial, state: str) -> str:
         best = (trial.last_result or {}).get("best_val_wf1")
-        return trial_run_name(_number(trials, trial), trial.config, self.searched, state,
+        return trial_run_name(trial_number(trials, trial), trial.config, self.searched, state,
                               best if isinstance(best, (int, float)) else None)
 
     def _finish(self, trials: list[Trial], trial: Trial, state: str, status: str, error: str | None = None) -> None:

@@ -46,6 +46,22 @@ def ended_state(trial) -> str | None:
     return end_state(trial.last_result) if trial.status == trial.TERMINATED else None
 
 
+def state_words(state: str) -> str:
+    """How an end state reads in a plot or a run name: `stopped by ASHA`."""
+    return state.replace("_", " ").replace("asha", "ASHA")
+
+
+def trial_number(trials: list, trial) -> int:
+    """A trial's number, as trials.parquet, the report and the MLflow run names have it: its place
+    in Ray's list of the sweep's trials, in creation order, from 0 (the warm start is number 0).
+
+    Args:
+        trials: Ray Tune's list of the sweep's trials.
+        trial: one of them (one not in the list gets the next number).
+    """
+    return trials.index(trial) if trial in trials else len(trials)
+
+
 def read_trials(sweep_dir: str | Path) -> pd.DataFrame:
     """trials.parquet: one row per trial."""
     return pd.read_parquet(Path(sweep_dir) / TRIALS_FILE)
