@@ -86,3 +86,33 @@ def test_bench_verb_runs_the_speed_benchmark(tmp_path, capfd):
                                              str(tmp_path / "data")]  # the words after the program's name
     assert "ms_per_epoch" in capfd.readouterr().out
     assert (tmp_path / "data" / "synthetic-iemocap-tiny.parquet").exists()
+
+
+def test_the_epoch_profile_tiles_a_training_epoch_by_part(tiny_path):
+    """benchmarks.epoch --profile: the parts it marks (hooks and wrappers from outside the code)
+    are found in a real epoch, and with the rest they add up to the epoch's wall time."""
+    from benchmarks.epoch import measure_profile, part_rows
+
+    profile = measure_profile(dict(dataset="iemocap", data=str(tiny_path), modalities="tav", threads=1,
+                                   set={"d": 32}))
+    parts = {row["part"]: row["ms"] for row in part_rows(profile)}
+    for part in ("forward", "backward", "optimiser (Adam)", "losses (Eq. 18-24)",
+                 "  CMA cross-modal streams (Eq. 9-10)", "  CMA central streams (Eq. 11)"):
+        assert parts[part] > 0, part
+    top_level = [ms for name, ms in parts.items() if not name.startswith("  ")]
+    assert sum(top_level) == pytest.approx(profile["wall_ms"], rel=1e-6)
+    assert parts["  CMA central streams (Eq. 11)"] < parts["forward"]  # inside it
+    assert profile["ops"][0]["self_ms"] >= profile["ops"][-1]["self_ms"]
+
+
+def test_the_wf1_comparison_says_how_far_apart_two_trees_score():
+    from benchmarks.epoch import compare_wf1
+
+    old = [{"seed": s, "val_wf1": v, "test_wf1": t} for s, v, t in ((0, 0.55, 0.59), (1, 0.56, 0.60), (2, 0.54, 0.58))]
+    new = [{"seed": s, "val_wf1": v - 0.01, "test_wf1": t - 0.01} for s, v, t in
+           ((0, 0.55, 0.59), (1, 0.56, 0.60), (2, 0.54, 0.58))]
+    result = compare_wf1({"old": old, "new": new})
+    assert result["test_diff"] == pytest.approx(-1.0) and result["val_diff"] == pytest.approx(-1.0)
+    assert 0.0 < result["test_p"] < 1.0
+    assert [row["code"] for row in result["rows"]] == ["old", "new"]
+
