@@ -63,12 +63,12 @@ def max_logit_difference(trainer) -> float:
     model.eval()
     dialogues = torch.arange(min(16, split.num_dialogues))
     batch = split.batch(dialogues, model.modalities).to(trainer.device)
-    batched = model(batch.features, batch.speaker, batch.mask).logits_x
+    batched = model(batch.features, batch.speaker, batch.mask).logits_x.split(batch.mask.sum(1).tolist())
     worst = 0.0
     for i in dialogues:
         one = split.batch(i.view(1), model.modalities).to(trainer.device)
-        alone = model(one.features, one.speaker, one.mask).logits_x[0]
-        worst = max(worst, float((batched[i, : alone.shape[0]] - alone).abs().max()))
+        alone = model(one.features, one.speaker, one.mask).logits_x
+        worst = max(worst, float((batched[i] - alone).abs().max()))
     return worst
 
 

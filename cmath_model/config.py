@@ -67,8 +67,10 @@ class CMATHConfig:
     lr_schedule: str = "constant"  # constant | cosine (to 0 at the last epoch, after the warm-up)
     weight_decay: float = 0.0  # the paper states none; SDT uses 1e-5
     batch_size: int = 16  # dialogues per batch
+    eval_batch_size: int = 64  # dialogues per batch when scoring (no gradients: bigger batches, fewer steps)
     epochs: int = 60
     grad_clip: float = 0.0  # 0 = no clipping
+    adam: str = "fused"  # Adam's implementation: fused (one kernel per tensor) | foreach | plain (same maths)
     ema_epochs: float = 0.0  # evaluate and keep a moving average of the weights over about this many
     #                          epochs of steps (debiased EMA, train.WeightAverage); 0 = the trained weights
     seed: int = 0
@@ -127,6 +129,7 @@ class CMATHConfig:
             "modality_head": ("linear", "sdt"),
             "wo_cmat": ("discard", "self_attention"),
             "lr_schedule": ("constant", "cosine"),
+            "adam": ("fused", "foreach", "plain"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -137,7 +140,7 @@ class CMATHConfig:
             raise bad("n_heads", f"{self.n_heads} does not divide d={self.d}; use 0 to derive it")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise bad("kernel_size", f"{self.kernel_size} must be a positive odd number")
-        for key in ("n_layers", "batch_size"):
+        for key in ("n_layers", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.epochs < 0:

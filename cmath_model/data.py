@@ -168,14 +168,34 @@ class Split:
             dialogues=dialogues,
         )
 
-    def batches(self, batch_size: int, modalities: tuple[str, ...],
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def packed_batch(self, dialogues: torch.Tensor, modalities: tuple[str, ...]) -> PackedBatch:
+        """The given dialogues' real utterances in a row (what the model computes on), with the
+        (B, L) mask and speakers attention and positions need; no padding row is gathered."""
+        length = int(self.lengths[dialogues].max())
+        rows = self.index[dialogues, :length]  # (B, L)
+        mask = rows < self.label.shape[0] - 1
+        flat_mask = mask.reshape(-1)
+        real = rows.reshape(-1)[flat_mask]  # (N,) rows into the flat tensors
+        return PackedBatch(
+            features={m: self.features[m].index_select(0, real) for m in modalities},  # (N, D_m)
+            speaker=self.speaker[rows],
+            label=self.label.index_select(0, real),
+            mask=mask,
+            positions=flat_mask.nonzero().squeeze(1),
+            dialogues=dialogues,
+        )
+
+    def batches(self, batch_size: int, modalities: tuple[str, ...], generator: torch.Generator | None = None,
+                packed: bool = False) -> Iterator[Batch | PackedBatch]:
+        """Batches of `batch_size` dialogues, shuffled by `generator` (in order without one);
+        padded `Batch`es, or `PackedBatch`es with `packed`."""
         import torch
 
         order = (torch.randperm(self.num_dialogues, generator=generator) if generator is not None
                  else torch.arange(self.num_dialogues))
+        make = self.packed_batch if packed else self.batch
         for start in range(0, self.num_dialogues, batch_size):
-            yield self.batch(order[start:start + batch_size], modalities)
+            yield make(order[start:start + batch_size], modalities)
 
 
 @dataclass
@@ -189,6 +209,25 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         return Batch({m: x.to(device) for m, x in self.features.items()}, self.speaker.to(device),
                      self.label.to(device), self.mask.to(device), self.dialogues)
+
+
+@dataclass
+class PackedBatch:
+    features: dict[str, torch.Tensor]  # modality -> (N, D_m), the N real utterances in (dialogue, turn) order
+    speaker: torch.Tensor  # (B, L)
+    label: torch.Tensor  # (N,)
+    mask: torch.Tensor  # (B, L) bool, True for real utterances
+    positions: torch.Tensor  # (N,) flat indices of the real utterances in the (B, L) layout
+    dialogues: torch.Tensor  # (B,) dialogue indices within the split
+
+    @property
+    def num_utterances(self) -> int:
+        return self.label.shape[0]
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch({m: x.to(device, non_blocking=True) for m, x in self.features.items()},
+                           self.speaker.to(device), self.label.to(device), self.mask.to(device),
+                           self.positions.to(device), self.dialogues)
 
 
 @dataclass(frozen=True)

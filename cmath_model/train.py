@@ -30,6 +30,10 @@ from .model import CMATH, cmath_loss
 # Per-epoch means over training utterances: the loss terms, and the fused sample's sigma and |mu|.
 TRAIN_KEYS = ("train_loss", "loss_ce", "loss_re", "loss_mse", "loss_kl", "sigma_mean", "mu_abs_mean")
 MIN_SPEAKER_SLOTS = 9  # MELD's maximum; a model always has room for it
+# config.adam -> torch.optim.Adam's switches. `fused` updates every tensor in one kernel each;
+# torch's CPU default (`plain`) runs about ten small operations per tensor, which took 19 % of a
+# MELD recipe epoch on one CPU thread (benchmarks.epoch --profile).
+ADAM_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -66,7 +70,8 @@ class Trainer:
         if config.input_norm == "standardize":
             self.model.set_input_stats(data.feature_stats(self.model.modalities))
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                          **ADAM_IMPLEMENTATIONS[config.adam])
         self.steps_per_epoch = math.ceil(data.splits["train"].num_dialogues / config.batch_size)
         self.average = (WeightAverage(self.model, max(0.0, 1.0 - 1.0 / (config.ema_epochs * self.steps_per_epoch)))
                         if config.ema_epochs else None)
@@ -131,42 +136,48 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         """One pass over the training split (the optimiser's steps only, no evaluation and no
-        epoch count: `step` adds those). Returns the epoch's mean training losses."""
+        epoch count: `step` adds those). Returns the epoch's mean training losses.
+
+        Nothing in the loop reads a value back from the device: the losses are summed there and
+        read once at the end, with the first step whose loss was not finite (on a GPU each read
+        would wait for every kernel queued before it)."""
         self.model.train()
         cfg = self.config
-        sums = dict.fromkeys(TRAIN_KEYS, 0.0)
+        totals = torch.zeros(len(TRAIN_KEYS), device=self.device)  # utterance-weighted sums of TRAIN_KEYS
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
         total_utterances = 0
         split = self.data.splits["train"]
-        for k, batch in enumerate(split.batches(cfg.batch_size, self.model.modalities, self.shuffle)):
+        for k, batch in enumerate(split.batches(cfg.batch_size, self.model.modalities, self.shuffle, packed=True)):
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, self.epoch + (k + 1) / self.steps_per_epoch)
             batch = batch.to(self.device)
-            out = self.model(batch.features, batch.speaker, batch.mask)
+            out = self.model(batch.features, batch.speaker, batch.mask, batch.positions)
             terms = cmath_loss(out, batch.label, batch.mask, cfg, self.class_weight)
-            with torch.no_grad():  # the fused sample's noise against its signal (Eq. 17)
-                terms["sigma_mean"] = out.sigma_x[batch.mask].mean()
-                terms["mu_abs_mean"] = out.mu_x[batch.mask].abs().mean()
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"training loss became {loss.item()} at epoch {self.epoch + 1}, batch {k + 1} "
-                    f"(lr={cfg.lr:g}, gamma1={cfg.gamma1:g}, gamma2={cfg.gamma2:g}); lower lr or set grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             if self.average is not None:
-                self.average.update(self.model)
-            n = int(batch.mask.sum())
+                self.average.update()
+            n = batch.num_utterances
             total_utterances += n
-            sums["train_loss"] += loss.item() * n
-            for key in TRAIN_KEYS[1:]:
-                sums[key] += terms[key].item() * n
-        return {key: value / max(total_utterances, 1) for key, value in sums.items()}
+            with torch.no_grad():  # the fused sample's noise against its signal (Eq. 17) beside the losses
+                values = torch.stack([loss, *(terms[key] for key in TRAIN_KEYS[1:5]),
+                                      out.sigma_x.mean(), out.mu_x.abs().mean()])
+                totals.add_(values, alpha=n)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), k, first_bad)
+        bad = int(first_bad)
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"training loss became non-finite at epoch {self.epoch + 1}, batch {bad + 1} "
+                f"(lr={cfg.lr:g}, gamma1={cfg.gamma1:g}, gamma2={cfg.gamma2:g}); lower lr or set grad_clip")
+        means = (totals / max(total_utterances, 1)).tolist()
+        return dict(zip(TRAIN_KEYS, means))
 
     def predict(self, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return predict(self.eval_model, split, self.config.batch_size, self.device)
+        return predict(self.eval_model, split, self.config.eval_batch_size, self.device)
 
     def evaluate(self, split: Split) -> dict:
         y, pred, prob = self.predict(split)
@@ -266,15 +277,18 @@ class WeightAverage:
         self.updates = 0
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
+        # (averaged, trained) tensor pairs, found once: the tensors stay the same objects for the
+        # whole run (load_state_dict copies into them), and a state_dict per step cost as much as the lerps.
+        self.pairs = [(a, t) for a, t in zip(self.model.state_dict(keep_vars=True).values(),
+                                             model.state_dict(keep_vars=True).values()) if a.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: CMATH) -> None:
+    def update(self) -> None:
+        """One step of the average towards the trained model's current weights."""
         self.updates += 1
         rate = (1.0 - self.decay) / (1.0 - self.decay ** self.updates)  # 1 at the first update
-        current = model.state_dict()
-        for key, averaged in self.model.state_dict().items():
-            if averaged.is_floating_point():
-                averaged.lerp_(current[key], rate)
+        for averaged, trained in self.pairs:
+            averaged.lerp_(trained, rate)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": self.updates}
@@ -296,20 +310,19 @@ def lr_factor(config: CMATHConfig, epoch: float) -> float:
     return 1.0
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: CMATH, split: Split, batch_size: int, device: torch.device
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, predictions, class probabilities) of every real utterance, in dialogue order."""
     model.eval()
-    labels, preds, probs = [], [], []
-    for batch in split.batches(batch_size, model.modalities):
+    labels, probs = [], []
+    for batch in split.batches(batch_size, model.modalities, packed=True):
         batch = batch.to(device)
-        out = model(batch.features, batch.speaker, batch.mask)
-        p = torch.softmax(out.logits_x[batch.mask], dim=-1)
-        labels.append(batch.label[batch.mask].cpu())
-        probs.append(p.cpu())
-        preds.append(p.argmax(-1).cpu())
-    return torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(probs).numpy()
+        out = model(batch.features, batch.speaker, batch.mask, batch.positions)
+        labels.append(batch.label)
+        probs.append(torch.softmax(out.logits_x, dim=-1))
+    prob = torch.cat(probs).cpu()  # one copy back from the device, after every batch
+    return torch.cat(labels).cpu().numpy(), prob.argmax(-1).numpy(), prob.numpy()
 
 
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -10,12 +10,15 @@ from cmath_model.config import ABLATIONS, CMATHConfig
 from cmath_model.model import (
     CMATH,
     Gate,
+    Layout,
     ModalityReconstruction,
     MultiHeadAttention,
     SpeakerPositionEmbedding,
     VariationalFusion,
+    attention_bias,
     attention_mask,
     cmath_loss,
+    dropout,
     high_level_distillation,
     low_level_distillation,
     sinusoidal_positions,
@@ -46,22 +49,24 @@ def reconstruction_case(kernel_size: int):
     xz = x * mask.unsqueeze(-1)
     u_conv = mr.down(xz.transpose(1, 2)) * mask.unsqueeze(1)
     x_rec = mr.up(u_conv).transpose(1, 2)
-    return mr, x, mask, u_conv.transpose(1, 2), F.mse_loss(x_rec[mask], xz[mask])
+    layout = Layout.of(mask)  # the module takes and gives the real utterances packed
+    return mr, layout.pack(x), layout, layout.pack(u_conv.transpose(1, 2)), F.mse_loss(x_rec[mask], xz[mask])
 
 
 def test_modality_reconstruction_shapes_and_loss():
-    mr, x, mask, _, loss_conv = reconstruction_case(kernel_size=3)
-    u, loss = mr(x, mask)
-    assert u.shape == (2, 5, 8)
+    mr, x, layout, u_conv, loss_conv = reconstruction_case(kernel_size=3)
+    u, loss = mr(x, layout)
+    assert u.shape == (7, 8)  # 5 + 2 real utterances
+    assert torch.allclose(u, u_conv, atol=1e-6)  # a kernel of 3 sees only its own dialogue's utterances
     assert loss.item() == pytest.approx(loss_conv.item(), rel=1e-5)
     no_rec = ModalityReconstruction(20, 8, reconstruct=False)
-    assert no_rec.up is None and no_rec(x, mask)[1].item() == 0.0
+    assert no_rec.up is None and no_rec(x, layout)[1].item() == 0.0
 
 
 def test_kernel_one_reconstruction_is_the_conv1d_it_replaces():
     """Kernel 1 runs as a matrix product; it must give the Conv1D's own outputs and gradients."""
-    mr, x, mask, u_conv, loss_conv = reconstruction_case(kernel_size=1)
-    u, loss = mr(x, mask)
+    mr, x, layout, u_conv, loss_conv = reconstruction_case(kernel_size=1)
+    u, loss = mr(x, layout)
     assert torch.allclose(u, u_conv, atol=1e-6)
     assert torch.allclose(loss, loss_conv, atol=1e-6)
     grads = torch.autograd.grad(loss, [mr.down.weight, mr.up.weight, mr.up.bias])
@@ -82,13 +87,14 @@ def test_a_dialogue_gives_the_same_outputs_alone_and_padded_in_a_batch(modalitie
     for m in feats:  # garbage in the padding must not matter either
         feats[m][~mask] = 1e3
     batched = model(feats, speaker, mask)
-    for b in range(3):
-        n = int(mask[b].sum())
+    lengths = mask.sum(1).tolist()
+    assert batched.logits_x.shape == (sum(lengths), 6)  # one row per real utterance
+    for b, n in enumerate(lengths):
         alone = model({m: x[b:b + 1, :n] for m, x in feats.items()}, speaker[b:b + 1, :n],
                       torch.ones(1, n, dtype=torch.bool))
-        assert torch.allclose(batched.logits_x[b, :n], alone.logits_x[0], atol=1e-5)
+        assert torch.allclose(batched.logits_x.split(lengths)[b], alone.logits_x, atol=1e-5)
         for m in alone.logits_m:
-            assert torch.allclose(batched.logits_m[m][b, :n], alone.logits_m[m][0], atol=1e-5)
+            assert torch.allclose(batched.logits_m[m].split(lengths)[b], alone.logits_m[m], atol=1e-5)
 
 
 def test_sinusoidal_positions_follow_eq_6_7():
@@ -103,12 +109,15 @@ def test_sinusoidal_positions_follow_eq_6_7():
 
 def test_speaker_and_position_embedding():
     emb = SpeakerPositionEmbedding(8, max_speakers=3)
-    speaker = torch.tensor([[0, 1, 0]])
-    out = emb(speaker)
+    speaker = torch.tensor([[0, 1, 0], [1, 0, 2]])
+    layout = Layout.of(torch.tensor([[True, True, True], [True, True, False]]))
+    out = emb(speaker, layout)  # (5, 8): the real utterances in a row
     table = sinusoidal_positions(3, 8)
-    assert torch.allclose(out[0, 0] - out[0, 2], table[0] - table[2], atol=1e-6)  # same speaker: P differs only
-    assert torch.allclose(out[0, 1], emb.speaker.weight[1] + table[1])
-    assert torch.count_nonzero(SpeakerPositionEmbedding(8, 3, use_context=False)(speaker)) == 0
+    assert out.shape == (5, 8)
+    assert torch.allclose(out[0] - out[2], table[0] - table[2], atol=1e-6)  # same speaker: P differs only
+    assert torch.allclose(out[1], emb.speaker.weight[1] + table[1])
+    assert torch.allclose(out[4], emb.speaker.weight[0] + table[1])  # the second dialogue's second turn
+    assert torch.count_nonzero(SpeakerPositionEmbedding(8, 3, use_context=False)(speaker, layout)) == 0
 
 
 def test_softmax_gate_weights_sum_to_one_and_mix_convexly():
@@ -165,35 +174,30 @@ def test_input_dropout_drops_raw_features_in_training_only():
     feats, speaker, mask = inputs(B=4, L=50)
     model.train()
     model(feats, speaker, mask)
+    feats = {m: Layout.of(mask).pack(x) for m, x in feats.items()}  # the model drops on the real utterances
     for m, x in feats.items():
         kept = seen[m] != 0
         assert 0.4 < kept.float().mean().item() < 0.6  # each value dropped with p 0.5
         assert torch.allclose(seen[m][kept], 2 * x[kept])  # the rest scaled by 1 / (1 - p)
     model.eval()
-    model(feats, speaker, mask)
+    model(feats, speaker, mask)  # packed features go in as they are
     assert all(torch.equal(seen[m], x) for m, x in feats.items())
 
 
 def test_distillation_terms_are_zero_when_fused_and_modal_agree():
-    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    h = torch.randn(1, 3, 4)
-    logits = torch.randn(1, 3, 5)
-    assert low_level_distillation(h, {"text": h.clone(), "audio": h.clone()}, mask).item() == 0.0
-    assert high_level_distillation(logits, {"text": logits.clone()}, mask).item() == pytest.approx(0.0, abs=1e-7)
-    other = torch.randn(1, 3, 4)
-    assert low_level_distillation(h, {"text": other}, mask).item() > 0
-    # Padding is ignored: changing the padded position changes nothing.
-    other_padded = other.clone()
-    other_padded[0, 2] += 100
-    assert low_level_distillation(h, {"text": other_padded}, mask) == low_level_distillation(h, {"text": other}, mask)
+    h = torch.randn(3, 4)  # (N, d): three real utterances
+    logits = torch.randn(3, 5)
+    assert low_level_distillation(h, {"text": h.clone(), "audio": h.clone()}).item() == 0.0
+    assert high_level_distillation(logits, {"text": logits.clone()}).item() == pytest.approx(0.0, abs=1e-7)
+    other = torch.randn(3, 4)
+    assert low_level_distillation(h, {"text": other}).item() == pytest.approx(((h - other) ** 2).mean().item())
 
 
 def test_kl_term_matches_eq_23():
-    mask = torch.tensor([[1, 1]], dtype=torch.bool)
-    zx, zm = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    zx, zm = torch.randn(2, 4), torch.randn(2, 4)
     px, pm = torch.softmax(zx, -1), torch.softmax(zm, -1)
     expected = (px * (px.log() - pm.log())).sum(-1).mean()
-    assert high_level_distillation(zx, {"text": zm}, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert high_level_distillation(zx, {"text": zm}).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_attention_mask_never_allows_padded_keys():
@@ -213,7 +217,8 @@ def test_any_d_from_100_to_600_builds(d):
     assert attention and {m.n_heads for m in attention} == {cfg.heads}
     feats, speaker, mask = inputs()
     out = model(feats, speaker, mask)
-    assert out.logits_x.shape == (2, 5, 6) and out.h_x.shape == (2, 5, d)
+    n = int(mask.sum())
+    assert out.logits_x.shape == (n, 6) and out.h_x.shape == (n, d)
 
 
 @pytest.mark.parametrize("d, heads", [(100, 5), (101, 1), (127, 1), (250, 5), (333, 3), (400, 8), (500, 5),
@@ -253,3 +258,28 @@ def test_total_loss_is_eq_24():
     t = cmath_loss(model(feats, speaker, mask), torch.randint(0, 4, (2, 5)), mask, cfg)
     expected = t["loss_ce"] + t["loss_re"] + 0.7 * t["loss_mse"] + 1.3 * t["loss_kl"]
     assert t["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
+    torch.manual_seed(0)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = dropout(x, 0.3)
+    kept = y != 0
+    assert 0.69 < kept.float().mean().item() < 0.71
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # the gradient flows through the kept values only
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_attention_with_dropout_is_sdpa_with_the_weights_dropped():
+    """Training on the CPU computes attention step by step (for dropout's cheaper masks); with
+    nothing dropped it must be what SDPA gives, padding and all."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 4, dropout=1e-12)  # drops nothing in practice, takes the training path
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    layout = Layout.of(mask)
+    query, key_value = torch.randn(7, 16), torch.randn(7, 16)
+    bias = attention_bias(mask, use_context=True)
+    trained = attention.train()(query, key_value, layout, bias)
+    assert torch.allclose(trained, attention.eval()(query, key_value, layout, bias), atol=1e-6)

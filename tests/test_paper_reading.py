@@ -8,7 +8,7 @@ import yaml
 
 from cmath_model.config import RECIPE, CMATHConfig, load_config, paper_defaults, recipe_defaults
 from cmath_model.data import Utterances, load_dataset, write_dataset
-from cmath_model.model import CMATH, VariationalFusion
+from cmath_model.model import CMATH, Dropout, Layout, VariationalFusion
 from cmath_model.runs import defaults_for
 from cmath_model.train import Trainer, load_model, predict
 from hpo.space import parse_space
@@ -49,7 +49,7 @@ def test_the_paper_head_is_one_linear_layer_and_sdts_keeps_relu_dropout():
     paper = CMATH(CMATHConfig(d=16), DIMS, num_classes=4, max_speakers=9)
     sdt = CMATH(CMATHConfig(d=16, modality_head="sdt"), DIMS, num_classes=4, max_speakers=9)
     assert all(isinstance(head, torch.nn.Linear) for head in paper.heads.values())
-    assert [type(layer) for layer in sdt.heads["text"]] == [torch.nn.ReLU, torch.nn.Dropout, torch.nn.Linear]
+    assert [type(layer) for layer in sdt.heads["text"]] == [torch.nn.ReLU, Dropout, torch.nn.Linear]
 
 
 def test_wo_cmat_discards_the_transformer_or_keeps_self_attention():
@@ -58,9 +58,10 @@ def test_wo_cmat_discards_the_transformer_or_keeps_self_attention():
                  max_speakers=9)
     assert all(len(cma.layers) == 0 for cma in discard.cma.values())
     assert all(len(cma.layers) == 1 and not cma.layers[0].aux for cma in kept.cma.values())
-    h = torch.randn(2, 5, 16)
+    h = torch.randn(10, 16)  # two dialogues of five utterances, packed
+    mask = torch.ones(2, 5, dtype=torch.bool)
     allowed = torch.ones(2, 5, 5, dtype=torch.bool)
-    assert torch.equal(discard.cma["text"](h, [], allowed), h)  # H'_m = H_m
+    assert torch.equal(discard.cma["text"](h, [], Layout.of(mask), allowed), h)  # H'_m = H_m
 
 
 @pytest.mark.parametrize("sigma", ["softplus", "exp"])

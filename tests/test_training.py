@@ -67,7 +67,7 @@ def test_the_weight_average_is_the_decay_weighted_mean_of_the_weights_it_saw():
     average = WeightAverage(model, decay=0.5)
     for value in (1.0, 4.0, 10.0):
         model.weight.data.fill_(value)
-        average.update(model)
+        average.update()  # towards the weights of the model it was made from
     # debiased: (0.25 * 1 + 0.5 * 4 + 1 * 10) / 1.75, not leaning on the weights before the first update
     assert average.model.weight.item() == pytest.approx((0.25 * 1 + 0.5 * 4 + 10) / 1.75)
     assert model.weight.item() == 10.0
@@ -128,10 +128,14 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_full_model_beats_text_only_and_no_context(small):
-    """The synthetic data rewards context and all modalities; the model must find both."""
+    """The synthetic data rewards context and all modalities; the model must find both.
+
+    One seed's test W-F1 here spreads by about 0.045 (16 seeds: full 0.677, text only 0.603, the
+    same before and after the model ran on packed utterances, which drew other dropout masks), so
+    the means are over six seeds: two let a new random stream fail a real margin of 0.07."""
     def score(**kw) -> float:
         results = []
-        for seed in (0, 1):
+        for seed in range(6):
             cfg = recipe_defaults("iemocap").replace(d=64, epochs=10, dropout=0.1, lr=2e-3, batch_size=4,
                                                     seed=seed, **kw)
             results.append(train(cfg, small)["test_wf1_at_best_val"])
