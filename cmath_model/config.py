@@ -71,6 +71,8 @@ class CMATHConfig:
     epochs: int = 60
     grad_clip: float = 0.0  # 0 = no clipping
     adam: str = "fused"  # Adam's implementation: fused (one kernel per tensor) | foreach | plain (same maths)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: matrix products in bfloat16, weights and sums in fp32)
+    compile: str = "none"  # torch.compile the training forward: none | default | reduce-overhead (CUDA graphs)
     ema_epochs: float = 0.0  # evaluate and keep a moving average of the weights over about this many
     #                          epochs of steps (debiased EMA, train.WeightAverage); 0 = the trained weights
     seed: int = 0
@@ -130,6 +132,8 @@ class CMATHConfig:
             "wo_cmat": ("discard", "self_attention"),
             "lr_schedule": ("constant", "cosine"),
             "adam": ("fused", "foreach", "plain"),
+            "precision": ("fp32", "bf16"),
+            "compile": ("none", "default", "reduce-overhead"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -14,6 +14,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,10 @@ class Trainer:
         if config.input_norm == "standardize":
             self.model.set_input_stats(data.feature_stats(self.model.modalities))
         self.model.to(self.device)
+        # What the training steps call; `model` itself (uncompiled) is what is saved and averaged.
+        self.training_model, why_not = compiled(self.model, config.compile, self.device)
+        if why_not:
+            print(f"warning: {why_not}", file=sys.stderr, flush=True)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                           **ADAM_IMPLEMENTATIONS[config.adam])
         self.steps_per_epoch = math.ceil(data.splits["train"].num_dialogues / config.batch_size)
@@ -151,8 +156,9 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, self.epoch + (k + 1) / self.steps_per_epoch)
             batch = batch.to(self.device)
-            out = self.model(batch.features, batch.speaker, batch.mask, batch.positions)
-            terms = cmath_loss(out, batch.label, batch.mask, cfg, self.class_weight)
+            with autocast(cfg.precision, self.device):
+                out = self.training_model(batch.features, batch.speaker, batch.mask, batch.positions)
+                terms = cmath_loss(out, batch.label, batch.mask, cfg, self.class_weight)
             loss = terms["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,7 +183,8 @@ class Trainer:
         return dict(zip(TRAIN_KEYS, means))
 
     def predict(self, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return predict(self.eval_model, split, self.config.eval_batch_size, self.device)
+        with autocast(self.config.precision, self.device):
+            return predict(self.eval_model, split, self.config.eval_batch_size, self.device)
 
     def evaluate(self, split: Split) -> dict:
         y, pred, prob = self.predict(split)
@@ -298,6 +305,35 @@ class WeightAverage:
         self.updates = state["updates"]
 
 
+def compiled(model: CMATH, mode: str, device: torch.device) -> tuple[torch.nn.Module, str | None]:
+    """`model` under torch.compile(mode), or `model` itself and why not.
+
+    Args:
+        model: the model to compile; it stays uncompiled itself (its state_dict keys unchanged).
+        mode: config.compile: none | default | reduce-overhead.
+        device: where it runs: TorchInductor writes C++ (CPU) or Triton (GPU) kernels and builds
+            them with a C/C++ compiler at run time, so without one training runs uncompiled.
+
+    Returns:
+        (the module to call for training, None) or (model, a one-line reason it runs uncompiled).
+    """
+    if mode == "none":
+        return model, None
+    wanted = ("CXX", ("g++", "clang++", "c++")) if device.type == "cpu" else ("CC", ("cc", "gcc", "clang"))
+    names = ([os.environ[wanted[0]]] if os.environ.get(wanted[0]) else []) + list(wanted[1])
+    if not any(shutil.which(name) for name in names):
+        return model, (f"compile: {mode} needs a C/C++ compiler at run time and none of {', '.join(names)} was "
+                       f"found; training runs uncompiled (install one, e.g. apt install g++, or set compile: none)")
+    # dynamic: every batch has its own number of utterances and dialogue length
+    return torch.compile(model, mode=mode, dynamic=True), None
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The forward pass's precision: with bf16, matrix products run in bfloat16 (autocast's
+    list), while weights, optimiser state, norms, softmaxes and losses stay in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def lr_factor(config: CMATHConfig, epoch: float) -> float:
     """lr / config.lr after `epoch` epochs of steps (> 0). A function of the epoch alone, so a
     resumed run follows the same schedule without saving one."""
@@ -320,7 +356,7 @@ def predict(model: CMATH, split: Split, batch_size: int, device: torch.device
         batch = batch.to(device)
         out = model(batch.features, batch.speaker, batch.mask, batch.positions)
         labels.append(batch.label)
-        probs.append(torch.softmax(out.logits_x, dim=-1))
+        probs.append(torch.softmax(out.logits_x.float(), dim=-1))
     prob = torch.cat(probs).cpu()  # one copy back from the device, after every batch
     return torch.cat(labels).cpu().numpy(), prob.argmax(-1).numpy(), prob.numpy()
 
