@@ -116,3 +116,16 @@ def test_the_wf1_comparison_says_how_far_apart_two_trees_score():
     assert 0.0 < result["test_p"] < 1.0
     assert [row["code"] for row in result["rows"]] == ["old", "new"]
 
+
+def test_the_gpu_benchmark_runs_its_switches_on_the_cpu_when_there_is_no_gpu(tmp_path):
+    """`benchmarks gpu --quick` runs every code path it would run on a GPU (here on the CPU)."""
+    from benchmarks.gpu import main as gpu_main
+
+    gpu_main(["--quick", "--sweep", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")])
+    result = json.loads((tmp_path / "gpu-quick.json").read_text())
+    switches = {(row["workload"], row["switch"]) for row in result["rows"]}
+    assert {switch for _, switch in switches} == {"defaults", "precision bf16"} and len(switches) == 4
+    assert all(row["s_per_epoch"] > 0 for row in result["rows"])
+    [sweep] = result["sweep"]  # on the CPU: no GPU share, no MPS, no utilisation samples
+    assert (sweep["trials"], sweep["completed"] + sweep["stopped"], sweep["mps"]) == (4, 4, False)
+    assert sweep["trials_per_hour"] > 0 and (tmp_path / "gpu-sweep-quick" / "gpu64" / "trials.parquet").exists()
