@@ -11,11 +11,13 @@ sweep whose driver is killed and whose disk is lost, finished by a driver with a
 worker node is killed mid-sweep and its trial finishes on the head. Only what this module
 started is stopped, by PID (never `ray stop`)."""
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,9 +76,34 @@ def s3(free_port):
         stop([server.pid])
 
 
-def _ray_start(env: dict, *args: str, namespace: list[str] = ()) -> None:
-    subprocess.run([*namespace, RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                    "--disable-usage-stats", *args], env=env, check=True, capture_output=True, timeout=120)
+def _ray_start(env: dict, *args: str, namespace: list[str] = (), num_cpus: int = 1) -> None:
+    subprocess.run([*namespace, RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+                    *_own_agent_port(), "--disable-usage-stats", *args], env=env, check=True, capture_output=True,
+                   timeout=120)
+
+
+def _own_agent_port() -> list[str]:
+    """A node's dashboard agent serves HTTP on the host's address, port 52365 unless told: with
+    another Ray on this machine holding it (a test in the other pytest process), the head's agent
+    failed to bind and every `ray job submit` got 500 "No available agent to submit job"."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ["--dashboard-agent-listen-port", str(s.getsockname()[1])]
+
+
+@contextlib.contextmanager
+def _default_agent_port_taken():
+    """Port 52365 (a dashboard agent's default) held by a listener of ours, unless something holds it already."""
+    blocker = socket.socket()
+    try:
+        blocker.bind(("", 52365))
+        blocker.listen()
+    except OSError:
+        pass  # taken already: the condition this stands for
+    try:
+        yield
+    finally:
+        blocker.close()
 
 
 def _private_namespace(private: Path) -> list[str]:
@@ -110,10 +137,11 @@ def cluster(tmp_path_factory, s3, free_port):
     head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
     port, dashboard = free_port(), free_port()
     try:
-        _ray_start(env, "--head", "--port", str(port), "--temp-dir", head_dir, "--include-dashboard=true",
-                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard))
-        _ray_start(env, "--address", f"127.0.0.1:{port}", "--temp-dir", worker_dir,
-                   namespace=_private_namespace(private))
+        with _default_agent_port_taken():  # as by another Ray on the machine (CI runs two test processes)
+            _ray_start(env, "--head", "--port", str(port), "--temp-dir", head_dir, "--include-dashboard=true",
+                       "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard))
+            _ray_start(env, "--address", f"127.0.0.1:{port}", "--temp-dir", worker_dir,
+                       namespace=_private_namespace(private))
         list_nodes = (f"import json, ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
                       "print(json.dumps([[n['NodeID'], n['ObjectStoreSocketName']]"
                       " for n in ray.nodes() if n['Alive']]))")
@@ -317,25 +345,28 @@ def test_job_submission_runs_the_sweep_on_the_head(cluster, tiny_path):
     storage = cluster["nfs"] / "sweeps"
     space = _space(cluster["private"], d=64, epochs=3)
     started = time.monotonic()
-    for _attempt in range(3):
-        done = subprocess.run([RAY, "job", "submit", "--address", cluster["dashboard"], "--",
-                               "cmath-hpo", "sweep", "--space", str(space), "--data", str(tiny_path),
-                               "--num-samples", "2", "--results", str(results), "--storage", str(storage),
-                               "--name", "job"], env=cluster["env"], capture_output=True, text=True, timeout=600)
-        # Ray 2.60's job server answers 500 "No available agent to submit job, please try again
-        # later" while it has no live node agent to hand the job to (once seen in CI, right after
-        # the node the previous test started was stopped): nothing was submitted, so try again.
-        if "No available agent to submit job" not in done.stderr:
-            break
-        time.sleep(5)
+    done = subprocess.run([RAY, "job", "submit", "--address", cluster["dashboard"], "--",
+                           "cmath-hpo", "sweep", "--space", str(space), "--data", str(tiny_path),
+                           "--num-samples", "2", "--results", str(results), "--storage", str(storage),
+                           "--name", "job"], env=cluster["env"], capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - started
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + _head_dashboard_logs(cluster)
     assert re.search(r"sweep job finished: 2 completed", done.stdout), done.stdout[-3000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     record = json.loads((results / "job" / "sweep.json").read_text())
     assert record["status"] == "finished" and record["address"]  # joined the cluster it was submitted to
     assert record["storage"]["path"] == str(storage)
     print(f"job submission: {wall:.0f}s from submit to the job's end")
+
+
+def _head_dashboard_logs(cluster) -> str:
+    """The last lines of the head's dashboard logs, which say why a job found no agent."""
+    logs = Path(cluster["head_dir"]) / "session_latest" / "logs"
+    tails = []
+    for path in sorted(logs.glob("dashboard*.log")):
+        lines = [line for line in path.read_text(errors="replace").splitlines() if "ResourceRoute" not in line]
+        tails.append(f"\n--- {path.name} ---\n" + "\n".join(lines[-15:]))
+    return "".join(tails)
 
 
 def _worker_trial_running(sweep_dir: Path, worker_node: str, running: set) -> str | None:
@@ -435,9 +466,8 @@ def test_a_node_that_joins_after_the_preflight_and_cannot_see_the_storage_gets_n
         # The driver waits (SIGSTOP) while the node joins, so the first trials find it there.
         os.kill(driver.pid, signal.SIGSTOP)
         try:
-            subprocess.run([*_private_namespace(cluster["nfs"]), RAY, "start", "--address", cluster["address"],
-                            "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", late_dir,
-                            "--disable-usage-stats"], env=cluster["env"], check=True, capture_output=True, timeout=120)
+            _ray_start(cluster["env"], "--address", cluster["address"], "--temp-dir", late_dir,
+                       namespace=_private_namespace(cluster["nfs"]), num_cpus=2)
         finally:
             os.kill(driver.pid, signal.SIGCONT)
         code = driver.wait(timeout=300)
