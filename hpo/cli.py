@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark of this source checkout (python -m benchmarks NAME): "
                                          "prints a table, writes results/benchmarks/NAME.json", add_help=False)
-    bench.add_argument("name", help="overhead, speed, search, packing, meld, footing, scaling, driver or all")
+    bench.add_argument("name", help="overhead, speed, epoch, gpu, search, packing, meld, footing, scaling, driver "
+                                    "or all")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the sweep store")
