@@ -70,14 +70,16 @@ def _trainer(point: dict):
     data = load_dataset(point["data"])
     config = recipe_defaults(point["dataset"])
     known = {f.name for f in dataclasses.fields(config)}
-    changes = {k: v for k, v in {"num_threads": point["threads"], "device": "cpu", "modalities": point["modalities"],
+    device = point.get("device", "cpu")
+    changes = {k: v for k, v in {"num_threads": point["threads"], "device": device, "modalities": point["modalities"],
                                  "seed": point.get("seed", 0), **point.get("set", {})}.items() if k in known}
-    return Trainer(config.replace(**changes), data, device="cpu")
+    return Trainer(config.replace(**changes), data, device=device)
 
 
 def measure_time(point: dict) -> dict:
+    """Seconds per whole epoch and per training pass, mean of point["epochs"] after a warm-up one."""
     trainer = _trainer(point)
-    trainer.step()  # warm-up: allocator, first-touch memory, lazy initialisation
+    trainer.step()  # warm-up: allocator, first-touch memory, lazy initialisation; with compile, compiling
     records = [trainer.step() for _ in range(point["epochs"])]
     return dict(s_per_epoch=statistics.mean(r["epoch_seconds"] for r in records),
                 train_s_per_epoch=statistics.mean(r["train_seconds"] for r in records))
@@ -92,7 +94,6 @@ def measure_wf1(point: dict) -> dict:
 
 def measure_profile(point: dict) -> dict:
     """One profiled training epoch after a warm-up one: time by part and by operator."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     trainer = _trainer(point)
@@ -110,10 +111,9 @@ def measure_profile(point: dict) -> dict:
             parts[event.name] = parts.get(event.name, 0.0) + event.cpu_time_total / 1000
     top_level = sum(ms for name, ms in parts.items() if not name.startswith("  "))
     parts["other (Python, metrics, loop)"] = wall_ms - top_level
-    operators = sorted((e for e in prof.key_averages() if not e.key.startswith(("cmath:", "  "))
-                        and e.key not in marked), key=lambda e: e.self_cpu_time_total, reverse=True)
+    operators = sorted((e for e in prof.key_averages() if e.key not in marked),
+                       key=lambda e: e.self_cpu_time_total, reverse=True)
     ops = [dict(operator=e.key, self_ms=e.self_cpu_time_total / 1000, calls=e.count) for e in operators[:14]]
-    torch.set_num_threads(point["threads"])
     return dict(wall_ms=wall_ms, parts=parts, ops=ops, order=list(marked))
 
 
@@ -188,26 +188,27 @@ def _mark_parts(trainer) -> list[str]:
 
 
 # ---------------------------------------------------------------- the run
-def _workloads(args) -> list[dict]:
+def workloads(args) -> list[dict]:
+    """The two recipes to time, as points: IEMOCAP-size (synthetic) and MELD (the real transcripts
+    where ../shared has them; synthetic MELD-size otherwise, and in --quick runs)."""
     iemocap = synthetic_dataset(args.data_dir, "tiny" if args.quick else "full")
     try:
+        if args.quick:
+            raise FileNotFoundError
         meld, meld_note = meld_text_dataset(args.data_dir), "real MELD transcripts, text"
     except FileNotFoundError:
         meld, meld_note = synthetic_dataset(args.data_dir, "tiny" if args.quick else "full", "meld"), \
-            "synthetic MELD-size, text (../shared/data/meld is absent)"
+            "synthetic MELD-size, text"
     return [dict(workload="IEMOCAP-size, recipe (d 500, batch 16, tav)", dataset="iemocap", data=str(iemocap),
                  modalities="tav", note=f"synthetic IEMOCAP {'tiny' if args.quick else 'full'}"),
             dict(workload="MELD recipe (d 400, batch 4, text)", dataset="meld", data=str(meld), modalities="t",
                  note=meld_note)]
 
 
-def _env_for(code: str) -> dict:
-    # Each tree imports its own cmath_model; the benchmarks package always comes from this checkout.
-    return {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
 def _run(kind: str, point: dict) -> dict:
-    return run_point("epoch", {**point, "kind": kind}, timeout=7200, env=_env_for(point["code"]))
+    # Each tree imports its own cmath_model (point["code"]); the benchmarks package always comes from this checkout.
+    return run_point("epoch", {**point, "kind": kind}, timeout=7200,
+                     env={"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,10 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     trees = {"old": str(worktree(args.against)), "new": str(ROOT)}
     extra = dict(item.split("=", 1) for item in args.extra)
     codes = ("old", "new", "new+") if extra else ("old", "new")
-    workloads = [w for w in _workloads(args) if args.only in (None, w["dataset"])]
+    chosen = [w for w in workloads(args) if args.only in (None, w["dataset"])]
     epochs = args.epochs or (1 if args.quick else 2)
     rows, profiles, wf1 = [], {}, {}
-    for workload in workloads:
+    for workload in chosen:
         for threads in args.threads:
             runs = {code: [] for code in codes}
             for repeat in range(args.repeats):
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                 profiles[f"{workload['workload']} / {code}"] = _run(
                     "profile", {**workload, "code": trees[code], "threads": args.threads[0]})
     if args.wf1_seeds:
-        meld = next(w for w in _workloads(args) if w["dataset"] == "meld")
+        meld = next(w for w in workloads(args) if w["dataset"] == "meld")
         for code in ("old", "new"):
             wf1[code] = []
             for seed in args.wf1_seeds:
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"test W-F1 new - old: {comparison['test_diff']:+.2f} (Welch p {comparison['test_p']:.2f}); "
               f"validation: {comparison['val_diff']:+.2f} (p {comparison['val_p']:.2f})")
     print()
-    save("epoch", args, rows, COLUMNS, against=args.against, workloads=workloads, profiles=profiles, wf1=wf1,
+    save("epoch", args, rows, COLUMNS, against=args.against, workloads=chosen, profiles=profiles, wf1=wf1,
          wf1_comparison=comparison,
          notes="s_per_epoch: Trainer.step (train, then score valid and test), median over runs of the mean of the "
                "timed epochs after one warm-up; train_s_per_epoch: the training pass alone; ratio: this tree / old")

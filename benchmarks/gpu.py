@@ -28,7 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from .common import emit_point, meld_text_dataset, parser, run_point, save, synthetic_dataset
+from .common import emit_point, parser, run_point, save, synthetic_dataset
+from .epoch import measure_time, workloads
 
 SWITCHES = [("defaults", {}), ("precision bf16", {"precision": "bf16"}), ("compile default", {"compile": "default"}),
             ("compile reduce-overhead", {"compile": "reduce-overhead"}), ("adam foreach", {"adam": "foreach"})]
@@ -37,40 +38,18 @@ SWEEP_COLUMNS = ["trials", "gpus_per_trial", "mps", "wall_s", "trials_per_hour",
                  "gpu_util_mean", "gpu_util_p90"]
 
 
-def measure(point: dict) -> dict:
-    import statistics
-
-    from cmath_model.config import recipe_defaults
-    from cmath_model.data import load_dataset
-    from cmath_model.train import Trainer
-
-    config = recipe_defaults(point["dataset"]).replace(modalities=point["modalities"], device=point["device"],
-                                                       num_threads=1, **point["set"])
-    trainer = Trainer(config, load_dataset(point["data"]))
-    trainer.step()  # warm-up; with compile, the compilation
-    records = [trainer.step() for _ in range(point["epochs"])]
-    return dict(s_per_epoch=statistics.mean(r["epoch_seconds"] for r in records),
-                train_s_per_epoch=statistics.mean(r["train_seconds"] for r in records))
-
-
 def epoch_rows(args, device: str) -> list[dict]:
-    scale = "tiny" if args.quick else "full"
-    try:
-        meld = synthetic_dataset(args.data_dir, scale, "meld") if args.quick else meld_text_dataset(args.data_dir)
-    except FileNotFoundError:
-        meld = synthetic_dataset(args.data_dir, scale, "meld")
-    workloads = [("IEMOCAP-size recipe", "iemocap", synthetic_dataset(args.data_dir, scale), "tav"),
-                 ("MELD recipe, text", "meld", meld, "t")]
+    """Each switch's epoch time on `device`, per workload of benchmarks.epoch, in a fresh process each."""
     switches = SWITCHES[:2] if args.quick else SWITCHES
     rows = []
-    for workload, dataset, data, modalities in workloads:
+    for workload in workloads(args):
         baseline = None
         for switch, changes in switches:
-            print(f"gpu: {workload}, {switch}", flush=True)
-            result = run_point("gpu", dict(dataset=dataset, data=str(data), modalities=modalities, device=device,
-                                           set=changes, epochs=1 if args.quick else 3))
+            print(f"gpu: {workload['workload']}, {switch}", flush=True)
+            result = run_point("gpu", {**workload, "device": device, "threads": 1, "set": changes,
+                                       "epochs": 1 if args.quick else 3})
             baseline = baseline or result["s_per_epoch"]
-            rows.append(dict(workload=workload, switch=switch, device=device, **result,
+            rows.append(dict(workload=workload["workload"], switch=switch, device=device, **result,
                              vs_defaults=result["s_per_epoch"] / baseline))
     return rows
 
@@ -157,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", action="store_true", help="also run the 64-trial sweep on one GPU")
     args = p.parse_args(argv)
     if args.point:
-        emit_point(measure(json.loads(args.point)))
+        emit_point(measure_time(json.loads(args.point)))
         return
     import torch
 
