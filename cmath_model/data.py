@@ -156,24 +156,27 @@ class Split:
     def num_utterances(self) -> int:
         return int(self.lengths.sum())
 
+    def _rows(self, dialogues: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) rows into the flat tensors for the given dialogues, trimmed to the longest of
+        them, and the (B, L) mask of real utterances (the last flat row is the padding row)."""
+        rows = self.index[dialogues, :int(self.lengths[dialogues].max())]
+        return rows, rows < self.label.shape[0] - 1
+
     def batch(self, dialogues: torch.Tensor, modalities: tuple[str, ...]) -> Batch:
         """Padded tensors for the given dialogue indices, trimmed to the longest of them."""
-        length = int(self.lengths[dialogues].max())
-        rows = self.index[dialogues, :length]  # (B, L)
+        rows, mask = self._rows(dialogues)
         return Batch(
             features={m: self.features[m][rows] for m in modalities},  # (B, L, D_m)
             speaker=self.speaker[rows],
             label=self.label[rows],
-            mask=rows < self.label.shape[0] - 1,  # the last flat row is the padding row
+            mask=mask,
             dialogues=dialogues,
         )
 
     def packed_batch(self, dialogues: torch.Tensor, modalities: tuple[str, ...]) -> PackedBatch:
         """The given dialogues' real utterances in a row (what the model computes on), with the
         (B, L) mask and speakers attention and positions need; no padding row is gathered."""
-        length = int(self.lengths[dialogues].max())
-        rows = self.index[dialogues, :length]  # (B, L)
-        mask = rows < self.label.shape[0] - 1
+        rows, mask = self._rows(dialogues)
         flat_mask = mask.reshape(-1)
         real = rows.reshape(-1)[flat_mask]  # (N,) rows into the flat tensors
         return PackedBatch(
