@@ -291,10 +291,10 @@ class Dataset:
         return {m: (train.features[m][:-1].mean(0), train.features[m][:-1].std(0)) for m in modalities}
 
     def class_frequencies(self) -> np.ndarray:
-        """Label frequencies over train + valid, as SDT's class weights use."""
-        import torch
-
-        labels = torch.cat([self.splits[s].label[:-1] for s in ("train", "valid")]).numpy()
+        """Label frequencies over the training split. SDT counts train + valid; that lets
+        validation labels reach the training loss, and validation is what selects epochs and
+        trials, so only the training split counts here."""
+        labels = self.splits["train"].label[:-1].numpy()
         counts = np.bincount(labels, minlength=self.num_classes).astype(np.float64)
         return counts / counts.sum()
 
