@@ -51,6 +51,11 @@ class Layout:
         return cls(mask, positions)
 
     @property
+    def dialogues(self) -> torch.Tensor:
+        """() the number of dialogues with a real utterance (a batch may carry empty padding rows)."""
+        return real_dialogues(self.mask)
+
+    @property
     def turn(self) -> torch.Tensor:
         """(N,) each real utterance's position within its dialogue."""
         return self.positions % self.mask.shape[1]
@@ -75,8 +80,10 @@ class ModalityReconstruction(nn.Module):
     projected text starts 40 times smaller than the speaker and position embeddings it is added
     to (Eq. 8); at MELD's lr the model then predicts the majority class for epochs."""
 
-    def __init__(self, dim_in: int, d: int, kernel_size: int = 1, reconstruct: bool = True):
+    def __init__(self, dim_in: int, d: int, kernel_size: int = 1, reconstruct: bool = True,
+                 reduction: str = "sum"):
         super().__init__()
+        self.reduction = reduction
         self.register_buffer("input_mean", torch.zeros(dim_in))
         self.register_buffer("input_std", torch.ones(dim_in))
         self.down = nn.Conv1d(dim_in, d, kernel_size, padding=kernel_size // 2, bias=False)
@@ -92,7 +99,25 @@ class ModalityReconstruction(nn.Module):
         if self.up is None:
             return u, x.new_zeros(())
         x_rec = conv(self.up, u, layout)  # (N, D_m)
-        return u, F.mse_loss(x_rec, x)
+        return u, squared_error(x_rec, x, layout.dialogues, self.reduction)
+
+
+def real_dialogues(mask: torch.Tensor) -> torch.Tensor:
+    """() how many rows of a (B, L) mask hold a real utterance; a tensor, so no host sync."""
+    return mask.any(1).sum().clamp_min(1)
+
+
+def squared_error(x: torch.Tensor, target: torch.Tensor, dialogues: torch.Tensor | int, reduction: str
+                  ) -> torch.Tensor:
+    """Eq. 3 and 18's ||target - x||_F^2 for a batch of packed (N, C) utterances.
+
+    `sum` is the paper's reading: each dialogue's squared Frobenius norm (its n x C matrix, summed
+    over utterances and dimensions), averaged over the batch's `dialogues` as the CE's per-dialogue
+    means are. `mean` averages over every element (MSE), which divides the term by about
+    C x utterances per dialogue (`norm_reduction`, docs/model.md)."""
+    if reduction == "mean":
+        return F.mse_loss(x, target)
+    return F.mse_loss(x, target, reduction="sum") / dialogues
 
 
 def conv(layer: nn.Conv1d, x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -372,11 +397,12 @@ class VariationalFusion(nn.Module):
 
 
 # ---------------------------------------------------------------- Eq. 18-23: hierarchical distillation
-def low_level_distillation(h_x: torch.Tensor, h_m: dict[str, torch.Tensor], detach_teacher: bool = False
-                           ) -> torch.Tensor:
-    """L_mse = sum_m ||H'_x - H'_m||^2 over the (N, d) real utterances (teacher: the fused H'_x)."""
+def low_level_distillation(h_x: torch.Tensor, h_m: dict[str, torch.Tensor], detach_teacher: bool = False,
+                           dialogues: torch.Tensor | int = 1, reduction: str = "sum") -> torch.Tensor:
+    """L_mse = sum_m ||H'_x - H'_m||^2 over the (N, d) real utterances of a batch of `dialogues`
+    (teacher: the fused H'_x; `reduction` as in `squared_error`)."""
     teacher = h_x.detach() if detach_teacher else h_x
-    return total([F.mse_loss(x, teacher) for x in h_m.values()])
+    return total([squared_error(x, teacher, dialogues, reduction) for x in h_m.values()])
 
 
 def high_level_distillation(logits_x: torch.Tensor, logits_m: dict[str, torch.Tensor], temperature: float = 1.0,
@@ -420,7 +446,8 @@ class CMATH(nn.Module):
         use_context = cfg.context == "dialogue"
         n_aux = len(self.modalities) - 1 if cfg.use_cross_modal else 0
         self.reconstruction = nn.ModuleDict({
-            m: ModalityReconstruction(modality_dims[m], d, cfg.kernel_size, cfg.use_reconstruction)
+            m: ModalityReconstruction(modality_dims[m], d, cfg.kernel_size, cfg.use_reconstruction,
+                                      cfg.norm_reduction)
             for m in self.modalities})
         self.embedding = SpeakerPositionEmbedding(d, max_speakers, use_context)
         self.cma = nn.ModuleDict({m: CMATransformer(d, n_aux, cfg) for m in self.modalities})
@@ -462,14 +489,16 @@ class CMATH(nn.Module):
 
 def cmath_loss(out: Output, label: torch.Tensor, mask: torch.Tensor, cfg: CMATHConfig,
                class_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Eq. 24: L = L_ce + L_re + gamma1 * L_mse + gamma2 * L_kl, each a mean over real utterances.
+    """Eq. 24: L = L_ce + L_re + gamma1 * L_mse + gamma2 * L_kl; CE and KL are means over the real
+    utterances, L_re and L_mse as `cfg.norm_reduction` says (`squared_error`).
     `label` is (N,) packed, or (B, L) padded and packed here with `mask`."""
     y = label if label.dim() == 1 else label[mask]
     loss_ce = F.cross_entropy(out.logits_x, y, weight=class_weight)  # Eq. 21
     for logits in out.logits_m.values():  # Eq. 20, 22
         loss_ce = loss_ce + F.cross_entropy(logits, y, weight=class_weight)
     zero = loss_ce.new_zeros(())
-    loss_mse = (low_level_distillation(out.h_x, out.h_m, cfg.detach_teacher)
+    loss_mse = (low_level_distillation(out.h_x, out.h_m, cfg.detach_teacher, real_dialogues(mask),
+                                       cfg.norm_reduction)
                 if cfg.use_low_level_distillation else zero)
     loss_kl = (high_level_distillation(out.logits_x, out.logits_m, cfg.kl_temperature, cfg.detach_teacher)
                if cfg.use_high_level_distillation else zero)

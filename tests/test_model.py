@@ -43,7 +43,7 @@ def inputs(B=2, L=5, seed=0):
 def reconstruction_case(kernel_size: int):
     """A reconstruction module, inputs with padding, and Eq. 1-4 computed through its nn.Conv1d layers."""
     torch.manual_seed(0)
-    mr = ModalityReconstruction(20, 8, kernel_size=kernel_size)
+    mr = ModalityReconstruction(20, 8, kernel_size=kernel_size, reduction="mean")
     x = torch.randn(2, 5, 20)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
     xz = x * mask.unsqueeze(-1)
@@ -190,7 +190,44 @@ def test_distillation_terms_are_zero_when_fused_and_modal_agree():
     assert low_level_distillation(h, {"text": h.clone(), "audio": h.clone()}).item() == 0.0
     assert high_level_distillation(logits, {"text": logits.clone()}).item() == pytest.approx(0.0, abs=1e-7)
     other = torch.randn(3, 4)
-    assert low_level_distillation(h, {"text": other}).item() == pytest.approx(((h - other) ** 2).mean().item())
+    assert low_level_distillation(h, {"text": other}, reduction="mean").item() == pytest.approx(
+        ((h - other) ** 2).mean().item())
+
+
+def test_squared_norms_are_each_dialogues_frobenius_norm_averaged_over_dialogues():
+    """Eq. 3 and 18 (`norm_reduction: sum`, the paper's reading) against the same norms computed
+    dialogue by dialogue on the padded layout; `mean` is the per-element MSE."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    layout = Layout.of(mask)
+    h_x, h_t = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    per_dialogue = [torch.linalg.matrix_norm(h_x[b][mask[b]] - h_t[b][mask[b]]) ** 2 for b in range(3)]
+    packed = {"text": layout.pack(h_t)}
+    got = low_level_distillation(layout.pack(h_x), packed, dialogues=3, reduction="sum")
+    assert got.item() == pytest.approx(torch.stack(per_dialogue).mean().item(), rel=1e-5)
+    mse = low_level_distillation(layout.pack(h_x), packed, dialogues=3, reduction="mean")
+    assert mse.item() == pytest.approx((got * 3 / (9 * 6)).item(), rel=1e-5)  # 9 real utterances x 6 dims
+
+    mr = ModalityReconstruction(6, 4, reduction="sum")
+    x = layout.pack(torch.randn(3, 4, 6))
+    _, loss_sum = mr(x, layout)
+    mr.reduction = "mean"
+    _, loss_mean = mr(x, layout)
+    assert loss_sum.item() == pytest.approx(loss_mean.item() * 9 * 6 / 3, rel=1e-5)
+
+
+def test_the_paper_reading_sums_the_squared_norms_and_the_recipe_averages_them():
+    from cmath_model.config import from_dict, paper_defaults, recipe_defaults
+
+    for dataset in ("iemocap", "meld"):
+        assert paper_defaults(dataset).norm_reduction == "sum"
+        assert recipe_defaults(dataset).norm_reduction == "mean"
+    # A whole config written before the field existed trained with means; it still does.
+    old = recipe_defaults("meld").to_dict()
+    del old["norm_reduction"]
+    old["defaults"] = "paper"
+    assert from_dict(old).norm_reduction == "mean"
+    assert from_dict({"d": 16}).norm_reduction == "sum"  # a partial config takes the field's default
 
 
 def test_kl_term_matches_eq_23():

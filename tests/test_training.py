@@ -14,7 +14,10 @@ from cmath_model.train import WeightAverage, load_model, lr_factor, predict, tra
 
 
 def test_overfits_a_tiny_dataset(tiny):
-    cfg = CMATHConfig(d=64, dropout=0.0, lr=3e-3, batch_size=4, class_weights="none", epochs=0)
+    # Means, as the recipe: under the paper's summed norms L_re starts 10,000 times the CE on
+    # these features (342-1582 dimensions, 17 utterances a dialogue): 27 % training accuracy after 40.
+    cfg = CMATHConfig(d=64, dropout=0.0, lr=3e-3, batch_size=4, class_weights="none", epochs=0,
+                      norm_reduction="mean")
     trainer = Trainer(cfg, tiny)
     accuracy = 0.0
     for _ in range(40):  # 40 epochs x 5 batches = 200 optimiser steps at most
