@@ -106,9 +106,10 @@ def save(name: str, args: argparse.Namespace, rows: list[dict], columns: list[st
 MELD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "meld"
 
 
-def meld_text_dataset(work: Path, meld_dir: str | Path | None = None) -> Path:
+def meld_text_dataset(work: Path, meld_dir: str | Path | None = None, label: str = "Emotion") -> Path:
     """The real MELD transcripts with their precomputed MiniLM sentence embeddings, imported
-    once into a canonical text-only dataset under `work` (the shared folder is only read)."""
+    once into a canonical text-only dataset under `work` (the shared folder is only read), with
+    `label` (Emotion, 7 classes, or Sentiment, 3) as the label column."""
     from cmath_model.importers import import_csv
 
     source = Path(meld_dir or os.environ.get("CMATH_MELD_DIR") or MELD_DIR)
@@ -116,10 +117,10 @@ def meld_text_dataset(work: Path, meld_dir: str | Path | None = None) -> Path:
     if not embeddings.exists():
         raise SystemExit(f"{source}: no MELD transcripts with meld_minilm_all.npy here; pass --meld-dir or set "
                          f"CMATH_MELD_DIR to the folder holding train/dev/test_sent_emo.csv and the embeddings")
-    out = work / "meld-text-minilm.parquet"
+    out = work / ("meld-text-minilm.parquet" if label == "Emotion" else f"meld-{label.lower()}-text-minilm.parquet")
     if not out.exists():
         work.mkdir(parents=True, exist_ok=True)
-        import_csv(source, out, embeddings=embeddings)
+        import_csv(source, out, embeddings=embeddings, columns={"label": label})
     return out
 
 
