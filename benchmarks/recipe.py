@@ -13,6 +13,11 @@ score). No test score is read in this phase.
 
 `--phase test` (seeds 20-24): the recipe and the paper's reading as the code now ships them,
 and the logistic regression on the same embeddings, each scored on test once.
+
+`--phase search` (seeds 20-24): does a sweep earn its keep? A sweep of at most 32 trials over
+search_spaces/meld.yaml (Optuna TPE, ASHA), its best 3 trials re-scored on 3 new seeds each
+(validation only, as `cmath-hpo export-best --top 3 --seeds 3` does), the pick exported, then
+trained on the test seeds beside the recipe's defaults; test W-F1 of both, paired t-test.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 
 from .common import meld_text_dataset, parser, save, synthetic_dataset
 
+SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "meld.yaml"
+QUICK_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "bench" / "recipe-quick.yaml"
 EPOCH_CHOICES = (12, 15, 20, 30)
 ABLATION_EPOCHS = 15
 P_TO_KEEP = 0.05
@@ -177,11 +184,7 @@ def test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, wor
     runs = run_all(jobs, cache, workers)
     rows, tests = [], {}
     for defaults in ("recipe", "paper"):
-        picked = []
-        for seed in seeds:
-            curve = runs[f"test-{defaults}-seed{seed}"]
-            best = max(range(len(curve["val_wf1"])), key=lambda i: curve["val_wf1"][i])
-            picked.append((100 * curve["val_wf1"][best], 100 * curve["test_wf1"][best]))
+        picked = [_at_best_validation(runs[f"test-{defaults}-seed{seed}"]) for seed in seeds]
         tests[defaults] = [t for _, t in picked]
         rows.append(dict(model=f"CMATH text-only, defaults: {defaults}", seeds=" ".join(map(str, seeds)),
                          val_wf1=statistics.mean(v for v, _ in picked), val_std=statistics.stdev(v for v, _ in picked),
@@ -194,26 +197,81 @@ def test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, wor
     return rows
 
 
+def search_phase(data_path: Path, dataset: str, seeds: list[int], trials: int, top: int, rescore_seeds: int,
+                 space: Path, work: Path, cache: Path, workers: int) -> list[dict]:
+    """A sweep, its re-scored pick and the recipe's defaults, the last two on the test seeds."""
+    from scipy import stats
+
+    from cmath_model.config import default_config, from_dict
+    from hpo.export import export_best
+    from hpo.rescore import rescore_best
+    from hpo.sweep import SweepOptions, run_sweep
+
+    name = f"search-{data_path.stem}-{trials}"
+    sweep_dir = work / name
+    record = sweep_dir / "sweep.json"
+    if not (record.exists() and json.loads(record.read_text()).get("status") == "finished"):
+        options = SweepOptions(space=space, data=str(data_path), num_samples=trials, max_concurrent=workers,
+                               cpus_per_trial=1, num_cpus=workers, results=work, name=name,
+                               overrides={"modalities": "t"}, command="benchmarks.recipe --phase search")
+        outcome = run_sweep(options, log=lambda line: None)
+        print(f"recipe: sweep {name}: {outcome.counts} in {outcome.fit_seconds:.0f} s", flush=True)
+    rescored = rescore_best(sweep_dir, top=top, seeds=rescore_seeds, results=work, num_cpus=workers,
+                            log=lambda line: None)
+    values = export_best(sweep_dir, work / f"{name}-best.yaml", results=work)
+    provenance = values.pop("provenance")
+    picked = from_dict(values).replace(num_threads=1, device="cpu")
+    recipe = default_config(dataset, "recipe").replace(data=str(data_path), modalities="t", num_threads=1)
+    jobs = {}
+    for seed in seeds:
+        jobs[f"test-recipe-seed{seed}"] = dict(config=recipe.replace(seed=seed).to_dict(), read_test=True)
+        jobs[f"test-{name}-seed{seed}"] = dict(config=picked.replace(seed=seed).to_dict(), read_test=True)
+    runs = run_all(jobs, cache, workers)
+    rows, tests = [], {}
+    for key, label in (("recipe", "CMATH text-only, defaults: recipe"),
+                       (name, f"the sweep's re-scored pick ({trials} trials, top {top} x {rescore_seeds} seeds)")):
+        picked_scores = [_at_best_validation(runs[f"test-{key}-seed{seed}"]) for seed in seeds]
+        tests[key] = [t for _, t in picked_scores]
+        rows.append(dict(model=label, seeds=" ".join(map(str, seeds)),
+                         val_wf1=statistics.mean(v for v, _ in picked_scores),
+                         val_std=statistics.stdev(v for v, _ in picked_scores), test_wf1=statistics.mean(tests[key]),
+                         test_std=statistics.stdev(tests[key]), test_values=tests[key]))
+    rows[1]["test_p_vs_recipe"] = float(stats.ttest_rel(tests[name], tests["recipe"]).pvalue)
+    rows[1]["config"] = {k: v for k, v in values.items() if v != getattr(recipe, k) and k not in
+                         ("data", "data_sha256", "seed", "device", "num_threads")}
+    rows[1]["rescore"] = {"picked": rescored.get("picked"), "sweep_best_val_wf1": provenance["best_val_wf1"],
+                          **provenance.get("rescore", {})}
+    return rows
+
+
+def _at_best_validation(curve: dict) -> tuple[float, float]:
+    """(validation, test) W-F1 in percent at the run's best validation epoch (the first, on a tie)."""
+    best = max(range(len(curve["val_wf1"])), key=lambda i: curve["val_wf1"][i])
+    return 100 * curve["val_wf1"][best], 100 * curve["test_wf1"][best]
+
+
 def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--phase", choices=("decide", "test"), required=True)
+    p.add_argument("--phase", choices=("decide", "test", "search"), required=True)
     p.add_argument("--meld-dir", help="MELD transcripts + meld_minilm_all.npy (default ../shared/data/meld)")
     p.add_argument("--label", default="Emotion", help="the transcripts' label column (default Emotion)")
     p.add_argument("--seeds", help="seeds of the phase (default: decide 10-14, test 20-24)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one CPU thread each (default 2)")
+    p.add_argument("--trials", type=int, default=32, help="search: the sweep's trials (default 32)")
+    p.add_argument("--space", type=Path, default=SPACE, help="search: the search space (default search_spaces/meld.yaml)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.quick:
         data_path, dataset = synthetic_dataset(args.data_dir, "tiny", "meld"), "meld"
-        epoch_choices, ablation_epochs, default_seeds = (2, 3), 2, {"decide": "0-1", "test": "2-3"}
+        epoch_choices, ablation_epochs, default_seeds = (2, 3), 2, {"decide": "0-1", "test": "2-3", "search": "2-3"}
     else:
         data_path = meld_text_dataset(args.data_dir, args.meld_dir, args.label)
         dataset, epoch_choices, ablation_epochs = "meld", EPOCH_CHOICES, ABLATION_EPOCHS
-        default_seeds = {"decide": "10-14", "test": "20-24"}
+        default_seeds = {"decide": "10-14", "test": "20-24", "search": "20-24"}
     seeds = seed_list(args.seeds or default_seeds[args.phase])
     cache = out / "work" / f"recipe{'-quick' if args.quick else ''}-{data_path.stem}"
     name = f"recipe-{args.phase}" + ("" if args.label == "Emotion" else f"-{args.label.lower()}")
@@ -222,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
         save(name, args, table, COLUMNS, data=str(data_path), seeds=seeds, decision=decision,
              notes="validation W-F1 in percent, mean ± std over the seeds; p: paired t-test, two-sided; "
                    f"a departure is kept when it is higher with p < {P_TO_KEEP}")
+    elif args.phase == "search":
+        trials, top, rescore_seeds = (3, 2, 2) if args.quick else (args.trials, 3, 3)
+        space = QUICK_SPACE if args.quick else args.space
+        rows = search_phase(data_path, dataset, seeds, trials, top, rescore_seeds, space, out / "work", cache,
+                            args.workers)
+        save(name, args, rows, TEST_COLUMNS, data=str(data_path), seeds=seeds, space=str(space),
+             notes="W-F1 in percent at each run's best validation epoch; test_p_vs_recipe: paired t-test over seeds")
     else:
         rows = test_phase(data_path, dataset, seeds, cache, args.workers)
         save(name, args, rows, TEST_COLUMNS, data=str(data_path), seeds=seeds,

@@ -129,3 +129,54 @@ def test_the_gpu_benchmark_runs_its_switches_on_the_cpu_when_there_is_no_gpu(tmp
     [sweep] = result["sweep"]  # on the CPU: no GPU share, no MPS, no utilisation samples
     assert (sweep["trials"], sweep["completed"] + sweep["stopped"], sweep["mps"]) == (4, 4, False)
     assert sweep["trials_per_hour"] > 0 and (tmp_path / "gpu-sweep-quick" / "gpu64" / "trials.parquet").exists()
+
+
+def test_the_recipe_protocol_keeps_a_departure_only_on_a_significant_validation_gain():
+    from benchmarks.recipe import fewest_epochs, keeps
+
+    base = [55.0, 56.0, 54.5, 55.5, 56.5]
+    assert keeps([b + 0.8 + 0.05 * i for i, b in enumerate(base)], base)  # higher on every seed
+    assert not keeps([b + d for b, d in zip(base, (1.5, -1.2, 1.4, -1.0, 0.9))], base)  # higher mean, noise
+    assert not keeps([b - 0.8 for b in base], base)  # significantly lower
+    assert not keeps(base, base)
+    # The fewest epochs that are not significantly worse than the best count.
+    assert fewest_epochs({12: [b - 0.1 * (i % 2) for i, b in enumerate(base)], 30: base}) == 12
+    assert fewest_epochs({12: [b - 1.0 - 0.02 * i for i, b in enumerate(base)], 15: base, 30: base}) == 15
+
+
+def test_the_recipe_protocol_judges_every_departure_of_the_recipe():
+    from benchmarks.recipe import departures
+    from cmath_model.config import RECIPE, paper_defaults
+
+    for dataset in ("iemocap", "meld"):
+        found = departures(dataset)
+        assert set(found) == set(RECIPE[dataset]) - {"epochs"}
+        assert all(paper == getattr(paper_defaults(dataset), key) for key, (_, paper) in found.items())
+
+
+def test_a_shorter_run_is_the_start_of_a_longer_one(tmp_path):
+    """benchmarks.recipe reads every epoch count off one long run: with MELD's recipe (weight
+    average, input dropout, class weights), a 2-epoch run is the first 2 epochs of a 3-epoch one."""
+    from cmath_model.config import recipe_defaults
+    from cmath_model.data import load_dataset
+    from cmath_model.synth import write_synthetic
+    from cmath_model.train import train
+
+    data = load_dataset(write_synthetic(tmp_path / "meld-tiny.parquet", "meld", "tiny"))
+    config = recipe_defaults("meld").replace(d=16, modalities="t", num_threads=1, ema_epochs=1.0)
+    short, long = (train(config.replace(epochs=e), data)["epochs"] for e in (2, 3))
+    assert [r["val_wf1"] for r in short] == [r["val_wf1"] for r in long[:2]]
+    assert [r["train_loss"] for r in short] == [r["train_loss"] for r in long[:2]]
+    assert long[2]["train_loss"] != long[1]["train_loss"]
+
+
+def test_the_recipe_protocol_runs_end_to_end_on_validation_only(tmp_path):
+    from benchmarks.recipe import main as recipe_main
+
+    recipe_main(["--phase", "decide", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")])
+    result = json.loads((tmp_path / "recipe-decide-quick.json").read_text())
+    decided = [row["decision"].split(":")[0] for row in result["rows"]]
+    assert decided[:2] == ["epochs 2", "epochs 3"] and "class_weights" in decided and "ema_epochs" in decided
+    assert result["decision"]["epochs"] in (2, 3) and result["seeds"] == [0, 1]
+    cached = list((tmp_path / "work").rglob("*.json"))
+    assert cached and not any("test_wf1" in json.loads(path.read_text()) for path in cached)  # test never read
