@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", help="seeds of the phase (default: decide 10-14, test 20-24)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one CPU thread each (default 2)")
     p.add_argument("--trials", type=int, default=32, help="search: the sweep's trials (default 32)")
-    p.add_argument("--space", type=Path, default=SPACE, help="search: the search space (default search_spaces/meld.yaml)")
+    p.add_argument("--space", type=Path, default=SPACE,
+                   help="search: the search space (default search_spaces/meld.yaml)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.quick:
