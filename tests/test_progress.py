@@ -47,6 +47,8 @@ def test_the_summary_says_when_the_best_trial_is_the_warm_start_point():
             "test_acc_at_best_val": 0.75, "param_lr": 3e-4, "suggested_by": "warm_start"}
     counts = {"completed": 1, "stopped_by_asha": 0, "failed": 0, "interrupted": 0}
     outcome = SweepOutcome("s", Path("s"), "finished", counts, best, 1.0, 1.0, 0.0, 1.0)
-    assert "  lr=0.0003  (the space's warm-start point, not one the search found)" in summary_text(outcome, ["lr"])
+    text = summary_text(outcome, ["lr"])
+    assert "  lr=0.0003  (the space's warm-start point, not one the search found)" in text
+    assert "val W-F1 84.00 at epoch 12" in text and "74.00" not in text and "75.00" not in text  # test: not here
     outcome.best["suggested_by"] = "tpe"
     assert "warm-start" not in summary_text(outcome, ["lr"])
