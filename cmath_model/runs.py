@@ -59,11 +59,17 @@ def defaults_for(path: str | None, defaults: str = "recipe") -> tuple[CMATHConfi
     train_split = data.splits["train"]
     per_dialogue = train_split.num_utterances / max(train_split.num_dialogues, 1)
     modalities = "".join(m[0] for m in data.modality_dims)
-    closer = "iemocap" if modalities != "t" and per_dialogue >= LONG_DIALOGUE else "meld"
-    why = (f"{'text only' if modalities == 't' else 'modalities ' + modalities}, "
-           f"{per_dialogue:.1f} utterances per dialogue, {data.num_classes} classes")
-    return (default_config(closer, defaults),
-            f"defaults: {defaults} for {closer.upper()} ({data.name} data: {why}; closer to {closer.upper()})")
+    if modalities == "t":
+        closer, rule = "meld", "text-only data takes MELD's"
+    elif per_dialogue >= LONG_DIALOGUE:
+        closer = "iemocap"
+        rule = f"multimodal data with {LONG_DIALOGUE} or more utterances per dialogue takes IEMOCAP's"
+    else:
+        closer, rule = "meld", f"dialogues under {LONG_DIALOGUE} utterances take MELD's"
+    kind = "text only" if modalities == "t" else f"modalities {modalities}"
+    line = (f"defaults: {defaults} for {closer.upper()} ({data.name} data: {kind}, {per_dialogue:.1f} utterances "
+            f"per dialogue; {rule})")
+    return default_config(closer, defaults), line
 
 
 def describe_config(config: CMATHConfig) -> str:
