@@ -159,12 +159,26 @@ def decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tuple
         with_, without = scores("recipe", judged_at), scores(f"without-{field}", judged_at)
         rows.append(dict(decision=f"{field}: {recipe_value} (paper: {paper_value})", with_=with_, without=without,
                          p=paired_p(with_, without), kept=keeps(with_, without)))
+    kept = {field: row["kept"] for field, row in zip(changes, rows[len(per_epochs):])}
+    dropped = {field: changes[field][1] for field, keep in kept.items() if not keep}
+    if dropped:
+        # Each departure was judged with the others on; dropped together their small gains may add
+        # up. If the whole recipe is significantly better than the decided one, the whole one stays.
+        decided = recipe.replace(epochs=chosen, **dropped)
+        decided_jobs = {f"decided-seed{seed}": dict(config=decided.replace(seed=seed).to_dict(), read_test=False)
+                        for seed in seeds}
+        runs.update(run_all(decided_jobs, cache, workers))
+        with_, without = scores("recipe", chosen), scores("decided", chosen)
+        whole = keeps(with_, without)
+        rows.append(dict(decision=f"the whole recipe against the decided one (without {', '.join(dropped)})",
+                         with_=with_, without=without, p=paired_p(with_, without), kept=whole))
+        if whole:
+            kept = dict.fromkeys(kept, True)
     table = [dict(decision=r["decision"], with_values=r["with_"], without_values=r["without"],
                   **{"with": _mean_std(r["with_"]), "without": _mean_std(r["without"])},
                   diff=statistics.mean(r["with_"]) - statistics.mean(r["without"]), p=r["p"], kept=r["kept"])
              for r in rows]
-    decision = {"epochs": chosen, "judged_at_epochs": judged_at,
-                "kept": {r["decision"].split(":")[0]: r["kept"] for r in rows if ":" in r["decision"]}}
+    decision = {"epochs": chosen, "judged_at_epochs": judged_at, "kept": kept}
     return table, decision
 
 
