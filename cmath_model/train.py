@@ -272,8 +272,9 @@ class Trainer:
 class WeightAverage:
     """A debiased exponential moving average of the model's weights, updated after every
     optimiser step (Polyak averaging; not in the paper). On small real sets the trained weights
-    swing from epoch to epoch (MELD: test W-F1 54.7-57.9 between neighbouring epochs), so the
-    epoch that validation picks is partly noise; the average moves smoothly and scores higher.
+    swing from epoch to epoch, so the epoch that validation picks is partly noise; the average
+    moves smoothly and scores higher (MELD, seeds 10-14, epochs 6-12: validation W-F1 moves 1.0
+    points an epoch without it, 0.56 with it; best validation 55.82 against 55.24, p 0.03).
 
     Debiased: after n updates it is the decay-weighted mean of those n weights (the first update
     copies them), not a mean that still leans on the initial weights, so early epochs score
