@@ -88,3 +88,19 @@ def test_a_failed_run_is_trained_again_and_its_row_replaced(tmp_path):
     table = pd.read_parquet(tmp_path / RESCORE_TABLE)
     assert len(table) == 3 and table["error"].isna().all()
     assert runs_to_train(chosen[:1], table, seeds=2) == []
+
+
+def test_the_warm_start_is_rescored_beside_the_best_and_can_stay_the_pick():
+    """The space's warm start (its defaults) is what a tuned config has to beat on the same new
+    seeds; a trial that beat it only on the sweep's seed is not exported over it."""
+    from hpo.rescore import candidates
+
+    trials = _trials({"w": 0.55, "b": 0.60, "c": 0.58, "d": 0.57})
+    trials["suggested_by"] = ["warm_start", "tpe", "random", "tpe"]
+    chosen = candidates(trials, 2)
+    assert [r["trial_id"] for r in chosen] == ["b", "c", "w"]
+    summary = summarize(_runs({"b": [0.54, 0.55], "c": [0.53, 0.56], "w": [0.56, 0.56]}), chosen, seeds=2)
+    assert summary["picked"] == "w" and summary["trials"][0]["warm_start"]
+    assert "w: 56.00 (sweep 55.00)  (warm start)  <- picked" in describe(summary)
+    assert [r["trial_id"] for r in candidates(trials, 4)] == ["b", "c", "d", "w"]  # among the top: once
+    assert [r["trial_id"] for r in candidates(trials.drop(columns="suggested_by"), 2)] == ["b", "c"]

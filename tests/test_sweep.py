@@ -338,10 +338,14 @@ def test_rescoring_trains_the_top_trials_on_new_seeds_and_export_takes_the_best_
     rescore_best(copy, top=2, seeds=1, num_cpus=2, log=lines.append)
     assert ray.is_initialized()  # this process's Ray: used, and left running
     summary = rescore_best(copy, top=2, seeds=2, num_cpus=2, log=lines.append)  # one more seed: only it is trained
-    assert "2 runs to train, 2 already in rescored.parquet" in "\n".join(lines)
-    table = pd.read_parquet(copy / RESCORE_TABLE)
+    # the top 2, and the space's warm start beside them when it is not among them
     top = sweep["trials"].sort_values(["best_val_wf1", "number"], ascending=[False, True]).head(2)
-    assert len(table) == 4 and set(table["trial_id"]) == set(top["trial_id"]) and table["error"].isna().all()
+    warm = sweep["trials"].loc[sweep["trials"]["suggested_by"] == "warm_start", "trial_id"]
+    expected = set(top["trial_id"]) | set(warm)
+    n = len(expected)
+    assert f"{n} runs to train, {n} already in rescored.parquet" in "\n".join(lines)
+    table = pd.read_parquet(copy / RESCORE_TABLE)
+    assert len(table) == 2 * n and set(table["trial_id"]) == expected and table["error"].isna().all()
     assert sorted(set(table["seed"])) == [SEED_OFFSET, SEED_OFFSET + 1]  # the trials' seed is 0
     means = table.groupby("trial_id")["best_val_wf1"].mean()
     assert summary["picked"] == means.idxmax()
@@ -361,15 +365,15 @@ def test_rescoring_trains_the_top_trials_on_new_seeds_and_export_takes_the_best_
     parent = _parent(sweep).info.run_id
     children = sweep["client"].search_runs([sweep["runs"][0].info.experiment_id],
                                            filter_string="tags.`cmath.kind` = 'rescore'")
-    assert sorted(r.data.tags["cmath.seed"] for r in children) == ["1000", "1000", "1001", "1001"]
+    assert sorted(r.data.tags["cmath.seed"] for r in children) == ["1000"] * n + ["1001"] * n
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
     assert set(table["mlflow_run_id"]) == {r.info.run_id for r in children}
 
     assert hpo_main(["export-best", str(copy), "-o", str(tmp_path / "cli.yaml"), "--top", "2", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "0 runs to train, 4 already in rescored.parquet" in printed
+    assert f"0 runs to train, {2 * n} already in rescored.parquet" in printed
     assert f"{summary['picked']}: " in printed and "<- picked" in printed and "picked trial" in printed
-    assert len(pd.read_parquet(copy / RESCORE_TABLE)) == 4
+    assert len(pd.read_parquet(copy / RESCORE_TABLE)) == 2 * n
     assert hpo_main(["export-best", str(copy), "-o", str(tmp_path / "bad.yaml"), "--top", "0"]) == 2
     assert "re-scoring needs at least one trial" in capsys.readouterr().err
 
