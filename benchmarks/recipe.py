@@ -41,7 +41,7 @@ COLUMNS = ["decision", "with", "without", "diff", "p", "kept"]
 TEST_COLUMNS = ["model", "seeds", "val_wf1", "val_std", "test_wf1", "test_std", "test_p_vs_recipe"]
 
 
-def seed_list(text: str) -> list[int]:
+def _seed_list(text: str) -> list[int]:
     """'10-14' or '10,11,12' -> [10, 11, 12, ...]."""
     if "-" in text:
         low, high = text.split("-")
@@ -50,7 +50,11 @@ def seed_list(text: str) -> list[int]:
 
 
 def departures(dataset: str) -> dict[str, tuple[object, object]]:
-    """field -> (the recipe's value, the paper's reading) for each RECIPE key but epochs."""
+    """The recipe's departures from the paper for `dataset` (iemocap | meld).
+
+    Returns:
+        field -> (the recipe's value, the paper's reading), for each RECIPE key but epochs whose
+        value differs from the paper's reading (the dataclass default or PAPER)."""
     from cmath_model.config import RECIPE, paper_defaults
 
     paper = paper_defaults(dataset)
@@ -58,12 +62,12 @@ def departures(dataset: str) -> dict[str, tuple[object, object]]:
             if key != "epochs" and getattr(paper, key) != value}
 
 
-def best_within(curve: list[float], epochs: int) -> float:
+def _best_within(curve: list[float], epochs: int) -> float:
     """Validation W-F1 of the best epoch among the first `epochs` (what an `epochs`-epoch run selects)."""
     return max(curve[:epochs])
 
 
-def paired_p(a: list[float], b: list[float]) -> float:
+def _paired_p(a: list[float], b: list[float]) -> float:
     """Two-sided paired t-test over seeds; 1.0 when the pairs do not differ at all."""
     from scipy import stats
 
@@ -73,16 +77,30 @@ def paired_p(a: list[float], b: list[float]) -> float:
 
 
 def keeps(with_: list[float], without: list[float], threshold: float = P_TO_KEEP) -> bool:
-    """The protocol's rule: a departure stays only if validation is higher with it, significantly."""
-    return statistics.mean(with_) > statistics.mean(without) and paired_p(with_, without) < threshold
+    """The protocol's rule: a departure stays only if validation is higher with it, significantly.
+
+    Args:
+        with_, without: validation W-F1 per seed, the same seeds in the same order.
+        threshold: the paired t-test's p below which the difference counts.
+
+    Returns:
+        True when the mean with it is higher and the two-sided paired p is below `threshold`."""
+    return statistics.mean(with_) > statistics.mean(without) and _paired_p(with_, without) < threshold
 
 
 def fewest_epochs(scores: dict[int, list[float]], threshold: float = P_TO_KEEP) -> int:
-    """The fewest epochs whose validation W-F1 is not significantly below the best count's."""
+    """The epoch count to train, cheapest first among those that score as well as the best.
+
+    Args:
+        scores: epoch count -> validation W-F1 per seed (the same seeds in the same order).
+        threshold: the paired t-test's p below which a count is worse than the best one.
+
+    Returns:
+        The fewest epochs whose validation W-F1 is not significantly below the best count's."""
     best = max(scores, key=lambda e: statistics.mean(scores[e]))
     for epochs in sorted(scores):
         if epochs == best or not (statistics.mean(scores[epochs]) < statistics.mean(scores[best])
-                                  and paired_p(scores[epochs], scores[best]) < threshold):
+                                  and _paired_p(scores[epochs], scores[best]) < threshold):
             return epochs
     return best
 
@@ -105,7 +123,7 @@ def _train_point(job: dict) -> dict:
     return curve
 
 
-def run_all(jobs: dict[str, dict], cache: Path, workers: int) -> dict[str, dict]:
+def _run_all(jobs: dict[str, dict], cache: Path, workers: int) -> dict[str, dict]:
     """Each job once, `workers` at a time; a finished run's result is kept in `cache` under its
     config's hash, so a run that was stopped carries on where it was and a changed config reruns."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -126,7 +144,7 @@ def _digest(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tuple[int, ...], ablation_epochs: int,
+def _decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tuple[int, ...], ablation_epochs: int,
            cache: Path, workers: int) -> tuple[list[dict], dict]:
     """The decide phase's runs and its table (validation only)."""
     from cmath_model.config import recipe_defaults
@@ -142,10 +160,10 @@ def decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tuple
         for field, (_, paper_value) in changes.items():
             config = recipe.replace(seed=seed, epochs=ablation_epochs, **{field: paper_value})
             jobs[f"without-{field}-seed{seed}"] = dict(config=config.to_dict(), read_test=False)
-    runs = run_all(jobs, cache, workers)
+    runs = _run_all(jobs, cache, workers)
 
     def scores(prefix: str, epochs: int) -> list[float]:
-        return [100 * best_within(runs[f"{prefix}-seed{seed}"]["val_wf1"], epochs) for seed in seeds]
+        return [100 * _best_within(runs[f"{prefix}-seed{seed}"]["val_wf1"], epochs) for seed in seeds]
 
     per_epochs = {e: scores("recipe", e) for e in epoch_choices}
     chosen = fewest_epochs(per_epochs)
@@ -153,12 +171,12 @@ def decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tuple
     best = max(per_epochs, key=lambda e: statistics.mean(per_epochs[e]))
     for epochs, values in per_epochs.items():
         rows.append(dict(decision=f"epochs {epochs}", with_=values, without=per_epochs[best],
-                         p=paired_p(values, per_epochs[best]), kept=epochs == chosen))
+                         p=_paired_p(values, per_epochs[best]), kept=epochs == chosen))
     judged_at = min(chosen, ablation_epochs)
     for field, (recipe_value, paper_value) in changes.items():
         with_, without = scores("recipe", judged_at), scores(f"without-{field}", judged_at)
         rows.append(dict(decision=f"{field}: {recipe_value} (paper: {paper_value})", with_=with_, without=without,
-                         p=paired_p(with_, without), kept=keeps(with_, without)))
+                         p=_paired_p(with_, without), kept=keeps(with_, without)))
     kept = {field: row["kept"] for field, row in zip(changes, rows[len(per_epochs):])}
     dropped = {field: changes[field][1] for field, keep in kept.items() if not keep}
     if dropped:
@@ -167,11 +185,11 @@ def decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tuple
         decided = recipe.replace(epochs=chosen, **dropped)
         decided_jobs = {f"decided-seed{seed}": dict(config=decided.replace(seed=seed).to_dict(), read_test=False)
                         for seed in seeds}
-        runs.update(run_all(decided_jobs, cache, workers))
+        runs.update(_run_all(decided_jobs, cache, workers))
         with_, without = scores("recipe", chosen), scores("decided", chosen)
         whole = keeps(with_, without)
         rows.append(dict(decision=f"the whole recipe against the decided one (without {', '.join(dropped)})",
-                         with_=with_, without=without, p=paired_p(with_, without), kept=whole))
+                         with_=with_, without=without, p=_paired_p(with_, without), kept=whole))
         if whole:
             kept = dict.fromkeys(kept, True)
     table = [dict(decision=r["decision"], with_values=r["with_"], without_values=r["without"],
@@ -182,7 +200,7 @@ def decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tuple
     return table, decision
 
 
-def test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, workers: int) -> list[dict]:
+def _test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, workers: int) -> list[dict]:
     """The shipped recipe and the paper's reading on fresh seeds, and the logistic regression: test read once."""
     from scipy import stats
 
@@ -198,7 +216,7 @@ def test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, wor
         config = config.replace(data=str(data_path), modalities="t", num_threads=1)
         for seed in seeds:
             jobs[f"test-{_slug(name)}-seed{seed}"] = dict(config=config.replace(seed=seed).to_dict(), read_test=True)
-    runs = run_all(jobs, cache, workers)
+    runs = _run_all(jobs, cache, workers)
     rows, tests = [], {}
     for name in variants:
         picked = [_at_best_validation(runs[f"test-{_slug(name)}-seed{seed}"]) for seed in seeds]
@@ -217,7 +235,7 @@ def test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, wor
     return rows
 
 
-def search_phase(data_path: Path, dataset: str, seeds: list[int], trials: int, top: int, rescore_seeds: int,
+def _search_phase(data_path: Path, dataset: str, seeds: list[int], trials: int, top: int, rescore_seeds: int,
                  space: Path, work: Path, cache: Path, workers: int) -> list[dict]:
     """A sweep, its re-scored pick and the recipe's defaults, the last two on the test seeds."""
     from scipy import stats
@@ -246,7 +264,7 @@ def search_phase(data_path: Path, dataset: str, seeds: list[int], trials: int, t
     for seed in seeds:
         jobs[f"test-recipe-seed{seed}"] = dict(config=recipe.replace(seed=seed).to_dict(), read_test=True)
         jobs[f"test-{name}-seed{seed}"] = dict(config=picked.replace(seed=seed).to_dict(), read_test=True)
-    runs = run_all(jobs, cache, workers)
+    runs = _run_all(jobs, cache, workers)
     rows, tests = [], {}
     for key, label in (("recipe", "CMATH text-only, defaults: recipe"),
                        (name, f"the sweep's re-scored pick ({trials} trials, top {top} x {rescore_seeds} seeds)")):
@@ -297,23 +315,23 @@ def main(argv: list[str] | None = None) -> None:
         data_path = meld_text_dataset(args.data_dir, args.meld_dir, args.label)
         dataset, epoch_choices, ablation_epochs = "meld", EPOCH_CHOICES, ABLATION_EPOCHS
         default_seeds = {"decide": "10-14", "test": "20-24", "search": "20-24"}
-    seeds = seed_list(args.seeds or default_seeds[args.phase])
+    seeds = _seed_list(args.seeds or default_seeds[args.phase])
     cache = out / "work" / f"recipe{'-quick' if args.quick else ''}-{data_path.stem}"
     name = f"recipe-{args.phase}" + ("" if args.label == "Emotion" else f"-{args.label.lower()}")
     if args.phase == "decide":
-        table, decision = decide(data_path, dataset, seeds, epoch_choices, ablation_epochs, cache, args.workers)
+        table, decision = _decide(data_path, dataset, seeds, epoch_choices, ablation_epochs, cache, args.workers)
         save(name, args, table, COLUMNS, data=str(data_path), seeds=seeds, decision=decision,
              notes="validation W-F1 in percent, mean ± std over the seeds; p: paired t-test, two-sided; "
                    f"a departure is kept when it is higher with p < {P_TO_KEEP}")
     elif args.phase == "search":
         trials, top, rescore_seeds = (3, 2, 2) if args.quick else (args.trials, 3, 3)
         space = QUICK_SPACE if args.quick else args.space
-        rows = search_phase(data_path, dataset, seeds, trials, top, rescore_seeds, space, out / "work", cache,
+        rows = _search_phase(data_path, dataset, seeds, trials, top, rescore_seeds, space, out / "work", cache,
                             args.workers)
         save(name, args, rows, TEST_COLUMNS, data=str(data_path), seeds=seeds, space=str(space),
              notes="W-F1 in percent at each run's best validation epoch; test_p_vs_recipe: paired t-test over seeds")
     else:
-        rows = test_phase(data_path, dataset, seeds, cache, args.workers)
+        rows = _test_phase(data_path, dataset, seeds, cache, args.workers)
         save(name, args, rows, TEST_COLUMNS, data=str(data_path), seeds=seeds,
              notes="W-F1 in percent at each run's best validation epoch; test_p_vs_recipe: paired t-test over "
                    "seeds (logistic regression: one-sample t-test of the recipe's seeds against its score)")

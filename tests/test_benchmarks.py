@@ -6,6 +6,7 @@ import os
 
 import pandas as pd
 import pytest
+import yaml
 
 from benchmarks.footing import first_epoch_at, footing_by_epoch, rank_correlation
 from benchmarks.search import compare, curve, epochs_to_reach
@@ -180,3 +181,21 @@ def test_the_recipe_protocol_runs_end_to_end_on_validation_only(tmp_path):
     assert result["decision"]["epochs"] in (2, 3) and result["seeds"] == [0, 1]
     cached = list((tmp_path / "work").rglob("*.json"))
     assert cached and not any("test_wf1" in json.loads(path.read_text()) for path in cached)  # test never read
+
+
+def test_the_recipe_search_phase_sets_a_rescored_pick_beside_the_defaults(tmp_path):
+    """A small sweep, its re-scoring with the warm start beside the best, the export, and both
+    configs on the test seeds: what `--phase search` reports is what those steps produced."""
+    from benchmarks.recipe import main as recipe_main
+
+    recipe_main(["--phase", "search", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")])
+    result = json.loads((tmp_path / "recipe-search-quick.json").read_text())
+    defaults, pick = result["rows"]
+    assert defaults["model"] == "CMATH text-only, defaults: recipe" and result["seeds"] == [2, 3]
+    assert len(pick["test_values"]) == 2 and 0.0 <= pick["test_p_vs_recipe"] <= 1.0
+    sweep_dir = tmp_path / "work" / "search-synthetic-meld-tiny-3"
+    rescored = json.loads((sweep_dir / "rescored.json").read_text())
+    assert pick["rescore"]["picked"] == rescored["picked"]
+    assert any(t["warm_start"] for t in rescored["trials"])  # the defaults it had to beat, re-scored too
+    exported = yaml.safe_load((tmp_path / "work" / "search-synthetic-meld-tiny-3-best.yaml").read_text())
+    assert exported["provenance"]["trial_id"] == rescored["picked"] and pick["config"]["d"] == exported["d"]
