@@ -199,3 +199,17 @@ def test_the_recipe_search_phase_sets_a_rescored_pick_beside_the_defaults(tmp_pa
     assert any(t["warm_start"] for t in rescored["trials"])  # the defaults it had to beat, re-scored too
     exported = yaml.safe_load((tmp_path / "work" / "search-synthetic-meld-tiny-3-best.yaml").read_text())
     assert exported["provenance"]["trial_id"] == rescored["picked"] and pick["config"]["d"] == exported["d"]
+
+
+def test_the_epoch_benchmark_times_the_same_meld_config_in_both_trees(tmp_path):
+    """Issue 31 changed MELD's recipe (a modelling decision); the epoch benchmark keeps timing the
+    recipe c36e0c1 had, so a lighter config is not counted as a faster epoch."""
+    import argparse
+
+    from benchmarks.epoch import C36E0C1_MELD, _trainer, workloads
+    from cmath_model.config import recipe_defaults
+
+    assert any(getattr(recipe_defaults("meld"), k) != v for k, v in C36E0C1_MELD.items())  # else nothing to pin
+    [meld] = [w for w in workloads(argparse.Namespace(quick=True, data_dir=tmp_path)) if w["dataset"] == "meld"]
+    config = _trainer({**meld, "threads": 1}).config
+    assert all(getattr(config, k) == v for k, v in C36E0C1_MELD.items())
