@@ -149,7 +149,7 @@ def _decide(data_path: Path, dataset: str, seeds: list[int], epoch_choices: tupl
     """The decide phase's runs and its table (validation only)."""
     from cmath_model.config import recipe_defaults
 
-    recipe = recipe_defaults(dataset).replace(data=str(data_path), modalities="t", num_threads=1)
+    recipe = _text_only(recipe_defaults(dataset), data_path)
     if recipe.lr_schedule != "constant" or recipe.warmup_epochs:
         raise SystemExit("benchmarks.recipe reads shorter runs off a longer one; that needs a constant learning rate")
     changes = departures(dataset)
@@ -208,25 +208,12 @@ def _test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, wo
     from cmath_model.config import default_config
     from cmath_model.data import load_dataset
 
-    variants = {"recipe": default_config(dataset, "recipe"), "paper": default_config(dataset, "paper")}
+    paper = default_config(dataset, "paper")
     # The paper's squared norms are sums; the same reading with means shows what that choice alone does.
-    variants["paper, norm_reduction mean"] = variants["paper"].replace(norm_reduction="mean")
-    jobs = {}
-    for name, config in variants.items():
-        config = config.replace(data=str(data_path), modalities="t", num_threads=1)
-        for seed in seeds:
-            jobs[f"test-{_slug(name)}-seed{seed}"] = dict(config=config.replace(seed=seed).to_dict(), read_test=True)
-    runs = _run_all(jobs, cache, workers)
-    rows, tests = [], {}
-    for name in variants:
-        picked = [_at_best_validation(runs[f"test-{_slug(name)}-seed{seed}"]) for seed in seeds]
-        tests[name] = [t for _, t in picked]
-        rows.append(dict(model=f"CMATH text-only, defaults: {name}", seeds=" ".join(map(str, seeds)),
-                         val_wf1=statistics.mean(v for v, _ in picked), val_std=statistics.stdev(v for v, _ in picked),
-                         test_wf1=statistics.mean(tests[name]), test_std=statistics.stdev(tests[name]),
-                         test_values=tests[name]))
-        if name != "recipe":
-            rows[-1]["test_p_vs_recipe"] = float(stats.ttest_rel(tests[name], tests["recipe"]).pvalue)
+    variants = {"recipe": default_config(dataset, "recipe"), "paper": paper,
+                "paper, norm_reduction mean": paper.replace(norm_reduction="mean")}
+    rows, tests = _scored_on_test({name: (f"CMATH text-only, defaults: {name}", _text_only(config, data_path))
+                                   for name, config in variants.items()}, seeds, cache, workers)
     fit = logistic_regression(load_dataset(data_path), ("text",))
     logreg = 100 * fit["test_wf1_at_best_val"]
     rows.append(dict(model=f"logistic regression per utterance (C={fit['C']:g})", seeds="-",
@@ -238,8 +225,6 @@ def _test_phase(data_path: Path, dataset: str, seeds: list[int], cache: Path, wo
 def _search_phase(data_path: Path, dataset: str, seeds: list[int], trials: int, top: int, rescore_seeds: int,
                  space: Path, work: Path, cache: Path, workers: int) -> list[dict]:
     """A sweep, its re-scored pick and the recipe's defaults, the last two on the test seeds."""
-    from scipy import stats
-
     from cmath_model.config import default_config, from_dict
     from hpo.export import export_best
     from hpo.rescore import rescore_best
@@ -259,27 +244,48 @@ def _search_phase(data_path: Path, dataset: str, seeds: list[int], trials: int, 
     values = export_best(sweep_dir, work / f"{name}-best.yaml", results=work)
     provenance = values.pop("provenance")
     picked = from_dict(values).replace(num_threads=1, device="cpu")
-    recipe = default_config(dataset, "recipe").replace(data=str(data_path), modalities="t", num_threads=1)
-    jobs = {}
-    for seed in seeds:
-        jobs[f"test-recipe-seed{seed}"] = dict(config=recipe.replace(seed=seed).to_dict(), read_test=True)
-        jobs[f"test-{name}-seed{seed}"] = dict(config=picked.replace(seed=seed).to_dict(), read_test=True)
-    runs = _run_all(jobs, cache, workers)
-    rows, tests = [], {}
-    for key, label in (("recipe", "CMATH text-only, defaults: recipe"),
-                       (name, f"the sweep's re-scored pick ({trials} trials, top {top} x {rescore_seeds} seeds)")):
-        picked_scores = [_at_best_validation(runs[f"test-{key}-seed{seed}"]) for seed in seeds]
-        tests[key] = [t for _, t in picked_scores]
-        rows.append(dict(model=label, seeds=" ".join(map(str, seeds)),
-                         val_wf1=statistics.mean(v for v, _ in picked_scores),
-                         val_std=statistics.stdev(v for v, _ in picked_scores), test_wf1=statistics.mean(tests[key]),
-                         test_std=statistics.stdev(tests[key]), test_values=tests[key]))
-    rows[1]["test_p_vs_recipe"] = float(stats.ttest_rel(tests[name], tests["recipe"]).pvalue)
+    recipe = _text_only(default_config(dataset, "recipe"), data_path)
+    label = f"the sweep's re-scored pick ({trials} trials, top {top} x {rescore_seeds} seeds)"
+    rows, _ = _scored_on_test({"recipe": ("CMATH text-only, defaults: recipe", recipe), name: (label, picked)},
+                              seeds, cache, workers)
     rows[1]["config"] = {k: v for k, v in values.items() if v != getattr(recipe, k) and k not in
                          ("data", "data_sha256", "seed", "device", "num_threads")}
     rows[1]["rescore"] = {"picked": rescored.get("picked"), "sweep_best_val_wf1": provenance["best_val_wf1"],
                           **provenance.get("rescore", {})}
     return rows
+
+
+def _text_only(config, data_path: Path):
+    """`config` on this file's text, one CPU thread a run (two runs share the machine's two cores)."""
+    return config.replace(data=str(data_path), modalities="t", num_threads=1)
+
+
+def _scored_on_test(configs: dict, seeds: list[int], cache: Path, workers: int) -> tuple[list[dict], dict]:
+    """Each config trained on each seed, test read at its best validation epoch.
+
+    Args:
+        configs: name -> (the row's label, config); the first is what the others are tested against.
+        seeds, cache, workers: as `_run_all` (a config trained here before is read from `cache`).
+
+    Returns:
+        One row per config (validation and test W-F1, mean and std; the rest a paired t-test's p
+        against the first), and name -> its test W-F1 per seed."""
+    from scipy import stats
+
+    jobs = {f"test-{_slug(name)}-seed{seed}": dict(config=config.replace(seed=seed).to_dict(), read_test=True)
+            for name, (_, config) in configs.items() for seed in seeds}
+    runs = _run_all(jobs, cache, workers)
+    first = next(iter(configs))
+    rows, tests = [], {}
+    for name, (label, _) in configs.items():
+        scores = [_at_best_validation(runs[f"test-{_slug(name)}-seed{seed}"]) for seed in seeds]
+        validation, tests[name] = [v for v, _ in scores], [t for _, t in scores]
+        rows.append(dict(model=label, seeds=" ".join(map(str, seeds)), val_wf1=statistics.mean(validation),
+                         val_std=statistics.stdev(validation), test_wf1=statistics.mean(tests[name]),
+                         test_std=statistics.stdev(tests[name]), test_values=tests[name]))
+        if name != first:
+            rows[-1]["test_p_vs_recipe"] = float(stats.ttest_rel(tests[name], tests[first]).pvalue)
+    return rows, tests
 
 
 def _slug(name: str) -> str:
