@@ -12,6 +12,7 @@ from ray.tune.experiment import Trial
 
 from .recovery import REPLAYED, RESTORE_NOTE, error_summary, is_epoch, trial_key
 from .space import show
+from .trainable import model_metrics
 from .trials import end_state
 
 
@@ -58,7 +59,7 @@ class ProgressPrinter(Callback):
             return
         if self.verbose:
             self.log(f"[{trial_key(trial)}] epoch {result['epoch']:3d}  val W-F1 {100 * result['val_wf1']:.2f}"
-                     f"  ({result.get('epoch_seconds', 0):.1f}s)")
+                     f"  ({model_metrics(result).get('epoch_seconds', 0):.1f}s)")
         elif result["epoch"] in self._milestones(result["epochs_planned"]):
             self.log(f"[{trial_key(trial)}] epoch {result['epoch']}/{result['epochs_planned']}  val W-F1 "
                      f"{100 * result['val_wf1']:.2f}, best {100 * result['best_val_wf1']:.2f}")

@@ -59,12 +59,31 @@ SCORE_KEYS = ("val_acc", "val_wf1", "test_acc", "test_wf1")
 TIMING_KEYS = ("train_seconds", "epoch_seconds", "setup_seconds", "checkpoint_seconds")
 BEST_KEYS = ("best_val_wf1", "best_epoch")
 PER_CLASS_PREFIXES = ("val_f1_", "test_f1_")
+# Tune keeps running statistics (min, max, means over the last 5 and 10 steps) of every numeric
+# key of every result, in each trial's state, which every experiment snapshot writes whole: with
+# the per-class F1s that was over half of a trial's state (benchmarks.driver). So a result
+# carries as numbers only what ASHA, the searcher and the driver's callbacks decide on; the
+# epoch's other numbers travel as one JSON text under DETAILS, which Tune keeps but does not
+# count, and `model_metrics` gives them back to the journal, the tables and MLflow.
+DETAILS = "cmath_details"
+SCHEDULING_KEYS = ("epoch", "val_wf1", *BEST_KEYS)
 
 
 def model_metrics(result: dict) -> dict[str, float]:
-    """The model's own per-epoch numbers in a Tune result, without Ray's bookkeeping keys."""
+    """The model's own per-epoch numbers in a Tune result, without Ray's bookkeeping keys.
+
+    Args:
+        result: a trial's result as Tune passes it on (or as an ended record or a journal row
+            keeps it), its DETAILS unpacked; results from before DETAILS have every number at
+            the top level.
+
+    Returns:
+        Every score, loss, timing and per-class F1 of the epoch, as floats.
+    """
+    details = result.get(DETAILS)
+    merged = {**result, **json.loads(details)} if isinstance(details, str) else result
     keep = set(TRAIN_KEYS) | set(SCORE_KEYS) | set(TIMING_KEYS) | set(BEST_KEYS)
-    return {k: float(v) for k, v in result.items()
+    return {k: float(v) for k, v in merged.items()
             if (k in keep or k.startswith(PER_CLASS_PREFIXES)) and isinstance(v, (int, float))}
 
 
@@ -219,17 +238,17 @@ class CMATHTrial(tune.Trainable):
         cfg = self.cmath_config
         every = cfg.checkpoint_every
         epoch = self.trainer.epoch
-        result = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         classes = self.dataset.classes
         for split in ("val", "test"):
-            result.update({f"{split}_f1_{name}": f1 for name, f1 in zip(classes, record[f"{split}_per_class_f1"])})
+            numbers.update({f"{split}_f1_{name}": f1 for name, f1 in zip(classes, record[f"{split}_per_class_f1"])})
+        numbers.update(best_val_wf1=self.trainer.best["val_wf1"], best_epoch=self.trainer.best["epoch"],
+                       setup_seconds=self.setup_seconds, checkpoint_seconds=self.checkpoint_seconds)
+        result = {k: numbers.pop(k) for k in SCHEDULING_KEYS}
         result.update(
+            {DETAILS: json.dumps(numbers)},
             node_id=ray.get_runtime_context().get_node_id(),  # which machine ran it (table column `nodes`)
-            best_val_wf1=self.trainer.best["val_wf1"],
-            best_epoch=self.trainer.best["epoch"],
             epochs_planned=cfg.epochs,
-            setup_seconds=self.setup_seconds,
-            checkpoint_seconds=self.checkpoint_seconds,
             should_checkpoint=(epoch >= cfg.epochs or epoch in self.checkpoint_epochs
                                or bool(every and epoch % every == 0)),
             done=epoch >= cfg.epochs,

@@ -32,7 +32,7 @@ from hpo.plan import asha_rungs, first_configs, plan_sweep
 from hpo.record import RESCORE_TABLE, find_sweep
 from hpo.rescore import SEED_OFFSET, rescore_best
 from hpo.sweep import SweepOptions, run_sweep
-from hpo.trainable import CMATHTrial
+from hpo.trainable import SCHEDULING_KEYS, CMATHTrial
 from hpo.trials import HISTORY_FILE, read_trials, records
 from hpo.ui import start_ui, stop_ui, sweep_links
 
@@ -200,6 +200,25 @@ def test_metric_history_matches_the_table(sweep):
     run = client.get_run(trials["mlflow_run_id"][0])
     assert "test_wf1" in run.data.metrics and "loss_kl" in run.data.metrics
     assert not {"pid", "done", "timestamp", "training_iteration"} & set(run.data.metrics)
+
+
+def test_tune_keeps_statistics_only_of_what_it_schedules_on(sweep):
+    """Tune keeps running statistics of every numeric key of a result in each trial's state, which
+    every experiment snapshot rewrites for every trial; the per-class F1s, losses and timings
+    reach the journal, the tables and MLflow without them."""
+    state = json.loads(max((sweep["dir"] / "ray").glob("experiment_state-*.json")).read_text())
+    counted = set()
+    for _, metadata in state["trial_data"]:
+        counted |= set(json.loads(metadata)["metric_analysis"])
+    tunes_own = {"training_iteration", "time_this_iter_s", "time_total_s", "time_since_restore",
+                 "iterations_since_restore"}
+    assert "val_wf1" in counted
+    assert counted <= {*SCHEDULING_KEYS, "epochs_planned", "should_checkpoint", "done", *tunes_own}, counted
+    history = pd.read_parquet(sweep["dir"] / HISTORY_FILE)
+    details = [c for c in history.columns if c.startswith(("val_f1_", "test_f1_", "loss_"))] + ["epoch_seconds"]
+    assert len(details) >= 10 and history[details].notna().all().all()
+    run = sweep["client"].get_run(sweep["trials"]["mlflow_run_id"][0])
+    assert set(details) <= set(run.data.metrics)
 
 
 def test_checkpoint_artifact_loads_and_reproduces_its_score(sweep, tmp_path):
