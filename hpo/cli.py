@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "(default: <results>/<name>/ray)")
     sweep.add_argument("--study-storage", metavar="URL",
                        help="an Optuna database URL for the study, e.g. postgresql://user@host/db (default: "
-                            "optuna.db in the sweep's folder, or a journal on --storage)")
+                            "a journal beside Ray's experiment, copied into the sweep's optuna.db when it stops)")
     sweep.add_argument("--time-budget", type=float, help="stop starting and running trials after this many seconds")
     sweep.add_argument("--wait-for-resources", type=float, default=0.0, metavar="SEC",
                        help="on an autoscaling cluster: ask for a node that fits a trial and wait up to SEC "

@@ -113,13 +113,18 @@ class SweepPlan:
 
     @property
     def study_storage(self) -> str:
-        """Where the Optuna study lives (hpo.study): the user's database, a journal on the shared
-        storage, or without one an sqlite file in the sweep's folder."""
+        """Where the Optuna study lives (hpo.study): the user's database, or a journal beside Ray's
+        experiment, on the shared storage or in the sweep's folder. A journal is read once and then
+        served from memory, where an sqlite study on Tune's loop read its trials again at every ask
+        (benchmarks.driver); the sweep's optuna.db is its copy, made when the sweep stops. A sweep
+        started when optuna.db was the study itself resumes there."""
         if self.options.study_storage:
             return self.options.study_storage
-        if self.options.storage:
-            return JOURNAL + join(self.storage_path, self.storage_name, STUDY_FOLDER)
-        return f"sqlite:///{(self.sweep_dir / OPTUNA_FILE).resolve()}"
+        journal = join(self.storage_path, self.storage_name, STUDY_FOLDER)
+        own = self.sweep_dir / OPTUNA_FILE
+        if not self.options.storage and own.exists() and not Path(journal).exists():
+            return f"sqlite:///{own.resolve()}"
+        return JOURNAL + journal
 
     @property
     def shared_state(self) -> str | None:

@@ -29,6 +29,7 @@ from .errors import SweepError  # noqa: E402
 from .plan import asha_rungs  # noqa: E402
 from .record import OPTUNA_FILE, find_sweep, read_record, tracked_record  # noqa: E402
 from .space import show  # noqa: E402
+from .study import open_storage  # noqa: E402
 from .trials import HISTORY_FILE, TRIALS_FILE, best_row, read_trials, state_words  # noqa: E402
 
 # Conversation-length buckets of the paper's Fig. 5 (utterances per dialogue).
@@ -158,7 +159,9 @@ def _importance(sweep_dir: Path, record: dict, trials: pd.DataFrame, path: Path,
     from optuna.trial import create_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=record["name"], storage=f"sqlite:///{(sweep_dir / OPTUNA_FILE).resolve()}")
+    own = sweep_dir / OPTUNA_FILE  # a copy made when the sweep stopped; a killed driver's sweep has only its study
+    storage = f"sqlite:///{own.resolve()}" if own.exists() else open_storage(record["study"]["storage"])
+    study = optuna.load_study(study_name=record["name"], storage=storage)
     score = dict(zip(trials["trial_id"], trials["best_val_wf1"]))
     scored = [t for t in study.get_trials(deepcopy=False)
               if pd.notna(score.get(t.user_attrs.get("ray_trial_id"))) and t.params]

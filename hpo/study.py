@@ -1,13 +1,14 @@
-"""Where a sweep's Optuna study lives, and the journal that keeps it on shared storage.
+"""Where a sweep's Optuna study lives, and the journal that keeps it.
 
-Without `--storage` the whole sweep lives on the driver's disk and so does its study: an sqlite
-file in the sweep's folder (optuna.db). With a shared `--storage` the driver's machine may be
-lost and another host resume the sweep, so the study lives where every host reaches it and is
-written through at every change (a resume hands out again the trials the study has and Ray's
-saved state lacks, hpo.search): in a database the user names (`--study-storage
-postgresql://...`, any URL Optuna's RDBStorage opens), or by default as an Optuna journal on the
-storage itself, beside Ray's experiment (`<storage>/<name>/cmath_study/`). When a sweep ends, a
-study kept elsewhere is copied into the sweep's optuna.db, so the folder stays self-contained.
+The study is written through at every change (a resume hands out again the trials the study has
+and Ray's saved state lacks, hpo.search): in a database the user names (`--study-storage
+postgresql://...`, any URL Optuna's RDBStorage opens), or by default as an Optuna journal beside
+Ray's experiment: on the shared `--storage` (`<storage>/<name>/cmath_study/`), where any host
+can resume the sweep, or in the sweep's own folder (`ray/cmath_study/`). A journal is read from
+the store once and then served from memory, so the searcher's reads on Tune's loop do not grow
+with the study (an sqlite study read its trials again at every ask; benchmarks.driver). When a
+sweep stops, the study is copied into the sweep's optuna.db, so the folder stays self-contained
+and readable with Optuna's own sqlite URL.
 
 A study's place is written as one string (sweep.json records it): an RDB URL, or `journal:`
 followed by a folder or object-store URI.

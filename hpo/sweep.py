@@ -171,9 +171,9 @@ def tracking_environment() -> None:
 
 
 def keep_a_copy(plan: SweepPlan, log: Callable[[str], None]) -> None:
-    """The sweep's folder gets what it lacks of a sweep kept on shared storage: a copy of the
-    study (optuna.db, which the report reads) when it lives elsewhere; and the storage gets the
-    folder's final records (hpo.mirror). Neither may cost the sweep's summary: a failure is one
+    """The sweep's folder gets a copy of the study (optuna.db, which the report reads) unless the
+    study is that file; a sweep on shared storage gets the folder's final records there
+    (hpo.mirror). Neither may cost the sweep's summary: a failure is one
     warning line naming what is missing where."""
     own = plan.sweep_dir / OPTUNA_FILE
     steps = []

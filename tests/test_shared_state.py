@@ -93,8 +93,11 @@ def test_where_the_study_and_the_mirror_live(tmp_path, tiny_path):
     options = SweepOptions(space="search_spaces/quickstart.yaml", data=str(tiny_path), results=str(tmp_path / "r"),
                            name="n", num_samples=2)
     local = plan_sweep(options)
-    assert local.study_storage == f"sqlite:///{(tmp_path / 'r' / 'n' / 'optuna.db').resolve()}"
+    assert local.study_storage == JOURNAL + str((tmp_path / "r" / "n" / "ray" / "cmath_study").resolve())
     assert local.shared_state is None
+    (tmp_path / "r" / "n").mkdir(parents=True)
+    (tmp_path / "r" / "n" / "optuna.db").touch()  # a sweep from when optuna.db was the study itself
+    assert local.study_storage == f"sqlite:///{(tmp_path / 'r' / 'n' / 'optuna.db').resolve()}"
     shared = plan_sweep(SweepOptions(**{**options.__dict__, "storage": "s3://bucket/sweeps?endpoint_override=h:1"}))
     assert shared.study_storage == JOURNAL + "s3://bucket/sweeps/n/cmath_study?endpoint_override=h:1"
     assert shared.shared_state == f"s3://bucket/sweeps/n/{MIRROR_FOLDER}?endpoint_override=h:1"

@@ -591,6 +591,21 @@ def test_report_writes_every_plot_with_the_data_behind_it(sweep):
     assert "report/report.md" in logged and "report/importance.png" in logged
 
 
+def test_the_report_of_a_sweep_without_its_study_copy_reads_the_journal(sweep, tmp_path):
+    """optuna.db is the copy made when a sweep stops; a killed driver leaves only the journal."""
+    from hpo.report import make_report
+
+    copy = sweep["dir"] / "optuna.db"
+    assert copy.exists() and (sweep["dir"] / "ray" / "cmath_study").is_dir()
+    with_copy = json.loads((make_report("s1", sweep["results"], log_to_mlflow=False) / "report.json").read_text())
+    copy.rename(tmp_path / "optuna.db")
+    try:
+        without = json.loads((make_report("s1", sweep["results"], log_to_mlflow=False) / "report.json").read_text())
+    finally:
+        (tmp_path / "optuna.db").rename(copy)
+    assert without["importance"] == with_copy["importance"] and set(without["importance"]["values"]) == set(WARM)
+
+
 def _parent(sweep):
     return next(r for r in sweep["runs"] if r.data.tags.get("cmath.kind") == "sweep")
 
