@@ -7,6 +7,8 @@ an upgrade that moves or renames one fails there, not in the middle of a sweep.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
@@ -81,6 +83,36 @@ def set_restored_callbacks(tuner, callbacks: list) -> None:
     included, from the pickle the first driver wrote, and has no argument to replace them; the
     sweep's callbacks hold that driver's host paths."""
     tuner._local_tuner._run_config.callbacks = callbacks
+
+
+# ---------------------------------------------------------------------------- Ray Tune's snapshots
+def bound_snapshot_rate(bytes_per_second: float) -> None:
+    """Tune's experiment snapshots write at most about `bytes_per_second` on average: after each,
+    the next waits at least the snapshot's size over that rate, or Tune's own "auto" period (10 s,
+    or 19 times the time the last one took) when that is longer; and a trial's checkpoints no
+    longer force one. A snapshot holds every trial's state, so at Tune's period alone what a
+    driver writes grows as the square of the trials; Tune has no setting for either. Applies to
+    every Tune experiment this process runs; calling it again changes the rate."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as manager
+
+    original = getattr(manager, "_cmath_update_period", manager._update_auto_checkpoint_time)
+
+    def update_period(self, time_taken: float) -> None:
+        original(self, time_taken)
+        if self._auto_checkpoint_enabled:
+            staged = Path(self._storage.experiment_driver_staging_path)
+            written = sum(f.stat().st_size for f in staged.glob("*state-*") if f.is_file())
+            self._checkpoint_period = max(self._checkpoint_period, written / bytes_per_second)
+
+    manager._cmath_update_period = original
+    manager._update_auto_checkpoint_time = update_period
+    manager.on_trial_checkpoint = _no_forced_snapshot
+
+
+def _no_forced_snapshot(self, trial) -> None:
+    """Tune forces a snapshot once a trial has checkpointed `num_to_keep` times since the last, so
+    that the snapshot never names a checkpoint it deleted; CMATHTrial.restore takes the newest
+    checkpoint on the storage whichever one the snapshot names."""
 
 
 # ---------------------------------------------------------------------------- Ray Tune's trials

@@ -13,12 +13,17 @@ import optuna
 
 from cmath_model.data import load_dataset
 
-from ._compat import asha_brackets, asha_record, restored_scheduler, set_restored_callbacks
+from ._compat import asha_brackets, asha_record, bound_snapshot_rate, restored_scheduler, set_restored_callbacks
 from .plan import SweepPlan
 from .provenance import SweepRecord
 from .space import METRIC, MODE
 from .storage import place_marker, public_query
 from .trials import read_journal
+
+# What Tune's snapshots may write a second on average, each written twice (its staging folder,
+# then the storage). A trial's state takes about 13 KB of one: with 1,000 trials, 13 MB, written
+# every 52 s; with 100, 1.3 MB every 10 s, Tune's own period.
+SNAPSHOT_BYTES_PER_S = 250_000
 
 
 def tune_environment() -> None:
@@ -39,12 +44,15 @@ def tune_environment() -> None:
     # trial's last result, which is all the sweep reads of it.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # Tune's experiment snapshot holds every trial's state and is rewritten to the storage each
-    # period: every second it was most of what a 1,000-trial driver wrote (benchmarks.driver).
-    # Tune's own period ("auto": 10 s or more) is kept. A killed driver loses nothing the sweep
-    # needs: ended trials have their records, every result is in the journal, a trial resumes
-    # from the checkpoint the last snapshot names (Tune forces one when a checkpoint it named is
-    # deleted), and a trial started since the snapshot is carried on by a new one (SweepSearch).
+    # period: every second it was most of what a 1,000-trial driver wrote (benchmarks.driver), and
+    # at Tune's own period ("auto": 10 s or more) what a driver writes still grows as the square
+    # of the trials. So snapshots also wait in proportion to their size (SNAPSHOT_BYTES_PER_S).
+    # A killed driver loses nothing the sweep needs: ended trials have their records, every
+    # result is in the journal, a trial resumes from its newest checkpoint on the storage, which
+    # ever one the snapshot names, and a trial started since the snapshot is carried on by a new
+    # one (SweepSearch). What a longer period costs is the replays of such trials on a resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "auto")
+    bound_snapshot_rate(SNAPSHOT_BYTES_PER_S)
 
 
 def build_trainable(plan: SweepPlan, trial_class: type | None = None):
