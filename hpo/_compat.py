@@ -130,6 +130,16 @@ def allow_another_try(trial) -> None:
         trial.max_failures += 1
 
 
+def keep_statistics_of(trial, metric: str) -> None:
+    """An ended trial keeps Tune's running statistics (min, max, last-5 and last-10 means) of
+    `metric` only: Tune holds them for every numeric key of every trial in memory and in each
+    experiment snapshot, and reads them of an ended trial only to rank trials by one metric
+    (ExperimentAnalysis.get_best_trial). Tune's metadata has no public route to them."""
+    metadata = trial.run_metadata
+    metadata.metric_analysis = {k: v for k, v in metadata.metric_analysis.items() if k == metric}
+    metadata.metric_n_steps = {k: v for k, v in metadata.metric_n_steps.items() if k == metric}
+
+
 def restart_iteration_count(trainable) -> None:
     """A trainable that gave up on every checkpoint starts over: Tune's epoch counter, which the
     failed restore attempts had set, goes back to 0 (Trainable has no setter)."""

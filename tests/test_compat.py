@@ -195,3 +195,16 @@ def test_snapshots_wait_in_proportion_to_their_size_and_checkpoints_force_none(t
     assert not forced(manager())
     _compat.bound_snapshot_rate(1_000_000)
     assert after_save(manager(), 0.01) == 10.0
+
+
+def test_an_ended_trial_can_keep_the_statistics_of_one_metric():
+    from ray.tune.experiment import Trial
+
+    trial = Trial("x", config={}, trial_id="t", stub=True)
+    trial.update_last_result({"val_wf1": 0.5, "epoch": 1, "training_iteration": 1})
+    trial.update_last_result({"val_wf1": 0.7, "epoch": 2, "training_iteration": 2})
+    assert {"val_wf1", "epoch", "training_iteration"} <= set(trial.run_metadata.metric_analysis)
+    _compat.keep_statistics_of(trial, "val_wf1")
+    assert set(trial.run_metadata.metric_analysis) == set(trial.run_metadata.metric_n_steps) == {"val_wf1"}
+    assert trial.run_metadata.metric_analysis["val_wf1"]["max"] == 0.7
+    assert '"epoch"' not in trial.run_metadata.get_json_state().split('"metric_analysis"')[1]

@@ -204,16 +204,20 @@ def test_metric_history_matches_the_table(sweep):
 
 def test_tune_keeps_statistics_only_of_what_it_schedules_on(sweep):
     """Tune keeps running statistics of every numeric key of a result in each trial's state, which
-    every experiment snapshot rewrites for every trial; the per-class F1s, losses and timings
-    reach the journal, the tables and MLflow without them."""
+    every experiment snapshot rewrites for every trial: results carry as numbers only what Tune
+    schedules on, an ended trial keeps the statistics of the metric alone, and the per-class
+    F1s, losses and timings reach the journal, the tables and MLflow all the same."""
     state = json.loads(max((sweep["dir"] / "ray").glob("experiment_state-*.json")).read_text())
-    counted = set()
-    for _, metadata in state["trial_data"]:
-        counted |= set(json.loads(metadata)["metric_analysis"])
     tunes_own = {"training_iteration", "time_this_iter_s", "time_total_s", "time_since_restore",
-                 "iterations_since_restore"}
-    assert "val_wf1" in counted
-    assert counted <= {*SCHEDULING_KEYS, "epochs_planned", "should_checkpoint", "done", *tunes_own}, counted
+                 "iterations_since_restore", "timestamp", "pid"}
+    assert len(state["trial_data"]) == SAMPLES
+    for trial, metadata in state["trial_data"]:
+        assert json.loads(trial)["status"] == "TERMINATED"
+        metadata = json.loads(metadata)
+        numbers = {k for k, v in metadata["last_result"].items() if isinstance(v, (int, float))}
+        assert "val_wf1" in numbers
+        assert numbers <= {*SCHEDULING_KEYS, "epochs_planned", "should_checkpoint", "done", *tunes_own}, numbers
+        assert set(metadata["metric_analysis"]) == set(metadata["metric_n_steps"]) == {"val_wf1"}
     history = pd.read_parquet(sweep["dir"] / HISTORY_FILE)
     details = [c for c in history.columns if c.startswith(("val_f1_", "test_f1_", "loss_"))] + ["epoch_seconds"]
     assert len(details) >= 10 and history[details].notna().all().all()
