@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
             for n in sizes:
                 print(f"driver: {n} trials, {args.slots} at a time on {args.nodes} node(s)", flush=True)
                 rows.append(run_point("driver", dict(trials=n, slots=args.slots, work=str(work), data=data,
-                                                     nodes=args.nodes), env=joining))
+                                                     nodes=args.nodes), env=joining,
+                                      timeout=max(3600, 2 * n)))  # 10,000 trials take over an hour here
                 print(f"  fit {rows[-1]['fit_s']:.0f}s, driver CPU {rows[-1]['driver_cpu_per_trial_ms']:.0f} "
                       f"ms/trial", flush=True)
     finally:
