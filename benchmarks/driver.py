@@ -7,7 +7,10 @@ Each N runs in a process of its own, which is the sweep's driver, and reports:
 - driver_cpu_per_trial_ms: the driver process's own CPU time (user + system) over N, what its
   callbacks, tables, searcher and MLflow writer cost, whatever the workers do;
 - peak_rss_mb: the driver's peak resident memory;
-- written_mb and written_per_trial_kb: bytes the driver process wrote to disk (/proc/self/io);
+- written_mb and written_per_trial_kb: bytes the driver process wrote to disk (/proc/self/io), and
+  of them what its MLflow writer thread wrote (mlflow_writer_per_trial_kb: with the default local
+  sqlite store, the store's own pages and journal) and the rest (rest_per_trial_kb: Tune's
+  snapshots, the study, the tables, the journal, the ended records);
 - mlflow_calls_per_trial: MlflowClient calls the driver made, over N.
 
 With `--nodes K` every N runs on a Ray cluster of K raylets on this machine (a head and K - 1
@@ -37,7 +40,8 @@ from .common import emit_point, local_cluster, parser, peak_rss_mb, run_point, s
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "bench" / "overhead-empty.yaml"
 COLUMNS = ["trials", "nodes_seen", "slots", "fit_s", "fit_per_trial_ms", "driver_cpu_per_trial_ms", "peak_rss_mb",
-           "written_mb", "written_per_trial_kb", "mlflow_calls_per_trial", "completed"]
+           "written_mb", "written_per_trial_kb", "mlflow_writer_per_trial_kb", "rest_per_trial_kb",
+           "mlflow_calls_per_trial", "completed"]
 TABLE_COLUMNS = ["trials", "epochs", "write_ms", "rewrites_per_event", "est_seconds_at_every_event"]
 
 
@@ -61,11 +65,30 @@ def count_mlflow_calls() -> dict[str, int]:
     return counts
 
 
-def written_bytes() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
+def written_bytes(task: str = "self") -> int:
+    """Bytes this process (or, with task="thread-self", the calling thread) sent to storage."""
+    for line in Path(f"/proc/{task}/io").read_text().splitlines():
         if line.startswith("write_bytes:"):
             return int(line.split()[1])
     return 0
+
+
+def count_mlflow_writer_bytes() -> list[int]:
+    """Bytes written by the sweep's MLflow writer threads (with a local sqlite store, the store's
+    own writes: its pages and rollback journal), added up as each thread ends."""
+    from hpo.tracking import MlflowWriter
+
+    written, run = [0], MlflowWriter._run
+
+    @functools.wraps(run)
+    def counted(self):
+        try:
+            run(self)
+        finally:
+            written[0] += written_bytes("thread-self")
+
+    MlflowWriter._run = counted
+    return written
 
 
 def cpu_seconds() -> float:
@@ -79,7 +102,7 @@ def point(trials: int, slots: int, work: str, data: str, nodes: int = 1) -> dict
 
     from hpo.sweep import SweepOptions, run_sweep
 
-    calls, lines = count_mlflow_calls(), []
+    calls, lines, by_mlflow = count_mlflow_calls(), [], count_mlflow_writer_bytes()
     written, cpu = written_bytes(), cpu_seconds()
     outcome = run_sweep(SweepOptions(space=SPACE, data=data, num_samples=trials, max_concurrent=slots,
                                      cpus_per_trial=1, num_cpus=None if os.environ.get("RAY_ADDRESS") else slots,
@@ -91,6 +114,8 @@ def point(trials: int, slots: int, work: str, data: str, nodes: int = 1) -> dict
                 fit_s=outcome.fit_seconds, fit_per_trial_ms=1000 * outcome.fit_seconds / trials,
                 driver_cpu_per_trial_ms=1000 * cpu / trials, peak_rss_mb=peak_rss_mb(),
                 written_mb=written / 1e6, written_per_trial_kb=written / 1e3 / trials,
+                mlflow_writer_per_trial_kb=by_mlflow[0] / 1e3 / trials,
+                rest_per_trial_kb=(written - by_mlflow[0]) / 1e3 / trials,
                 mlflow_calls_per_trial=sum(calls.values()) / trials, mlflow_calls=calls,
                 completed=outcome.counts["completed"] + outcome.counts["stopped_by_asha"])
 
