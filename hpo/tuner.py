@@ -29,8 +29,8 @@ from .storage import place_marker, public_query
 from .trials import read_journal
 
 # What Tune's snapshots may write a second on average, each written twice (its staging folder,
-# then the storage). A trial's state takes about 17 KB of one: with 1,000 trials, 17 MB, written
-# every 70 s; with 100, 1.7 MB every 10 s, Tune's own period.
+# then the storage). A trial's state takes about 10 KB of one (benchmarks.driver): with 1,000
+# trials, 10 MB, written every 40 s; with 100, 1 MB every 10 s, Tune's own period.
 SNAPSHOT_BYTES_PER_S = 250_000
 
 
