@@ -93,8 +93,7 @@ def bound_snapshot_rate(bytes_per_second: float) -> None:
     longer force one. A snapshot holds every trial's state, so at Tune's period alone what a
     driver writes grows as the square of the trials; Tune has no setting for either. Applies to
     every Tune experiment this process runs; calling it again changes the rate."""
-    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as manager
-
+    manager = snapshot_manager()
     original = getattr(manager, "_cmath_update_period", manager._update_auto_checkpoint_time)
 
     def update_period(self, time_taken: float) -> None:
@@ -107,6 +106,14 @@ def bound_snapshot_rate(bytes_per_second: float) -> None:
     manager._cmath_update_period = original
     manager._update_auto_checkpoint_time = update_period
     manager.on_trial_checkpoint = _no_forced_snapshot
+
+
+def snapshot_manager() -> type:
+    """Tune's class that saves and uploads the experiment's snapshots, which bound_snapshot_rate
+    changes; Tune builds one per experiment and exports no name for it."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    return _ExperimentCheckpointManager
 
 
 def _no_forced_snapshot(self, trial) -> None:

@@ -169,15 +169,13 @@ def test_snapshots_wait_in_proportion_to_their_size_and_checkpoints_force_none(t
     the next snapshot, before and after bound_snapshot_rate."""
     from types import SimpleNamespace
 
-    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
-
     (tmp_path / "experiment_state-x.json").write_bytes(b"0" * 2_000_000)
     (tmp_path / "searcher-state-x.pkl").write_bytes(b"0" * 1_000_000)
     (tmp_path / "CMATHTrial_a").mkdir()
 
     def manager():
-        return _ExperimentCheckpointManager(storage=SimpleNamespace(experiment_driver_staging_path=str(tmp_path)),
-                                            checkpoint_period="auto", sync_every_n_trial_checkpoints=2)
+        return _compat.snapshot_manager()(storage=SimpleNamespace(experiment_driver_staging_path=str(tmp_path)),
+                                          checkpoint_period="auto", sync_every_n_trial_checkpoints=2)
 
     def after_save(m, seconds):
         m._update_auto_checkpoint_time(seconds)
@@ -187,7 +185,7 @@ def test_snapshots_wait_in_proportion_to_their_size_and_checkpoints_force_none(t
         m.on_trial_checkpoint("a trial"), m.on_trial_checkpoint("a trial")
         return m._should_force_sync_up
 
-    if not hasattr(_ExperimentCheckpointManager, "_cmath_update_period"):  # Ray's own, unless a sweep ran here
+    if not hasattr(_compat.snapshot_manager(), "_cmath_update_period"):  # Ray's own, unless a sweep ran here
         assert after_save(manager(), 0.01) == 10.0 and forced(manager())
     _compat.bound_snapshot_rate(100_000)
     assert after_save(manager(), 0.01) == pytest.approx(30.0)  # 3 MB at 100 kB/s
