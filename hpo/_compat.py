@@ -89,10 +89,10 @@ def set_restored_callbacks(tuner, callbacks: list) -> None:
 def bound_snapshot_rate(bytes_per_second: float) -> None:
     """Tune's experiment snapshots write at most about `bytes_per_second` on average: after each,
     the next waits at least the snapshot's size over that rate, or Tune's own "auto" period (10 s,
-    or 19 times the time the last one took) when that is longer; and a trial's checkpoints no
-    longer force one. A snapshot holds every trial's state, so at Tune's period alone what a
-    driver writes grows as the square of the trials; Tune has no setting for either. Applies to
-    every Tune experiment this process runs; calling it again changes the rate."""
+    or 19 times the time the last one took) when that is longer. A snapshot holds every trial's
+    state, so at Tune's period alone what a driver writes grows as the square of the trials; Tune
+    has no setting for it. A trial's checkpoints still force one after `num_to_keep` of them, as
+    in Tune. Applies to every Tune experiment this process runs; calling it again changes the rate."""
     manager = snapshot_manager()
     original = getattr(manager, "_cmath_update_period", manager._update_auto_checkpoint_time)
 
@@ -105,7 +105,6 @@ def bound_snapshot_rate(bytes_per_second: float) -> None:
 
     manager._cmath_update_period = original
     manager._update_auto_checkpoint_time = update_period
-    manager.on_trial_checkpoint = _no_forced_snapshot
 
 
 def snapshot_manager() -> type:
@@ -114,12 +113,6 @@ def snapshot_manager() -> type:
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     return _ExperimentCheckpointManager
-
-
-def _no_forced_snapshot(self, trial) -> None:
-    """Tune forces a snapshot once a trial has checkpointed `num_to_keep` times since the last, so
-    that the snapshot never names a checkpoint it deleted; CMATHTrial.restore takes the newest
-    checkpoint on the storage whichever one the snapshot names."""
 
 
 # ---------------------------------------------------------------------------- Ray Tune's trials

@@ -55,10 +55,11 @@ def tune_environment() -> None:
     # period: every second it was most of what a 1,000-trial driver wrote (benchmarks.driver), and
     # at Tune's own period ("auto": 10 s or more) what a driver writes still grows as the square
     # of the trials. So snapshots also wait in proportion to their size (SNAPSHOT_BYTES_PER_S).
-    # A killed driver loses nothing the sweep needs: ended trials have their records, every
-    # result is in the journal, a trial resumes from its newest checkpoint on the storage, which
-    # ever one the snapshot names, and a trial started since the snapshot is carried on by a new
-    # one (SweepSearch). What a longer period costs is the replays of such trials on a resume.
+    # A killed driver loses nothing finished: ended trials have their records, every result is in
+    # the journal, a trial started since the snapshot is carried on by a new one (SweepSearch).
+    # What a longer period costs is the replays of such trials on a resume, and the epochs of a
+    # trial whose only checkpoints came after the snapshot (it restarts; Tune still forces a
+    # snapshot after num_to_keep checkpoints of a trial).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "auto")
     bound_snapshot_rate(SNAPSHOT_BYTES_PER_S)
 
