@@ -146,6 +146,25 @@ def restart_iteration_count(trainable) -> None:
     trainable._iteration = 0
 
 
+def trial_folder(trainable):
+    """(filesystem, path) of the trainable's trial folder on the sweep's storage, where its
+    checkpoints go; None without a storage. Ray hands a class trainable its storage context (and
+    a new one on reset) but no public accessor. (Exercised with number_checkpoints_after by
+    tests/test_resume.py's killed driver: only Ray's private modules build a storage context.)"""
+    storage = trainable._storage
+    return None if storage is None else (storage.storage_filesystem, storage.trial_fs_path)
+
+
+def number_checkpoints_after(trainable, index: int) -> None:
+    """The trainable's next checkpoint is `checkpoint_<index + 1>` (or later). Ray numbers a
+    trial's checkpoints from the count its saved state had, which lags a killed driver: a trial
+    resumed from a newer checkpoint than that state names would otherwise write its next one under
+    an older number, and "newest first" by name would no longer be by epoch."""
+    storage = trainable._storage
+    if storage is not None:
+        storage.current_checkpoint_index = max(storage.current_checkpoint_index, index)
+
+
 # ---------------------------------------------------------------------------- Optuna
 def stored_trial(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
     """One trial as the storage has it now, without reading every trial of the study

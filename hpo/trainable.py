@@ -34,7 +34,7 @@ from cmath_model.config import from_dict
 from cmath_model.data import Dataset
 from cmath_model.train import TRAIN_KEYS, Trainer
 
-from ._compat import TrainingResult, restart_iteration_count
+from ._compat import TrainingResult, number_checkpoints_after, restart_iteration_count, trial_folder
 from .checkpoints import checkpoint_folders, trial_folders
 from .recovery import (
     CHECKPOINT_HISTORY,
@@ -133,6 +133,7 @@ class CMATHTrial(tune.Trainable):
             torch.cuda.set_per_process_memory_fraction(self.gpu_share, 0)  # device 0: the one Ray made visible
         self._start(config)
         self.carries_on = config.get(CHECKPOINTS_OF)  # see _carry_on
+        self.unrestored = True  # see _resume_from_storage
         self._check_storage()
 
     def _check_storage(self) -> None:
@@ -175,6 +176,8 @@ class CMATHTrial(tune.Trainable):
             return self._report_fault()
         if self.carries_on:
             self._carry_on(self.carries_on)
+        elif self.unrestored:
+            self._resume_from_storage()
         if self.ended is not None and self.ended["end_state"] != "failed":
             replay = {**self.ended["result"], "done": True, REPLAYED: True}
             if self.restored_from:
@@ -303,12 +306,13 @@ class CMATHTrial(tune.Trainable):
         if not isinstance(checkpoint_path, TrainingResult):
             return super().restore(checkpoint_path)
         self.carries_on = None  # Ray has a checkpoint of this trial itself: no need for the lost one's
+        self.unrestored = False
         if self.ended is not None:
             return None
         wanted = checkpoint_path.checkpoint
         fs, trial_dir = wanted.filesystem, wanted.path.rstrip("/").rsplit("/", 1)[0]
         paths = _checkpoints_newest_first(fs, trial_dir, named=wanted.path)
-        loaded, problems = self._load_first_usable(fs, paths, checkpoint_path.metrics)
+        loaded, problems = self._load_first_usable(fs, paths, checkpoint_path.metrics, own=True)
         if loaded and self.restored_from.rstrip("/") != wanted.path.rstrip("/"):
             named = wanted.path.rstrip("/").rsplit("/", 1)[-1]
             problems.append(f"Ray's saved state named {named}")
@@ -319,9 +323,11 @@ class CMATHTrial(tune.Trainable):
             self.restore_note = f"{'; '.join(problems) or 'no checkpoint found'}; restarted from epoch 1"
         return None
 
-    def _load_first_usable(self, fs: pafs.FileSystem, paths: list[str], metrics: dict) -> tuple[str | None, list[str]]:
+    def _load_first_usable(self, fs: pafs.FileSystem, paths: list[str], metrics: dict,
+                           own: bool = False) -> tuple[str | None, list[str]]:
         """Load the first of `paths` that works; say which (name and epoch) and what was wrong
-        with those before it. With none usable, Tune's epoch count is back at 0."""
+        with those before it. With none usable, Tune's epoch count is back at 0. `own`: the paths
+        are in this trial's folder, whose next checkpoint then gets a number after the loaded one."""
         problems = []
         for path in paths:
             name = path.rsplit("/", 1)[-1]
@@ -333,6 +339,8 @@ class CMATHTrial(tune.Trainable):
                 problems.append(f"{name} unusable ({type(exc).__name__}: {str(exc)[:120]})")
                 continue
             self.restored_from = path
+            if own:
+                number_checkpoints_after(self, int(name.rpartition("_")[2]))
             return f"{name} (epoch {epoch})", problems
         restart_iteration_count(self)
         return None, problems
@@ -353,9 +361,29 @@ class CMATHTrial(tune.Trainable):
         self.restore_note = (f"carries on trial {lost}, which started after Ray last saved its state before the "
                              f"driver was killed, {where}")
 
+    def _resume_from_storage(self) -> None:
+        """A trial Ray starts without a checkpoint resumes from its newest usable one on the
+        storage, if it has any: Ray's saved state lags a killed driver and can know the trial but
+        not its checkpoints (Tune's snapshots wait in proportion to their size, hpo.tuner). A new
+        trial has none. Done at its first step, like _carry_on."""
+        self.unrestored = False
+        folder = trial_folder(self)
+        if folder is None or self.ended is not None or self.error is not None:
+            return
+        fs, trial_dir = folder
+        paths = checkpoint_folders(fs, trial_dir)
+        if not paths:
+            return
+        loaded, problems = self._load_first_usable(fs, paths, {}, own=True)
+        if not loaded:
+            self._start(self.config)  # a checkpoint that failed half-way may have left part of its state
+        where = f"resumed from {loaded}" if loaded else "restarted from epoch 1"
+        self.restore_note = "; ".join([*problems, f"Ray's saved state knew none of its checkpoints; {where}"])
+
     def reset_config(self, new_config: dict) -> bool:
         self._start(new_config)
         self.carries_on = new_config.get(CHECKPOINTS_OF)
+        self.unrestored = True
         self._check_storage()
         return True
 

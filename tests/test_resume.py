@@ -444,6 +444,59 @@ def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path)
     assert [t.user_attrs["ray_trial_id"] for t in study.trials] == [first, second]
 
 
+@pytest.mark.slow
+def test_a_trial_rays_state_knows_without_its_checkpoint_resumes_from_it(tmp_path, tiny_path):
+    """Ray's first snapshot, taken when the trial was created, knows the trial; with snapshots
+    only when Ray forces them (after num_to_keep=2 checkpoints of a trial), its epoch-2 checkpoint
+    is in no snapshot when the driver is killed before epoch 4. The resume must go on from that
+    checkpoint, not train from epoch 1 (Ray starts such a trial with no checkpoint), and number
+    the trial's next checkpoint after it."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "fixed": {"epochs": 5, "batch_size": 4, "checkpoint_every": 2},
+                                     "asha": {"grace_period": 5}}))
+    sweep_dir = tmp_path / "results" / "unseen"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(tiny_path),
+         "--num-samples", "1", "--num-cpus", "2", "--results", str(tmp_path / "results"), "--name", "unseen"],
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
+        stdout=open(tmp_path / "unseen.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # until the trial has its epoch-2 checkpoint
+            assert process.poll() is None, (tmp_path / "unseen.log").read_text()[-3000:]
+            if any((sweep_dir / "ray").glob("*/checkpoint_000000/checkpoint.json")):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the trial never reached its first checkpoint")
+        session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    [(trial_id, before)] = _trial_results(sweep_dir).items()
+    assert before[-1] < 4, f"killed too late to show it: {before}"
+    ray_state = "".join(p.read_text() for p in (sweep_dir / "ray").glob("experiment_state-*.json"))
+    assert trial_id in ray_state and "checkpoint_000000" not in ray_state, "Ray's state must know the trial only"
+    try:
+        resume_sweep("unseen", tmp_path / "results", log=lambda line: None)
+    finally:
+        stop(pids_using(session))
+
+    epochs = _trial_results(sweep_dir)[trial_id]
+    assert epochs == before + [3, 4, 5], epochs  # went on after its epoch-2 checkpoint
+    [row] = read_trials(sweep_dir).to_dict("records")
+    assert row["end_state"] == "completed"
+    assert "Ray's saved state knew none of its checkpoints; resumed from checkpoint_000000 (epoch 2)" in \
+        row["restore_notes"]
+    # its epoch-4 and final checkpoints came after the one it resumed from; only the last is kept
+    assert row["checkpoint"].rstrip("/").rsplit("/", 2)[-2] == "checkpoint_000002", row["checkpoint"]
+    info = json.loads(open(f"{row['checkpoint'].rsplit('/', 1)[0]}/checkpoint.json").read())
+    assert (info["epoch"], info["final"]) == (5, True), info
+
+
 def test_the_journal_is_read_by_trial_in_order_without_a_cut_line(tmp_path):
     """What a resume rebuilds the tables from: a driver killed mid-write leaves half a line."""
     from hpo.table import JOURNAL_FILE
