@@ -91,8 +91,10 @@ def bound_snapshot_rate(bytes_per_second: float) -> None:
     the next waits at least the snapshot's size over that rate, or Tune's own "auto" period (10 s,
     or 19 times the time the last one took) when that is longer. A snapshot holds every trial's
     state, so at Tune's period alone what a driver writes grows as the square of the trials; Tune
-    has no setting for it. A trial's checkpoints still force one after `num_to_keep` of them, as
-    in Tune. Applies to every Tune experiment this process runs; calling it again changes the rate."""
+    has no setting for it. A trial's checkpoints no longer force one (Tune forces one after
+    `num_to_keep` of them): a restored trial takes its newest usable checkpoint on the storage,
+    whichever one, or none, the snapshot names (CMATHTrial.restore, _resume_from_storage). Applies
+    to every Tune experiment this process runs; calling it again changes the rate."""
     manager = snapshot_manager()
     original = getattr(manager, "_cmath_update_period", manager._update_auto_checkpoint_time)
 
@@ -105,6 +107,7 @@ def bound_snapshot_rate(bytes_per_second: float) -> None:
 
     manager._cmath_update_period = original
     manager._update_auto_checkpoint_time = update_period
+    manager.on_trial_checkpoint = _no_forced_snapshot
 
 
 def snapshot_manager() -> type:
@@ -113,6 +116,11 @@ def snapshot_manager() -> type:
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     return _ExperimentCheckpointManager
+
+
+def _no_forced_snapshot(self, trial) -> None:
+    """In place of Tune's count of a trial's checkpoints since the last snapshot, which forces one
+    at `num_to_keep` so that no snapshot names a checkpoint Tune has deleted."""
 
 
 # ---------------------------------------------------------------------------- Ray Tune's trials

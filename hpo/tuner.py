@@ -57,9 +57,9 @@ def tune_environment() -> None:
     # of the trials. So snapshots also wait in proportion to their size (SNAPSHOT_BYTES_PER_S).
     # A killed driver loses nothing finished: ended trials have their records, every result is in
     # the journal, a trial started since the snapshot is carried on by a new one (SweepSearch).
-    # What a longer period costs is the replays of such trials on a resume, and the epochs of a
-    # trial whose only checkpoints came after the snapshot (it restarts; Tune still forces a
-    # snapshot after num_to_keep checkpoints of a trial).
+    # A trial Ray restores takes its newest usable checkpoint on the storage, whichever one (or
+    # none) the snapshot names, so a trial's checkpoints no longer force a snapshot either. What a
+    # longer period costs is the replays of trials started since the snapshot, on a resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "auto")
     bound_snapshot_rate(SNAPSHOT_BYTES_PER_S)
 

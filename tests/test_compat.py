@@ -164,7 +164,7 @@ def test_a_restored_tuner_runs_the_callbacks_it_is_given(tmp_path):
     assert [c.host for c in restored._local_tuner._run_config.callbacks] == ["this host"]
 
 
-def test_snapshots_wait_in_proportion_to_their_size(tmp_path):
+def test_snapshots_wait_in_proportion_to_their_size_and_checkpoints_force_none(tmp_path):
     """Tune's snapshot manager: its period after a save, and whether a trial's checkpoints force
     the next snapshot, before and after bound_snapshot_rate."""
     from types import SimpleNamespace
@@ -190,7 +190,7 @@ def test_snapshots_wait_in_proportion_to_their_size(tmp_path):
     _compat.bound_snapshot_rate(100_000)
     assert after_save(manager(), 0.01) == pytest.approx(30.0)  # 3 MB at 100 kB/s
     assert after_save(manager(), 2.0) == pytest.approx(38.0)  # Tune's own, 19 times the save, when longer
-    assert forced(manager())  # a trial's checkpoints force one, as in Tune (tests/test_cluster.py's resume)
+    assert not forced(manager())  # a restored trial finds its newest checkpoint itself (tests/test_resume.py)
     _compat.bound_snapshot_rate(1_000_000)
     assert after_save(manager(), 0.01) == 10.0
 

@@ -367,13 +367,15 @@ def test_a_replayed_trial_the_tables_missed_keeps_when_it_ended(tmp_path):
 
 @pytest.mark.slow
 def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path):
-    """Ray's saved state lags a killed driver in two ways, made deterministic here: with snapshots
-    only when Ray forces them (after num_to_keep=2 checkpoints of a trial), a trial checkpointing
-    at epochs 3, 6 and 9 ends with its epoch-9 checkpoint missing from Ray's state, and the next
-    trial, killed between its checkpoints at 3 and 6, is missing from it altogether.
+    """Ray's saved state lags a killed driver in two ways, made deterministic here: with no
+    snapshot but the first (a period of 100,000 s; a trial's checkpoints force none), a trial
+    checkpointing at epochs 3, 6 and 9 ends with none of it in Ray's state but that it was
+    started, and the next trial, killed between its checkpoints at 3 and 6, is missing from it
+    altogether.
 
-    The first must replay its end and keep the checkpoint it really ended with (not an older one
-    Ray names, which the pruner deleted). The second must be carried on from its epoch-3
+    The first must replay its end and keep the checkpoint it really ended with, whatever Ray's
+    state names (none here; an older one, which the pruner deleted, when a snapshot came between
+    its checkpoints). The second must be carried on from its epoch-3
     checkpoint under its own id (one table row, one MLflow run, one Optuna trial), not recorded
     lost while Ray runs a third trial in its place."""
     space = tmp_path / "space.yaml"
@@ -446,9 +448,9 @@ def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path)
 
 @pytest.mark.slow
 def test_a_trial_rays_state_knows_without_its_checkpoint_resumes_from_it(tmp_path, tiny_path):
-    """Ray's first snapshot, taken when the trial was created, knows the trial; with snapshots
-    only when Ray forces them (after num_to_keep=2 checkpoints of a trial), its epoch-2 checkpoint
-    is in no snapshot when the driver is killed before epoch 4. The resume must go on from that
+    """Ray's first snapshot, taken when the trial was created, knows the trial; with no snapshot
+    after it (a period of 100,000 s; a trial's checkpoints force none), its epoch-2 checkpoint is
+    in no snapshot when the driver is killed before epoch 4. The resume must go on from that
     checkpoint, not train from epoch 1 (Ray starts such a trial with no checkpoint), and number
     the trial's next checkpoint after it."""
     space = tmp_path / "space.yaml"
