@@ -36,7 +36,7 @@ SNAPSHOT_BYTES_PER_S = 250_000
 
 def tune_environment() -> None:
     """Tune's settings for a sweep's driver, set before Tune reads them."""
-    # Forced experiment snapshots after checkpoints keep a restore consistent; Ray warns about each one.
+    # Ray warns about each snapshot forced by a trial's checkpoints (none are: bound_snapshot_rate).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Progress comes from ProgressPrinter; Tune's own tables (verbose=0 in its legacy reporter) stay quiet.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -79,10 +79,11 @@ def build_trainable(plan: SweepPlan, trial_class: type | None = None):
     return tune.with_resources(trainable, plan.resources)
 
 
-def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None]) -> list:
+def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None], resumed: bool) -> list:
     """The driver's callbacks for this host: MLflow, the tables (and their mirror on a shared
     storage), progress, and no retry of a trial's own error. Built for every driver, new or
-    resumed, so no path of an earlier driver's host reaches a resumed one."""
+    resumed (`resumed`: its trials may have MLflow runs already), so no path of an earlier
+    driver's host reaches a resumed one."""
     from .mirror import SweepMirror
     from .progress import ProgressPrinter
     from .recovery import NoRetryOnTrialError
@@ -93,7 +94,7 @@ def sweep_callbacks(plan: SweepPlan, record: SweepRecord, log: Callable[[str], N
     # Ended trials' older checkpoints and resume state are pruned once their best/ is uploaded.
     tracker = MlflowTrials(plan.tracking_uri, record.experiment_id, record.parent_id, plan.name, base, plan.searched,
                            sweep_dir=plan.sweep_dir.resolve(), prune=not plan.options.keep_checkpoints,
-                           ended_dir=plan.ended_dir)
+                           ended_dir=plan.ended_dir, resumed=resumed)
     mirror = SweepMirror(plan.sweep_dir, plan.shared_state) if plan.shared_state else None
     table = TrialTable(plan.sweep_dir.resolve(), base, plan.searched, tracker, plan.study_storage, plan.name,
                        plan.ended_dir, mirror=mirror, storage_query=public_query(plan.storage_path))
@@ -139,7 +140,7 @@ def build_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], None]
                                     num_samples=plan.options.num_samples, reuse_actors=True,
                                     time_budget_s=plan.options.time_budget),
         run_config=tune.RunConfig(name=plan.storage_name, storage_path=plan.storage_path,
-                                  callbacks=sweep_callbacks(plan, record, log), verbose=0,
+                                  callbacks=sweep_callbacks(plan, record, log, resumed=False), verbose=0,
                                   # The trial asks for its own checkpoints (rungs, every N, its last
                                   # epoch); Ray's one at the end would be taken of a replay too, empty.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=False),
@@ -157,7 +158,7 @@ def restore_tuner(plan: SweepPlan, record: SweepRecord, log: Callable[[str], Non
     tune_environment()
     tuner = tune.Tuner.restore(plan.experiment_path, trainable=build_trainable(plan, trial_class),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
-    set_restored_callbacks(tuner, sweep_callbacks(plan, record, log))
+    set_restored_callbacks(tuner, sweep_callbacks(plan, record, log, resumed=True))
     scheduler = restored_scheduler(tuner)
     if hasattr(scheduler, "attach"):  # a sweep started before hpo.placement has Ray's own
         scheduler.attach(log, plan.sweep_dir)

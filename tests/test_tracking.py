@@ -250,3 +250,40 @@ def test_trial_runs_are_named_by_number_score_and_values_and_the_best_is_marked_
     assert names() == {"a": "#a", "b": "★ #b", "c": "#c"}
     mark_best_run(client, experiment, "other", "c")  # another sweep's mark is its own
     assert names() == {"a": "#a", "b": "★ #b", "c": "★ #c"}
+
+
+def test_only_a_resumed_sweep_or_a_retried_open_looks_for_a_trials_run(tmp_path):
+    """A new sweep's trials have no run yet: searching the store for one at every trial start
+    scans every run's tags. A resumed sweep's may have one from the driver before; and a retried
+    open may find the run a failed one made before its call went wrong: neither makes a second."""
+    from mlflow.tracking import MlflowClient
+
+    from hpo.tracking import MlflowTrials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("look")
+    earlier = client.create_run(experiment, tags={"cmath.sweep": "look", "cmath.trial_id": "t1"}).info.run_id
+
+    def searches(tracker) -> list:
+        calls = []
+        search = tracker.client.search_runs
+        tracker.client.search_runs = lambda *a, **k: calls.append(a) or search(*a, **k)
+        return calls
+
+    new = MlflowTrials(uri, experiment, "parent", "look", {}, ["lr"], resumed=False)
+    calls = searches(new)
+    assert new.open_run("t2", {"lr": 1e-3}) != earlier and calls == []
+    # MLflow refuses the parameter name after the run is made: the retry finds that run
+    try:
+        new.open_run("t3", {"lr!": 1e-3})
+    except Exception as exc:  # noqa: BLE001 - MLflow's own refusal
+        assert "lr!" in str(exc)
+    else:
+        raise AssertionError("MLflow took a parameter named lr!")
+    [half_made] = [r.info.run_id for r in client.search_runs([experiment], "tags.`cmath.trial_id` = 't3'")]
+    assert new.open_run("t3", {"lr": 1e-3}) == half_made and len(calls) == 1
+
+    resumed = MlflowTrials(uri, experiment, "parent", "look", {}, ["lr"], resumed=True)
+    assert resumed.open_run("t1", {"lr": 1e-3}) == earlier
+    assert len(client.search_runs([experiment])) == 3  # t1 (the earlier driver's), t2, t3
