@@ -286,13 +286,18 @@ def test_a_trial_is_recorded_ended_before_the_table_says_so(tmp_path, monkeypatc
     assert read_ended(str(tmp_path / "ended"), "abc123")["end_state"] == "completed"
 
 
-def test_the_tables_are_written_at_most_once_a_period_and_at_the_end(tmp_path):
+def test_the_tables_are_written_at_most_once_a_period_and_at_the_end(tmp_path, monkeypatch):
     """Rewriting both tables at every trial's start and end cost the driver time that grew with
     the sweep; the journal takes every result at once, the tables follow within the period."""
+    from types import SimpleNamespace
+
     from ray.tune.experiment import Trial
 
+    import hpo.table
     from hpo.table import HISTORY_FILE, TrialTable
 
+    now = [0.0]
+    monkeypatch.setattr(hpo.table, "time", SimpleNamespace(monotonic=lambda: now[0], time=lambda: 1e9 + now[0]))
     table = TrialTable(tmp_path, base={"epochs": 2}, searched=["lr"], period=3600)
     trials = [Trial("CMATHTrial", config={"lr": 1e-3}, trial_id=f"t{i}", stub=True) for i in range(3)]
     scores = {"val_wf1": 0.5, "val_acc": 0.5, "test_wf1": 0.4, "test_acc": 0.4, "epoch_seconds": 1.0}
@@ -303,14 +308,39 @@ def test_the_tables_are_written_at_most_once_a_period_and_at_the_end(tmp_path):
     table.on_step_end(0, trials)
     assert list(read_trials(tmp_path)["trial_id"]) == ["t0"]  # within the period: not yet
     assert [row["epoch"] for row in read_journal(tmp_path)["t1"]] == [1]  # the journal has it at once
-    table.period = 0  # the period has passed
+    now[0] = 3600.0  # the period has passed
     table.on_step_end(0, trials)
     assert list(read_trials(tmp_path)["trial_id"]) == ["t0", "t1"]
     assert list(pd.read_parquet(tmp_path / HISTORY_FILE)["trial_id"]) == ["t1"]
-    table.period = 3600
     table.on_trial_start(0, trials, trials[2])
     table.on_experiment_end(trials)  # and always at the end
     assert list(read_trials(tmp_path)["trial_id"]) == ["t0", "t1", "t2"]
+
+
+def test_the_tables_wait_longer_as_they_grow(tmp_path, monkeypatch):
+    """At a fixed period what the tables cost grows as the square of the trials: after a write,
+    the next waits at least the tables' size over TABLE_BYTES_PER_S (here 100 bytes a second)."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    import hpo.table
+    from hpo.table import HISTORY_FILE, TRIALS_FILE, TrialTable
+
+    now = [0.0]
+    monkeypatch.setattr(hpo.table, "time", SimpleNamespace(monotonic=lambda: now[0], time=lambda: 1e9 + now[0]))
+    monkeypatch.setattr(hpo.table, "TABLE_BYTES_PER_S", 100)
+    table = TrialTable(tmp_path, base={"epochs": 2}, searched=["lr"], period=10)
+    trials = [Trial("CMATHTrial", config={"lr": 1e-3}, trial_id=f"t{i}", stub=True) for i in range(3)]
+    table.on_trial_start(0, trials, trials[0])
+    size = sum((tmp_path / name).stat().st_size for name in (TRIALS_FILE, HISTORY_FILE))
+    assert size / 100 > 20, size  # so that the wait is the size's, not the period's
+    now[0] = 11.0  # past the period
+    table.on_trial_start(0, trials, trials[1])
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t0"]
+    now[0] = size / 100 + 0.1
+    table.on_step_end(0, trials)
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t0", "t1"]
 
 
 def test_a_trial_ray_restores_as_ended_gets_its_row_from_ray_and_the_journal(tmp_path):
