@@ -19,8 +19,9 @@ by address, as it would a multi-node cluster.
 
 It also times what a sweep's own tables cost the driver once trials have many epochs (which the
 one-epoch trials above do not show): one rewrite of trials.parquet and history.parquet at N
-trials of E epochs, how many rewrites a sweep of N trials made at every trial start and end (2N),
-and how many it makes on hpo.table's timer (one per TABLE_PERIOD_S of fit time, at most).
+trials of E epochs, its size, how many rewrites a sweep of N trials made at every trial start and
+end (2N), and how long hpo.table now waits after such a write (wait_after_s: TABLE_PERIOD_S, or 19
+times the write's time, or the tables' size over TABLE_BYTES_PER_S, the longest).
 
     python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--nodes 1] [--table-epochs 60] [--quick]
 """
@@ -42,7 +43,8 @@ SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "bench" / "overh
 COLUMNS = ["trials", "nodes_seen", "slots", "fit_s", "fit_per_trial_ms", "driver_cpu_per_trial_ms", "peak_rss_mb",
            "written_mb", "written_per_trial_kb", "mlflow_writer_per_trial_kb", "rest_per_trial_kb",
            "mlflow_calls_per_trial", "completed"]
-TABLE_COLUMNS = ["trials", "epochs", "write_ms", "rewrites_per_event", "est_seconds_at_every_event"]
+TABLE_COLUMNS = ["trials", "epochs", "write_ms", "size_mb", "wait_after_s", "rewrites_per_event",
+                 "est_seconds_at_every_event"]
 
 
 def count_mlflow_calls() -> dict[str, int]:
@@ -124,7 +126,7 @@ def table_write(trials: int, epochs: int, work: Path) -> dict:
     """One rewrite of the sweep's tables holding `trials` trials of `epochs` epochs each."""
     from ray.tune.experiment import Trial
 
-    from hpo.table import TrialTable
+    from hpo.table import HISTORY_FILE, TABLE_BYTES_PER_S, TABLE_PERIOD_S, TRIALS_FILE, TrialTable
 
     folder = work / f"table-{trials}x{epochs}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,8 +141,10 @@ def table_write(trials: int, epochs: int, work: Path) -> dict:
     started = time.perf_counter()
     table.write()
     seconds = time.perf_counter() - started
+    size = sum((folder / name).stat().st_size for name in (TRIALS_FILE, HISTORY_FILE))
     shutil.rmtree(folder, ignore_errors=True)
-    return dict(trials=trials, epochs=epochs, write_ms=1000 * seconds, rewrites_per_event=2 * trials,
+    return dict(trials=trials, epochs=epochs, write_ms=1000 * seconds, size_mb=size / 1e6,
+                wait_after_s=max(TABLE_PERIOD_S, 19 * seconds, size / TABLE_BYTES_PER_S), rewrites_per_event=2 * trials,
                 est_seconds_at_every_event=2 * trials * seconds / 2)  # the average table is half the final one
 
 
