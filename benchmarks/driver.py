@@ -13,6 +13,10 @@ Each N runs in a process of its own, which is the sweep's driver, and reports:
   snapshots, the study, the tables, the journal, the ended records);
 - mlflow_calls_per_trial: MlflowClient calls the driver made, over N.
 
+With `--memory-between A,B` the driver also traces its Python allocations (tracemalloc, which
+slows it: its CPU and wall figures are then not comparable) and reports what grew between the
+A-th and the B-th ended trial, per trial and by the file that allocated it (memory_by_file_kb).
+
 With `--nodes K` every N runs on a Ray cluster of K raylets on this machine (a head and K - 1
 worker nodes started with `ray start`, the slots shared out among them), which the driver joins
 by address, as it would a multi-node cluster.
@@ -23,7 +27,8 @@ trials of E epochs, its size, how many rewrites a sweep of N trials made at ever
 end (2N), and how long hpo.table now waits after such a write (wait_after_s: TABLE_PERIOD_S, or 19
 times the write's time, or the tables' size over TABLE_BYTES_PER_S, the longest).
 
-    python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--nodes 1] [--table-epochs 60] [--quick]
+    python -m benchmarks driver [--trials 100,300,1000] [--slots 8] [--nodes 1] [--table-epochs 60]
+                                [--memory-between 80,232] [--quick]
 """
 
 from __future__ import annotations
@@ -93,16 +98,68 @@ def count_mlflow_writer_bytes() -> list[int]:
     return written
 
 
+def trace_memory_between(first: int, last: int) -> dict:
+    """Trace the driver's Python allocations from now, and snapshot them when the `first`-th and
+    the `last`-th trial end (a Tune callback added to the sweep's own); returns the dict that
+    `memory_growth` reads once the sweep is over."""
+    import tracemalloc
+
+    from ray.tune import Callback
+
+    import hpo.tuner
+
+    state: dict = {"ended": 0}
+
+    class _Snapshots(Callback):
+        def _ended(self) -> None:
+            state["ended"] += 1
+            if state["ended"] in (first, last):
+                state[state["ended"]] = tracemalloc.take_snapshot()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended()
+
+    build = hpo.tuner.sweep_callbacks
+
+    @functools.wraps(build)
+    def with_snapshots(*args, **kwargs):
+        return [*build(*args, **kwargs), _Snapshots()]
+
+    hpo.tuner.sweep_callbacks = with_snapshots
+    tracemalloc.start(1)
+    state["span"] = (first, last)
+    return state
+
+
+def memory_growth(state: dict, top: int = 12) -> dict[str, float]:
+    """KB per ended trial that each allocating file added between the two snapshots (the `top`
+    largest, then the rest and the total)."""
+    first, last = state["span"]
+    if first not in state or last not in state:
+        return {}
+    diff = state[last].compare_to(state[first], "filename")
+    per_trial = {stat.traceback[0].filename.split("site-packages/")[-1]: stat.size_diff / 1e3 / (last - first)
+                 for stat in diff}
+    ranked = sorted(per_trial.items(), key=lambda kv: -kv[1])
+    return {**dict(ranked[:top]), "(the rest)": sum(v for _, v in ranked[top:]),
+            "(total)": sum(per_trial.values())}
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def point(trials: int, slots: int, work: str, data: str, nodes: int = 1) -> dict:
+def point(trials: int, slots: int, work: str, data: str, nodes: int = 1, memory_between: list | None = None) -> dict:
     """One sweep of `trials` trials in this process (the driver), measured; on the cluster that
     RAY_ADDRESS names if set, else on a private local Ray of `slots` CPUs."""
 
     from hpo.sweep import SweepOptions, run_sweep
+
+    traced = trace_memory_between(*memory_between) if memory_between else None
 
     calls, lines, by_mlflow = count_mlflow_calls(), [], count_mlflow_writer_bytes()
     written, cpu = written_bytes(), cpu_seconds()
@@ -119,7 +176,8 @@ def point(trials: int, slots: int, work: str, data: str, nodes: int = 1) -> dict
                 mlflow_writer_per_trial_kb=by_mlflow[0] / 1e3 / trials,
                 rest_per_trial_kb=(written - by_mlflow[0]) / 1e3 / trials,
                 mlflow_calls_per_trial=sum(calls.values()) / trials, mlflow_calls=calls,
-                completed=outcome.counts["completed"] + outcome.counts["stopped_by_asha"])
+                completed=outcome.counts["completed"] + outcome.counts["stopped_by_asha"],
+                memory_by_file_kb=memory_growth(traced) if traced else None)
 
 
 def table_write(trials: int, epochs: int, work: Path) -> dict:
@@ -156,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="raylets: 1 is a private local Ray; K > 1 starts a head and K - 1 worker nodes here")
     p.add_argument("--keep", action="store_true", help="keep the sweeps' folders (under <out>/work/)")
     p.add_argument("--table-epochs", type=int, default=60, help="epochs per trial for the table rewrite timing")
+    p.add_argument("--memory-between", default=None,
+                   help="A,B: what the driver's Python objects grew by between the A-th and B-th ended trial")
     args = p.parse_args(argv)
     if args.point:
         import json
@@ -170,11 +230,14 @@ def main(argv: list[str] | None = None) -> None:
         with local_cluster(args.nodes, args.slots) if args.nodes > 1 else contextlib.nullcontext({}) as joining:
             for n in sizes:
                 print(f"driver: {n} trials, {args.slots} at a time on {args.nodes} node(s)", flush=True)
+                span = [int(v) for v in args.memory_between.split(",")] if args.memory_between else None
                 rows.append(run_point("driver", dict(trials=n, slots=args.slots, work=str(work), data=data,
-                                                     nodes=args.nodes), env=joining,
+                                                     nodes=args.nodes, memory_between=span), env=joining,
                                       timeout=max(3600, 2 * n)))  # 10,000 trials take over an hour here
                 print(f"  fit {rows[-1]['fit_s']:.0f}s, driver CPU {rows[-1]['driver_cpu_per_trial_ms']:.0f} "
                       f"ms/trial", flush=True)
+                for where, kb in (rows[-1].get("memory_by_file_kb") or {}).items():
+                    print(f"  {kb:8.1f} KB a trial  {where}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
