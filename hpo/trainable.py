@@ -250,7 +250,8 @@ class CMATHTrial(tune.Trainable):
         result = {k: numbers.pop(k) for k in SCHEDULING_KEYS}
         result.update(
             {DETAILS: json.dumps(numbers)},
-            node_id=ray.get_runtime_context().get_node_id(),  # which machine ran it (table column `nodes`)
+            # which machine ran it (table column `nodes`); none outside Ray (tests/test_trainable.py)
+            node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
             epochs_planned=cfg.epochs,
             should_checkpoint=(epoch >= cfg.epochs or epoch in self.checkpoint_epochs
                                or bool(every and epoch % every == 0)),
@@ -351,6 +352,7 @@ class CMATHTrial(tune.Trainable):
         at its first step, not in setup: when Ray restores the trial from a checkpoint of its
         own (a lost worker, a second resume), restore comes between and this is skipped."""
         self.carries_on = None
+        self.unrestored = False  # its own folder is new: nothing there to resume from
         if self.ended is not None or self.error is not None:
             return
         fs, paths = lost_trial_checkpoints(self.ended_dir, lost)

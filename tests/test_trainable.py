@@ -3,6 +3,7 @@ and which errors Ray retries (out of memory in a share of a GPU) versus which fa
 (a bad config, a config that does not fit a GPU of its own)."""
 
 import gc
+import shutil
 import time
 import weakref
 
@@ -134,3 +135,35 @@ def test_a_bad_config_is_an_error_result_then_the_error(trial_class, monkeypatch
 def test_a_packed_trial_may_use_its_share_of_the_gpus_memory(assigned, share):
     """Set as torch's per-process memory fraction in the trial's set-up (on a GPU; none here)."""
     assert trainable_module.gpu_memory_share(assigned) == share
+
+
+def test_a_trial_looks_for_its_own_checkpoints_at_its_first_step_only(tiny, tmp_path, monkeypatch):
+    """A trial Ray starts without a checkpoint looks in its folder on the storage at its first
+    step (Ray's saved state may have missed its checkpoints), and never again: its own later
+    checkpoints are not loaded back in the middle of training, whether it started anew or carries
+    on a lost trial (which left nothing here)."""
+    import pyarrow.fs as pafs
+
+    from hpo.recovery import CHECKPOINTS_OF, RESTORE_NOTE
+
+    base = paper_defaults("iemocap").replace(d=16, epochs=3, batch_size=4, num_threads=1, checkpoint_every=1).to_dict()
+    ended = tmp_path / "experiment" / "cmath_ended"
+    ended.mkdir(parents=True)
+    own = tmp_path / "experiment" / "CMATHTrial_abc_1_lr=0.001"
+    monkeypatch.setattr(trainable_module, "trial_folder", lambda trainable: (pafs.LocalFileSystem(), str(own)))
+
+    class Direct(CMATHTrial):
+        def setup(self, config):
+            super().setup(config, base=base, dataset=tiny, ended_dir=str(ended))
+
+    for config in ({"lr": 1e-3}, {"lr": 1e-3, CHECKPOINTS_OF: "lost"}):
+        trial = Direct(config=config)
+        try:
+            assert trial.train()["epoch"] == 1
+            (own / "checkpoint_000000").mkdir(parents=True)
+            trial.save_checkpoint(str(own / "checkpoint_000000"))  # as Ray's save would, after epoch 1
+            second = trial.train()
+            assert second["epoch"] == 2 and RESTORE_NOTE not in second, (config, second.get(RESTORE_NOTE))
+        finally:
+            trial.stop()
+            shutil.rmtree(own, ignore_errors=True)
