@@ -395,6 +395,38 @@ def test_a_replayed_trial_the_tables_missed_keeps_when_it_ended(tmp_path):
     assert read_trials(tmp_path).set_index("trial_id").loc["t0", "finished_at"] == 99.0
 
 
+def _killed_with_one_snapshot(tmp_path, tiny_path, name: str, fixed: dict, samples: int, until, what: str):
+    """A sweep of `samples` trials, one at a time, with no Ray snapshot but its first (a period of
+    100,000 s; a trial's checkpoints force none), whose driver is killed (SIGKILL) as soon as
+    `until(sweep folder)` holds; returns the sweep's folder and its Ray session folder."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "fixed": fixed, "asha": {"grace_period": fixed["epochs"]}}))
+    sweep_dir = tmp_path / "results" / name
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(tiny_path),
+         "--num-samples", str(samples), "--max-concurrent", "1", "--num-cpus", "2",
+         "--results", str(tmp_path / "results"), "--name", name],
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
+        stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+            if until(sweep_dir):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the sweep never reached {what}")
+        session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    return sweep_dir, session
+
+
 @pytest.mark.slow
 def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path):
     """Ray's saved state lags a killed driver in two ways, made deterministic here: with no
@@ -408,33 +440,14 @@ def test_a_stale_ray_state_loses_no_trial_and_no_checkpoint(tmp_path, tiny_path)
     its checkpoints). The second must be carried on from its epoch-3
     checkpoint under its own id (one table row, one MLflow run, one Optuna trial), not recorded
     lost while Ray runs a third trial in its place."""
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({**SPACE, "fixed": {"epochs": 9, "batch_size": 4, "checkpoint_every": 3},
-                                     "asha": {"grace_period": 9}}))
-    sweep_dir = tmp_path / "results" / "stale"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(tiny_path),
-         "--num-samples", "2", "--max-concurrent", "1", "--num-cpus", "2",
-         "--results", str(tmp_path / "results"), "--name", "stale"],
-        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
-        stdout=open(tmp_path / "stale.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # until the second trial has its epoch-3 checkpoint
-            assert process.poll() is None, (tmp_path / "stale.log").read_text()[-3000:]
-            trial_ids = list(_trial_results(sweep_dir))
-            if len(trial_ids) == 2 and any((sweep_dir / "ray").glob(f"*{trial_ids[1]}*/checkpoint_*/checkpoint.json")):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the second trial never reached its first checkpoint")
-        session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
+    def second_trial_checkpointed(sweep_dir) -> bool:
+        trial_ids = list(_trial_results(sweep_dir))
+        return len(trial_ids) == 2 and any((sweep_dir / "ray").glob(f"*{trial_ids[1]}*/checkpoint_*/checkpoint.json"))
+
+    sweep_dir, session = _killed_with_one_snapshot(
+        tmp_path, tiny_path, "stale", {"epochs": 9, "batch_size": 4, "checkpoint_every": 3}, samples=2,
+        until=second_trial_checkpointed, what="the second trial's epoch-3 checkpoint")
+    trial_ids = list(_trial_results(sweep_dir))
     first, second = trial_ids
     before = _trial_results(sweep_dir)[second]
     assert before[-1] < 6, f"killed too late to show it: {before}"
@@ -483,31 +496,10 @@ def test_a_trial_rays_state_knows_without_its_checkpoint_resumes_from_it(tmp_pat
     in no snapshot when the driver is killed before epoch 4. The resume must go on from that
     checkpoint, not train from epoch 1 (Ray starts such a trial with no checkpoint), and number
     the trial's next checkpoint after it."""
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({**SPACE, "fixed": {"epochs": 5, "batch_size": 4, "checkpoint_every": 2},
-                                     "asha": {"grace_period": 5}}))
-    sweep_dir = tmp_path / "results" / "unseen"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hpo.cli", "sweep", "--space", str(space), "--data", str(tiny_path),
-         "--num-samples", "1", "--num-cpus", "2", "--results", str(tmp_path / "results"), "--name", "unseen"],
-        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "100000"},
-        stdout=open(tmp_path / "unseen.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # until the trial has its epoch-2 checkpoint
-            assert process.poll() is None, (tmp_path / "unseen.log").read_text()[-3000:]
-            if any((sweep_dir / "ray").glob("*/checkpoint_000000/checkpoint.json")):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the trial never reached its first checkpoint")
-        session = json.loads((sweep_dir / "sweep.json").read_text())["driver"]["ray_session_dir"]
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
+    sweep_dir, session = _killed_with_one_snapshot(
+        tmp_path, tiny_path, "unseen", {"epochs": 5, "batch_size": 4, "checkpoint_every": 2}, samples=1,
+        until=lambda sweep_dir: any((sweep_dir / "ray").glob("*/checkpoint_000000/checkpoint.json")),
+        what="the trial's epoch-2 checkpoint")
     [(trial_id, before)] = _trial_results(sweep_dir).items()
     assert before[-1] < 4, f"killed too late to show it: {before}"
     ray_state = "".join(p.read_text() for p in (sweep_dir / "ray").glob("experiment_state-*.json"))
