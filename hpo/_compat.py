@@ -157,8 +157,7 @@ def restart_iteration_count(trainable) -> None:
 def trial_folder(trainable):
     """(filesystem, path) of the trainable's trial folder on the sweep's storage, where its
     checkpoints go; None without a storage. Ray hands a class trainable its storage context (and
-    a new one on reset) but no public accessor. (Exercised with number_checkpoints_after by
-    tests/test_resume.py's killed driver: only Ray's private modules build a storage context.)"""
+    a new one on reset) but no public accessor."""
     storage = trainable._storage
     return None if storage is None else (storage.storage_filesystem, storage.trial_fs_path)
 

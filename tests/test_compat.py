@@ -206,3 +206,29 @@ def test_an_ended_trial_can_keep_the_statistics_of_one_metric():
     assert set(trial.run_metadata.metric_analysis) == set(trial.run_metadata.metric_n_steps) == {"val_wf1"}
     assert trial.run_metadata.metric_analysis["val_wf1"]["max"] == 0.7
     assert '"epoch"' not in trial.run_metadata.get_json_state().split('"metric_analysis"')[1]
+
+
+@pytest.mark.slow
+def test_a_trainable_finds_its_trial_folder_and_numbers_its_checkpoints_after_one(tmp_path, shared_ray):
+    """In a real Tune run: trial_folder is where Tune puts the trial's checkpoints, and after
+    number_checkpoints_after(4) the next one is checkpoint_000005."""
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+    from ray.tune import Trainable
+
+    class Numbers(Trainable):
+        def step(self):
+            fs, folder = _compat.trial_folder(self)
+            _compat.number_checkpoints_after(self, 4)
+            return {"folder": folder, "local": isinstance(fs, pafs.LocalFileSystem), "done": True}
+
+        def save_checkpoint(self, checkpoint_dir):
+            (Path(checkpoint_dir) / "state.txt").write_text("saved")
+
+    tuner = tune.Tuner(Numbers, run_config=tune.RunConfig(
+        storage_path=str(tmp_path), name="numbers", checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=True)))
+    [result] = tuner.fit()
+    assert result.error is None and result.metrics["local"]
+    assert result.checkpoint.path.rstrip("/") == f"{result.metrics['folder']}/checkpoint_000005"
+    assert (Path(result.checkpoint.path) / "state.txt").read_text() == "saved"
