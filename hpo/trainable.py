@@ -320,15 +320,16 @@ class CMATHTrial(tune.Trainable):
         if loaded and problems:
             self.restore_note = f"{'; '.join(problems)}; resumed from {loaded}"
         if not loaded:
-            self._start(self.config)
             self.restore_note = f"{'; '.join(problems) or 'no checkpoint found'}; restarted from epoch 1"
         return None
 
     def _load_first_usable(self, fs: pafs.FileSystem, paths: list[str], metrics: dict,
                            own: bool = False) -> tuple[str | None, list[str]]:
         """Load the first of `paths` that works; say which (name and epoch) and what was wrong
-        with those before it. With none usable, Tune's epoch count is back at 0. `own`: the paths
-        are in this trial's folder, whose next checkpoint then gets a number after the loaded one."""
+        with those before it. With none usable the trial starts over: a new trainer (a checkpoint
+        that failed half-way may have loaded part of its state) and Tune's epoch count back at 0.
+        `own`: the paths are in this trial's folder, whose next checkpoint then gets a number after
+        the loaded one."""
         problems = []
         for path in paths:
             name = path.rsplit("/", 1)[-1]
@@ -343,6 +344,7 @@ class CMATHTrial(tune.Trainable):
             if own:
                 number_checkpoints_after(self, int(name.rpartition("_")[2]))
             return f"{name} (epoch {epoch})", problems
+        self._start(self.config)
         restart_iteration_count(self)
         return None, problems
 
@@ -357,8 +359,6 @@ class CMATHTrial(tune.Trainable):
             return
         fs, paths = lost_trial_checkpoints(self.ended_dir, lost)
         loaded, problems = self._load_first_usable(fs, paths, {})
-        if not loaded:
-            self._start(self.config)  # a checkpoint that failed half-way may have left part of its state
         where = f"from {loaded}" if loaded else f"from epoch 1 ({'; '.join(problems) or 'it left no checkpoint'})"
         self.restore_note = (f"carries on trial {lost}, which started after Ray last saved its state before the "
                              f"driver was killed, {where}")
@@ -377,8 +377,6 @@ class CMATHTrial(tune.Trainable):
         if not paths:
             return
         loaded, problems = self._load_first_usable(fs, paths, {}, own=True)
-        if not loaded:
-            self._start(self.config)  # a checkpoint that failed half-way may have left part of its state
         where = f"resumed from {loaded}" if loaded else "restarted from epoch 1"
         self.restore_note = "; ".join([*problems, f"Ray's saved state knew none of its checkpoints; {where}"])
 
