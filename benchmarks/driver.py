@@ -184,7 +184,7 @@ def table_write(trials: int, epochs: int, work: Path) -> dict:
     """One rewrite of the sweep's tables holding `trials` trials of `epochs` epochs each."""
     from ray.tune.experiment import Trial
 
-    from hpo.table import HISTORY_FILE, TABLE_BYTES_PER_S, TABLE_PERIOD_S, TRIALS_FILE, TrialTable
+    from hpo.table import HISTORY_FILE, TABLE_PERIOD_S, TRIALS_FILE, TrialTable, wait_after_write
 
     folder = work / f"table-{trials}x{epochs}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def table_write(trials: int, epochs: int, work: Path) -> dict:
     size = sum((folder / name).stat().st_size for name in (TRIALS_FILE, HISTORY_FILE))
     shutil.rmtree(folder, ignore_errors=True)
     return dict(trials=trials, epochs=epochs, write_ms=1000 * seconds, size_mb=size / 1e6,
-                wait_after_s=max(TABLE_PERIOD_S, 19 * seconds, size / TABLE_BYTES_PER_S), rewrites_per_event=2 * trials,
+                wait_after_s=max(TABLE_PERIOD_S, wait_after_write(seconds, size)), rewrites_per_event=2 * trials,
                 est_seconds_at_every_event=2 * trials * seconds / 2)  # the average table is half the final one
 
 

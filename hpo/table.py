@@ -64,6 +64,19 @@ TABLE_BYTES_PER_S = 250_000  # like Tune's snapshots (hpo.tuner.SNAPSHOT_BYTES_P
 logger = logging.getLogger("hpo")
 
 
+def wait_after_write(seconds: float, size: int) -> float:
+    """How long the tables wait after a write, beyond their period (see the module).
+
+    Args:
+        seconds: what the write took.
+        size: the bytes of both tables it left.
+
+    Returns:
+        Seconds: 19 times the write's, or the size over TABLE_BYTES_PER_S, the longer.
+    """
+    return max(19 * seconds, size / TABLE_BYTES_PER_S)
+
+
 class TrialTable(Callback):
     def __init__(self, sweep_dir: str | Path, base: dict, searched: list[str], tracker: MlflowTrials | None = None,
                  study_storage: str | None = None, study_name: str = "cmath", ended_dir: str | None = None,
@@ -284,7 +297,7 @@ class TrialTable(Callback):
         write_parquet_atomic(pd.DataFrame(rows), self.sweep_dir / HISTORY_FILE)
         self._changed, self._written_at = False, time.monotonic()
         written = sum((self.sweep_dir / name).stat().st_size for name in (TRIALS_FILE, HISTORY_FILE))
-        self._wait = max(19 * (self._written_at - started), written / TABLE_BYTES_PER_S)
+        self._wait = wait_after_write(self._written_at - started, written)
 
     def _add_origins(self) -> None:
         """Which part of the searcher proposed each trial: warm_start, random or tpe."""
